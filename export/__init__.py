@@ -1,0 +1,7 @@
+"""sdc-export: turn a Stable Diffusion checkpoint into an sdcodec model set (ONNX + manifest)."""
+
+__version__ = "0.1.0"
+
+
+class ExportError(Exception):
+    """An export failed for a reason the user can act on; the CLI prints it as one line."""

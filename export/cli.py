@@ -1,0 +1,83 @@
+"""sdc-export --model SRC --out DIR [--fp16] [--opset N] [--force]"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from . import ExportError, __version__
+from .graphs import DEFAULT_OPSET
+
+PROG = "sdc-export"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        sys.stderr.write(f"{PROG}: error: {message}\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Export a Stable Diffusion checkpoint to an sdcodec ONNX model set.")
+    p.add_argument("--model", required=True, metavar="SRC",
+                   help="local diffusers Stable Diffusion folder, or a hub id (honours HF_HUB_OFFLINE)")
+    p.add_argument("--out", required=True, metavar="DIR", help="model-set folder to write")
+    p.add_argument("--fp16", action="store_true", help="fp16 weights and compute (fp32 I/O)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    return p
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from .modelset import export_stable_diffusion, prepare_output
+    from .sources import check_source, load_stable_diffusion
+
+    if not 14 <= args.opset <= 21:
+        raise ExportError(f"opset {args.opset} is not supported (14..21)")
+    check_source(args.model)
+    prepare_output(args.out, args.force)  # fail before the slow load
+    started = time.perf_counter()
+    bar = tqdm(total=12, desc="load", file=sys.stderr, disable=args.quiet, bar_format="{desc:<24} {bar} {elapsed}")
+
+    def progress(text):
+        bar.set_description_str(text)
+        bar.update(1)
+
+    try:
+        parts = load_stable_diffusion(args.model, revision=args.revision)
+        progress("loaded")
+        report = export_stable_diffusion(parts, args.out, fp16=args.fp16, opset=args.opset,
+                                         force=args.force, progress=progress)
+    finally:
+        bar.close()
+    total = time.perf_counter() - started
+    for parity in report.parity:
+        print(parity.line())
+    for name, size in sorted(report.sizes.items()):
+        print(f"{name:24s} {size / 1e6:10.2f} MB")
+    print(f"model set {args.out}: fingerprint {report.manifest.fingerprint[:32]}, {total:.1f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except ExportError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+    except OSError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc.strerror or exc}: {exc.filename or ''}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Torch modules -> ONNX graphs: the I/O wrappers, the export itself, fp16 conversion, parity."""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import ExportError
+
+DEFAULT_OPSET = 17
+TWO_GB = 2 ** 31
+# Ops kept in fp32 inside fp16 graphs: normalizations and softmax accumulate over many
+# values and overflow or lose precision in fp16; the timestep embedding needs exp/sin/cos.
+FP16_KEEP_FP32 = ["InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax",
+                  "Exp", "Sin", "Cos", "Range", "Resize", "Upsample"]
+# Parity tolerance: |onnx - torch| <= atol + rtol * max|torch|, elementwise maximum.
+TOLERANCE = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 3e-2)}
+
+
+class VaeEncoder(torch.nn.Module):
+    """image in [-1, 1] -> latent distribution mean, raw (unscaled)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        return self.vae.encode(image).latent_dist.mean
+
+
+class VaeDecoder(torch.nn.Module):
+    """raw latent -> image in [-1, 1]."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        return self.vae.decode(latent).sample
+
+
+class UNetEmptyPrompt(torch.nn.Module):
+    """(scaled latent, timestep) -> prediction, with the empty-prompt embedding baked in."""
+
+    def __init__(self, unet, embedding: torch.Tensor):
+        super().__init__()
+        self.unet = unet
+        self.register_buffer("embedding", embedding.clone())
+
+    def forward(self, sample, timestep):
+        context = self.embedding.expand(sample.shape[0], -1, -1).to(sample.dtype)
+        return self.unet(sample, timestep, encoder_hidden_states=context).sample
+
+
+@dataclass
+class GraphSpec:
+    role: str
+    module: torch.nn.Module
+    input_names: list[str]
+    output_name: str
+    example: tuple  # example inputs at the parity size, batch 1
+
+
+def export_graph(spec: GraphSpec, path: str, opset: int) -> None:
+    """TorchScript-based export with dynamic batch, height and width.
+
+    (The dynamo exporter cannot yet keep H and W symbolic through diffusers' VAE and UNet.)
+    Over 2 GB the exporter scatters one file per tensor; those are gathered into a single
+    external-data file ``<graph>.onnx.data`` beside the graph.
+    """
+    import onnx
+
+    dynamic = {name: {0: "batch"} for name in spec.input_names}
+    dynamic[spec.input_names[0]].update({2: "height", 3: "width"})
+    dynamic[spec.output_name] = {0: "batch", 2: "out_height", 3: "out_width"}
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as scratch:
+        scratch_path = os.path.join(scratch, "graph.onnx")
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(spec.module, spec.example, scratch_path, dynamo=False, opset_version=opset,
+                              input_names=spec.input_names, output_names=[spec.output_name],
+                              dynamic_axes=dynamic, do_constant_folding=True)
+        if len(os.listdir(scratch)) == 1:
+            os.replace(scratch_path, path)
+        else:
+            onnx.save_model(onnx.load(scratch_path), path, save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=os.path.basename(path) + ".data",
+                            size_threshold=1024)
+
+
+def convert_fp16(path: str) -> None:
+    """Rewrite an fp32 graph in place with fp16 weights and compute, fp32 inputs and outputs."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = onnx.load(path)
+    large = sum(t.ByteSize() for t in model.graph.initializer) >= TWO_GB
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=large,
+                                         op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FP32)
+    _drop_repeated_nodes(model)
+    data_path = path + ".data"
+    if os.path.exists(data_path):
+        os.remove(data_path)
+    still_large = sum(t.ByteSize() for t in model.graph.initializer) >= TWO_GB
+    onnx.save_model(model, path, save_as_external_data=still_large, all_tensors_to_one_file=True,
+                    location=os.path.basename(data_path))
+
+
+def _drop_repeated_nodes(model) -> None:
+    """The converter inserts one identical Cast per fp32 consumer of an fp16 value (Sin and Cos
+    of the timestep embedding), giving a graph with a doubly defined name; keep the first."""
+    seen, kept = set(), []
+    for node in model.graph.node:
+        key = node.SerializeToString()
+        if key not in seen:
+            seen.add(key)
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+
+
+@dataclass
+class Parity:
+    role: str
+    precision: str
+    max_abs: float
+    max_rel: float  # max_abs / max|torch|
+    tolerance: float
+    passed: bool
+
+    def line(self) -> str:
+        mark = "ok" if self.passed else "FAIL"
+        return (f"{self.role:12s} {self.precision}: max abs err {self.max_abs:.3e}, rel {self.max_rel:.3e}"
+                f" (tolerance {self.tolerance:.3e}) {mark}")
+
+
+def check_parity(spec: GraphSpec, path: str, precision: str, *, batch: int = 2) -> Parity:
+    """Run the graph in ONNX Runtime (CPU) and the torch module on the same random inputs."""
+    import onnxruntime as ort
+
+    generator = torch.Generator().manual_seed(1234)
+    inputs = []
+    for example in spec.example:
+        shape = (batch,) + tuple(example.shape[1:])
+        if example.ndim == 1:  # timestep: a mid-schedule value for every batch item
+            inputs.append(torch.full(shape, 15.0))
+        elif spec.role == "vae_encoder":
+            inputs.append(torch.rand(shape, generator=generator) * 2 - 1)
+        else:
+            inputs.append(torch.randn(shape, generator=generator))
+    with torch.no_grad():
+        expected = spec.module(*inputs).float().numpy()
+    try:
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ExportError(f"onnxruntime cannot load the exported {spec.role}: {str(exc).splitlines()[0]}") from None
+    feeds = {name: t.numpy().astype(np.float32) for name, t in zip(spec.input_names, inputs)}
+    actual = session.run(None, feeds)[0]
+    if actual.shape != expected.shape:
+        raise ExportError(f"{spec.role}: onnx output shape {actual.shape} != torch {expected.shape}")
+    scale = float(np.abs(expected).max())
+    max_abs = float(np.abs(actual.astype(np.float64) - expected).max())
+    atol, rtol = TOLERANCE[precision]
+    tolerance = atol + rtol * scale
+    passed = bool(np.isfinite(actual).all()) and max_abs <= tolerance
+    return Parity(spec.role, precision, max_abs, max_abs / max(scale, 1e-12), tolerance, passed)

@@ -1,0 +1,153 @@
+"""Writing a complete model set: graphs, optional fp16 pass, parity checks, manifest."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from sdc_runtime.latent import sd_quant_mapping
+from sdc_runtime.manifest import MANIFEST_NAME, Graph, Manifest, Scheduler, sha256_file
+
+from . import ExportError
+from .graphs import (
+    DEFAULT_OPSET, GraphSpec, Parity, UNetEmptyPrompt, VaeDecoder, VaeEncoder, check_parity,
+    convert_fp16, export_graph,
+)
+from .sources import StableDiffusionParts, weights_digest
+
+
+@dataclass
+class ExportReport:
+    manifest: Manifest
+    parity: list[Parity]
+    seconds: dict[str, float] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+def parity_latent_size(multiple: int) -> tuple[int, int]:
+    """A small non-square latent size the UNet accepts: 6x10 cells rounded up to its multiple."""
+    return multiple * math.ceil(6 / multiple), multiple * math.ceil(10 / multiple)
+
+
+def fingerprint_of(description: dict) -> str:
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+
+
+def scheduler_constants(config: dict) -> Scheduler:
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(config)
+    return Scheduler(
+        num_train_timesteps=int(scheduler.config.num_train_timesteps),
+        prediction_type=str(scheduler.config.prediction_type),
+        alphas_cumprod=tuple(float(a) for a in scheduler.alphas_cumprod.tolist()),
+        final_alpha_cumprod=float(scheduler.final_alpha_cumprod),
+    )
+
+
+def sd_graph_specs(parts: StableDiffusionParts) -> tuple[list[GraphSpec], int, int]:
+    vae, unet = parts.vae, parts.unet
+    downscale = 2 ** (len(vae.config.block_out_channels) - 1)
+    multiple = 2 ** (len(unet.config.block_out_channels) - 1)
+    channels = vae.config.latent_channels
+    lh, lw = parity_latent_size(multiple)
+    specs = [
+        GraphSpec("vae_encoder", VaeEncoder(vae).eval(), ["image"], "latent",
+                  (torch.zeros(1, 3, lh * downscale, lw * downscale),)),
+        GraphSpec("vae_decoder", VaeDecoder(vae).eval(), ["latent"], "image", (torch.zeros(1, channels, lh, lw),)),
+        GraphSpec("unet", UNetEmptyPrompt(unet, parts.empty_prompt_embedding).eval(), ["sample", "timestep"],
+                  "prediction", (torch.zeros(1, channels, lh, lw), torch.zeros(1))),
+    ]
+    return specs, downscale, multiple
+
+
+def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, opset: int,
+                    force: bool, progress=None) -> ExportReport:
+    """Export ``specs`` into a scratch folder beside ``out``, check parity, write the manifest,
+    then move the folder into place.  ``describe(graphs, files, opset)`` builds the Manifest."""
+    prepare_output(out, force)
+    parent = os.path.dirname(os.path.abspath(out))
+    scratch = tempfile.mkdtemp(prefix=".sdc-export-", dir=parent)
+    precision = "fp16" if fp16 else "fp32"
+    parity: list[Parity] = []
+    seconds: dict[str, float] = {}
+    try:
+        for spec in specs:
+            path = os.path.join(scratch, f"{spec.role}.onnx")
+            started = time.perf_counter()
+            _step(progress, f"export {spec.role}")
+            export_graph(spec, path, opset)
+            if fp16:
+                _step(progress, f"fp16 {spec.role}")
+                convert_fp16(path)
+            seconds[spec.role] = time.perf_counter() - started
+            _step(progress, f"parity {spec.role}")
+            parity.append(check_parity(spec, path, precision))
+        failed = [p for p in parity if not p.passed]
+        if failed:
+            raise ExportError("parity check failed: " + "; ".join(p.line() for p in failed))
+        _step(progress, "hash files")
+        files = {name: sha256_file(os.path.join(scratch, name)) for name in sorted(os.listdir(scratch))}
+        graphs = {spec.role: f"{spec.role}.onnx" for spec in specs}
+        manifest = describe({role: (file, precision) for role, file in graphs.items()}, files, opset)
+        manifest.validate()
+        with open(os.path.join(scratch, MANIFEST_NAME), "w", encoding="utf-8") as fh:
+            fh.write(manifest.to_json())
+        sizes = {name: os.path.getsize(os.path.join(scratch, name)) for name in os.listdir(scratch)}
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.replace(scratch, out)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return ExportReport(manifest, parity, seconds, sizes)
+
+
+def prepare_output(out: str, force: bool) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ExportError(f"{out} exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not force:
+        raise ExportError(f"{out} is not empty (use --force to replace it)")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise ExportError(f"cannot write {out}: {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {out}: {parent} is not writable")
+
+
+def _step(progress, text: str) -> None:
+    if progress is not None:
+        progress(text)
+
+
+def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool = False,
+                            opset: int = DEFAULT_OPSET, force: bool = False, progress=None) -> ExportReport:
+    specs, downscale, multiple = sd_graph_specs(parts)
+    vae = parts.vae
+    channels = vae.config.latent_channels
+    scaling = float(vae.config.scaling_factor)
+    scale, zero = sd_quant_mapping(scaling, channels)
+    scheduler = scheduler_constants(parts.scheduler_config)
+    _step(progress, "fingerprint weights")
+    fingerprint = fingerprint_of({
+        "family": "sd", "vae": weights_digest(vae), "unet": weights_digest(parts.unet),
+        "empty_prompt": hashlib.sha256(parts.empty_prompt_embedding.numpy().astype("<f4").tobytes()).hexdigest(),
+        "latent_channels": channels, "scaling_factor": scaling,
+    })
+
+    def describe(graphs, files, opset_used):
+        return Manifest(
+            family="sd", latent_channels=channels, downscale=downscale, scaling_factor=scaling,
+            quant_scale=scale, quant_zero=zero,
+            graphs={role: Graph(file, prec, (-1.0, 1.0)) for role, (file, prec) in graphs.items()},
+            files=files, fingerprint=fingerprint, opset=opset_used, source=parts.source,
+            scheduler=scheduler, unet_latent_multiple=multiple)
+
+    return write_model_set(out, specs, describe, fp16=fp16, opset=opset, force=force, progress=progress)

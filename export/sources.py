@@ -1,0 +1,91 @@
+"""Loading a Stable Diffusion checkpoint with diffusers' own loaders (local folder or hub id)."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from . import ExportError
+
+SD_SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class StableDiffusionParts:
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    empty_prompt_embedding: torch.Tensor  # (1, tokens, width): the text encoder's output for ""
+    scheduler_config: dict
+    source: dict
+
+
+def check_source(src: str) -> str:
+    """'folder' or 'hub'; raises ExportError naming what is wrong with SRC."""
+    if os.path.isdir(src):
+        if not os.path.isfile(os.path.join(src, "model_index.json")):
+            raise ExportError(f"{src} is not a diffusers Stable Diffusion folder (no model_index.json)")
+        missing = [d for d in SD_SUBFOLDERS if not os.path.isdir(os.path.join(src, d))]
+        if missing:
+            raise ExportError(f"{src} lacks the subfolder{'s' if len(missing) > 1 else ''} {', '.join(m + '/' for m in missing)}")
+        return "folder"
+    if os.path.exists(src):
+        raise ExportError(f"{src} is a file, not a diffusers folder")
+    if _HUB_ID.match(src):
+        return "hub"
+    raise ExportError(f"{src} is neither a folder nor a hub id (owner/name)")
+
+
+def load_stable_diffusion(src: str, *, revision: str | None = None) -> StableDiffusionParts:
+    """Load VAE, UNet, text encoder + tokenizer and scheduler config; compute the "" embedding once."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kind = check_source(src)
+    _quiet_loaders()
+    try:
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", revision=revision).eval()
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", revision=revision).eval()
+        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", revision=revision).eval()
+        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", revision=revision)
+        scheduler_config = dict(DDIMScheduler.load_config(src, subfolder="scheduler", revision=revision))
+    except Exception as exc:  # diffusers/transformers/hub raise many unrelated types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"cannot load {src}: {first}") from None
+    tokens = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        embedding = text_encoder(tokens)[0].float()
+    source = {"model": src if kind == "hub" else os.path.abspath(src), "kind": kind, "revision": revision}
+    commit = getattr(unet.config, "_commit_hash", None)
+    if commit:
+        source["commit"] = commit
+    return StableDiffusionParts(vae, unet, embedding, scheduler_config, source)
+
+
+def _quiet_loaders() -> None:
+    """The export has its own progress bar; the loaders' info lines and bars are noise."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's state dict as float32 little-endian bytes, in key order.
+
+    The same checkpoint gives the same digest whatever precision it is exported at, so a file
+    encoded with the fp32 set decodes with the fp16 set.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes())
+    return digest.hexdigest()

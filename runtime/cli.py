@@ -1,0 +1,157 @@
+"""sdc-runtime: encode, decode and inspect .sdc files.  Errors are one line on stderr."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import __version__
+from .codec import MODES, SdcCodec, info, load_image
+from .container import DEFAULT_MAX_PIXELS
+from .errors import SdcError, SdcInputError
+from .files import image_bytes, image_format_for, write_atomic
+from .neural import PROVIDERS
+
+PROG = "sdc-runtime"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like argparse but without the usage dump
+        sys.stderr.write(f"{PROG}: error: {message}\n")
+        sys.exit(2)
+
+
+def _read(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise SdcInputError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _write(path: str, data: bytes) -> None:
+    if path == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    try:
+        write_atomic(path, data)
+    except OSError as exc:
+        raise SdcInputError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    """A tqdm bar on stderr when it is installed and wanted, else nothing."""
+    if not enabled or total == 0:
+        return None, lambda: None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None, lambda: None
+    bar = tqdm(total=total, desc=desc, unit="step", leave=False, file=sys.stderr)
+    return bar, lambda: bar.update(1)
+
+
+def _cmd_encode(args) -> None:
+    codec = SdcCodec(args.models, provider=args.provider, max_pixels=args.max_pixels, threads=args.threads)
+    image = load_image(sys.stdin.buffer.read() if args.input == "-" else args.input)
+    data = codec.encode(image, mode=args.mode, colors=args.colors, steps=args.steps, seed=args.seed)
+    _write(args.output, data)
+    if args.verbose:
+        print(f"{args.output}: {len(data)} bytes, {8 * len(data) / (image.width * image.height):.4f} bpp",
+              file=sys.stderr)
+
+
+def _cmd_decode(args) -> None:
+    fmt = image_format_for(args.output)
+    data = _read(args.input)
+    models = args.models or os.environ.get("SDC_MODELS")
+    if not models:
+        raise SdcInputError("no model set: pass --models DIR or set SDC_MODELS")
+    codec = SdcCodec(models, provider=args.provider, max_pixels=args.max_pixels, threads=args.threads)
+    header, _ = codec.decode_latent(data)
+    steps = header.denoise_steps if args.steps is None else args.steps
+    bar, tick = _progress(sys.stderr.isatty() or args.verbose, steps, "denoise")
+    try:
+        image = codec.decode(data, steps=args.steps, decoder=args.decoder, progress=tick)
+    finally:
+        if bar is not None:
+            bar.close()
+    _write(args.output, image_bytes(image, fmt))
+
+
+def _cmd_info(args) -> None:
+    details = info(_read(args.input), max_pixels=args.max_pixels)
+    if args.json:
+        print(json.dumps(details, indent=1))
+        return
+    print(f"sdc v{details['format_version']}  {details['width']}x{details['height']}  mode {details['mode']}"
+          + (f" ({details['palette_size']} colours)" if details["palette_size"] else ""))
+    c, h, w = details["latent_shape"]
+    print(f"latent {c}x{h}x{w} (downscale {details['downscale']})  denoise {details['denoise_steps']} steps"
+          f" stride {details['step_stride']} eta {details['eta']:g}")
+    for name, s in details["sections"].items():
+        print(f"  {name:8s} {s['bytes']:8d} bytes ({s['raw_bytes']} raw, {s['coder']})")
+    print(f"total {details['total_bytes']} bytes, {details['bpp']:.4f} bpp; model {details['model_fingerprint']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Encode and decode .sdc images with ONNX Runtime.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(p, models_required):
+        p.add_argument("--models", required=models_required, metavar="DIR", help="model set folder (sdc-export output)")
+        p.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS), help="ONNX Runtime provider")
+        p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
+        p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
+        p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("encode", help="image -> .sdc")
+    p.add_argument("input", help="image file, or - for stdin")
+    p.add_argument("output", help=".sdc file, or - for stdout")
+    common(p, True)
+    p.add_argument("--mode", choices=sorted(MODES), default=None, help="latent coding (default: palette)")
+    p.add_argument("--colors", type=int, default=None, help="palette size, 2..4096 (default 256)")
+    p.add_argument("--steps", type=int, default=None, help="UNet steps the decoder runs by default")
+    p.add_argument("--seed", type=int, default=0, help="seed of the palette and the DDIM noise")
+    p.set_defaults(run=_cmd_encode)
+
+    p = sub.add_parser("decode", help=".sdc -> image (format from OUT's extension; PNG on stdout)")
+    p.add_argument("input", help=".sdc file, or - for stdin")
+    p.add_argument("output", help="image file, or - for stdout")
+    common(p, False)
+    p.add_argument("--steps", type=int, default=None, help="UNet steps (default: the file's; 0 skips the UNet)")
+    p.add_argument("--decoder", default="vae_decoder", choices=["vae_decoder", "tiny_decoder"],
+                   help="which decoder graph of the set to use")
+    p.set_defaults(run=_cmd_decode)
+
+    p = sub.add_parser("info", help="describe a .sdc file (no model needed)")
+    p.add_argument("input", help=".sdc file, or - for stdin")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.set_defaults(run=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except SdcError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+    except MemoryError:
+        sys.stderr.write(f"{PROG}: error: out of memory\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The codec: image -> VAE encoder -> 8-bit latent -> palette / u8 coding -> container, and back.
+
+``SdcCodec`` holds one model set's ONNX sessions for reuse.  The functions ``pack_latent`` and
+``unpack_latent`` are the exact bitstream layer (no model needed) under it.
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from . import container, entropy, latent as latent_coding
+from .container import DEFAULT_MAX_PIXELS, MODE_PALETTE, MODE_U8, Header, Section
+from .errors import SdcInputError, SdcModelError
+from .files import image_bytes, image_format_for, write_atomic
+from .image import from_array, to_array
+from .neural import NeuralStages
+
+MODES = {"u8": MODE_U8, "palette": MODE_PALETTE}
+# The original experiment: 256 colours; 3 DDIM steps at stride 15 (t = 30, 15, 0), eta 0.9.
+SD_DEFAULTS = {"mode": "palette", "colors": 256, "steps": 3, "stride": 15, "eta": 0.9}
+TAE_DEFAULTS = {"mode": "palette", "colors": 256, "steps": 0, "stride": 0, "eta": 0.0}
+
+
+def pack_latent(levels: np.ndarray, header: Header, *, colors: int = 256, seed: int = 0) -> bytes:
+    """Code (H, W, C) float level-space latent cells (in [0, 255]) into a .sdc bitstream.
+
+    The header gives the image geometry and parameters; its mode picks the coding.
+    """
+    if header.mode == MODE_U8:
+        symbols = np.rint(levels).astype(np.uint8).transpose(2, 0, 1)
+        coder, payload = entropy.encode(symbols, alphabet_size=256)
+        sections = [Section(container.SECTION_LATENT, coder, symbols.size, payload)]
+        header.palette_size = 0
+    else:
+        palette = latent_coding.build_palette(levels.reshape(-1, levels.shape[2]), colors, seed=seed)
+        if len(palette) < 2:  # a flat latent: pad with a second entry, the format wants K >= 2
+            palette = np.vstack([palette, palette[:1] ^ 1])
+        indices = latent_coding.dither(levels, palette)
+        header.palette_size = len(palette)
+        coder_p, payload_p = entropy.encode(palette, alphabet_size=256)
+        coder_i, payload_i = entropy.encode(indices, alphabet_size=len(palette))
+        sections = [
+            Section(container.SECTION_PALETTE, coder_p, palette.size, payload_p),
+            Section(container.SECTION_INDICES, coder_i, entropy.raw_length(indices.size, len(palette)), payload_i),
+        ]
+    return container.pack(header, sections)
+
+
+def unpack_latent(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header, np.ndarray]:
+    """Parse a .sdc bitstream into its header and the (C, H, W) uint8 latent levels. Exact."""
+    header, sections = container.unpack(data, max_pixels=max_pixels)
+    by_kind = {s.kind: s for s in sections}
+    lh, lw, c = header.latent_height, header.latent_width, header.latent_channels
+    if header.mode == MODE_U8:
+        s = by_kind[container.SECTION_LATENT]
+        levels = entropy.decode(s.payload, coder=s.coder, count=c * lh * lw, alphabet_size=256).reshape(c, lh, lw)
+    else:
+        k = header.palette_size
+        s = by_kind[container.SECTION_PALETTE]
+        palette = entropy.decode(s.payload, coder=s.coder, count=k * c, alphabet_size=256).reshape(k, c)
+        s = by_kind[container.SECTION_INDICES]
+        indices = entropy.decode(s.payload, coder=s.coder, count=lh * lw, alphabet_size=k).reshape(lh, lw)
+        levels = latent_coding.lookup(indices, palette)
+    return header, levels
+
+
+def info(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+    """What a .sdc file holds, without a model set."""
+    header, sections = container.unpack(data, max_pixels=max_pixels)
+    return {
+        "format_version": container.VERSION,
+        "width": header.width,
+        "height": header.height,
+        "mode": container.MODE_NAMES[header.mode],
+        "latent_shape": [header.latent_channels, header.latent_height, header.latent_width],
+        "downscale": header.downscale,
+        "palette_size": header.palette_size,
+        "denoise_steps": header.denoise_steps,
+        "step_stride": header.step_stride,
+        "eta": round(header.eta, 6),
+        "seed": header.seed,
+        "model_fingerprint": header.fingerprint.hex(),
+        "quant_scale": [round(v, 7) for v in header.quant_scale],
+        "quant_zero": [round(v, 7) for v in header.quant_zero],
+        "sections": {
+            container.SECTION_NAMES[s.kind]: {"bytes": len(s.payload), "raw_bytes": s.raw_length,
+                                              "coder": entropy.CODER_NAMES.get(s.coder, str(s.coder))}
+            for s in sections
+        },
+        "total_bytes": len(data),
+        "bpp": round(8 * len(data) / (header.width * header.height), 5),
+    }
+
+
+def load_image(source) -> Image.Image:
+    """A path, bytes or file object -> PIL image; unreadable input is an SdcInputError."""
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            source = io.BytesIO(source)
+        image = Image.open(source)
+        image.load()
+        return image
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise SdcInputError(f"cannot read the input image: {exc}") from None
+
+
+class SdcCodec:
+    """Encoder and decoder for one model set; build once, call many times (thread-safe sessions)."""
+
+    def __init__(self, models: str | os.PathLike, /, *, provider: str = "cpu",
+                 max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None):
+        self.stages = NeuralStages(models, provider=provider, threads=threads)
+        self.manifest = self.stages.manifest
+        self.max_pixels = max_pixels
+        self.defaults = SD_DEFAULTS if self.manifest.family == "sd" else TAE_DEFAULTS
+
+    @property
+    def fingerprint(self) -> bytes:
+        return bytes.fromhex(self.manifest.fingerprint)[: container.FINGERPRINT_BYTES]
+
+    def encode(self, image, /, *, mode: str | None = None, colors: int | None = None,
+               steps: int | None = None, stride: int | None = None, eta: float | None = None,
+               seed: int = 0) -> bytes:
+        """PIL image or (H, W, 3) uint8 array -> .sdc bytes.  steps/stride/eta are stored as the
+        decoder's defaults."""
+        m, d = self.manifest, self.defaults
+        mode = d["mode"] if mode is None else mode
+        if mode not in MODES:
+            raise SdcInputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        colors = latent_coding.check_colors(d["colors"] if colors is None else colors)
+        steps = d["steps"] if steps is None else steps
+        stride = d["stride"] if stride is None else stride
+        eta = d["eta"] if eta is None else eta
+        if not isinstance(steps, int) or not 0 <= steps <= container.MAX_STEPS:
+            raise SdcInputError(f"steps must be an integer in 0..{container.MAX_STEPS}")
+        if steps and "unet" not in m.graphs:
+            raise SdcInputError("this model set has no UNet: steps must be 0")
+        if steps and (not isinstance(stride, int) or stride < 1 or (steps - 1) * stride >= m.scheduler.num_train_timesteps):
+            raise SdcInputError("stride must be a positive integer with (steps-1)*stride below the training timesteps")
+        if not 0.0 <= eta <= 1.0:
+            raise SdcInputError("eta must be in [0, 1]")
+        if not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
+            raise SdcInputError("seed must be an integer in 0..2**32-1")
+        if isinstance(image, Image.Image) and image.width * image.height > self.max_pixels:
+            raise SdcInputError(f"image of {image.width}x{image.height} is over the pixel limit of {self.max_pixels}")
+        pixels, (width, height) = to_array(image, m.downscale, m.graphs["vae_encoder"].image_range)
+        if width * height > self.max_pixels:
+            raise SdcInputError(f"image of {width}x{height} is over the pixel limit of {self.max_pixels}")
+        raw = self.stages.encode(pixels)[0]
+        return self.encode_latent(raw, (width, height), mode=mode, colors=colors, steps=steps,
+                                  stride=stride if steps else 0, eta=eta if steps else 0.0, seed=seed)
+
+    def encode_latent(self, raw: np.ndarray, size: tuple[int, int], *, mode: str, colors: int,
+                      steps: int, stride: int, eta: float, seed: int = 0) -> bytes:
+        """(C, h, w) raw latent of an image of ``size`` -> .sdc bytes (the latent-coding stage)."""
+        m = self.manifest
+        scale, zero = m.quant_scale, m.quant_zero
+        header = Header(
+            width=size[0], height=size[1], latent_channels=raw.shape[0], latent_height=raw.shape[1],
+            latent_width=raw.shape[2], downscale=m.downscale, mode=MODES[mode], palette_size=0,
+            denoise_steps=steps, step_stride=stride, eta=float(np.float32(eta)), seed=seed,
+            fingerprint=self.fingerprint, quant_scale=scale, quant_zero=zero)
+        levels = latent_coding.to_level_space(raw, scale, zero)
+        return pack_latent(levels, header, colors=colors, seed=seed)
+
+    def decode_latent(self, data: bytes, /) -> tuple[Header, np.ndarray]:
+        """.sdc bytes -> (header, (C, h, w) dequantized raw latent), after the model-set checks."""
+        header, levels = unpack_latent(data, max_pixels=self.max_pixels)
+        m = self.manifest
+        if header.fingerprint != self.fingerprint:
+            raise SdcModelError(
+                f"the file needs the model set with fingerprint {header.fingerprint.hex()}, "
+                f"but {self.stages.model_dir} has {self.fingerprint.hex()}")
+        if header.latent_channels != m.latent_channels or header.downscale != m.downscale:
+            raise SdcModelError("the file's latent shape does not fit this model set")
+        return header, latent_coding.dequantize_u8(levels, header.quant_scale, header.quant_zero)
+
+    def decode(self, data: bytes, /, *, steps: int | None = None, decoder: str = "vae_decoder",
+               progress=None) -> Image.Image:
+        """.sdc bytes -> RGB PIL image of the original size.  ``steps`` overrides the file's."""
+        header, raw = self.decode_latent(data)
+        steps = header.denoise_steps if steps is None else steps
+        if not isinstance(steps, int) or not 0 <= steps <= container.MAX_STEPS:
+            raise SdcInputError(f"steps must be an integer in 0..{container.MAX_STEPS}")
+        stride = header.step_stride or SD_DEFAULTS["stride"]
+        raw = self.stages.denoise(raw[None], steps=steps, stride=stride, eta=header.eta,
+                                  seed=header.seed, progress=progress)
+        pixels = self.stages.decode(raw, decoder=decoder)
+        return from_array(pixels, self.manifest.graphs[decoder].image_range, (header.width, header.height))
+
+    def encode_file(self, src, dst, /, **options) -> int:
+        data = self.encode(load_image(src), **options)
+        write_atomic(dst, data)
+        return len(data)
+
+    def decode_file(self, src, dst, /, **options) -> None:
+        fmt = image_format_for(os.fspath(dst))
+        with open(src, "rb") as fh:
+            data = fh.read()
+        write_atomic(dst, image_bytes(self.decode(data, **options), fmt))
+
+
+def sdc_check(data: bytes, /) -> bool:
+    """True if the bytes start with the .sdc magic (imagecodecs-style check)."""
+    return container.check(data)

@@ -1,0 +1,199 @@
+"""The .sdc container, format version 1 (specified in docs/FORMAT.md).
+
+This layer is exact: it turns a header plus section payloads into bytes and back, checks
+every length, limit and checksum before anything is allocated, and knows nothing about
+neural networks.  All integers and floats are little-endian.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+from .errors import (
+    SdcChecksumError, SdcFormatError, SdcLimitError, SdcTruncatedError, SdcVersionError,
+)
+
+MAGIC = b"\x89SDC\r\n\x1a\n"
+VERSION = 1
+
+MODE_U8 = 1
+MODE_PALETTE = 2
+MODE_NAMES = {MODE_U8: "u8", MODE_PALETTE: "palette"}
+
+SECTION_PALETTE = 1  # K x C uint8 palette, row-major
+SECTION_INDICES = 2  # latent_h x latent_w palette indices, 1 byte (K <= 256) or 2 bytes LE
+SECTION_LATENT = 3  # C x latent_h x latent_w uint8 latent, planar
+SECTION_NAMES = {SECTION_PALETTE: "palette", SECTION_INDICES: "indices", SECTION_LATENT: "latent"}
+
+DEFAULT_MAX_PIXELS = 1 << 26  # 64 megapixels
+MAX_CHANNELS = 256
+MAX_PALETTE = 4096
+MAX_STEPS = 64
+FINGERPRINT_BYTES = 16
+
+_FIXED = struct.Struct("<8sHHIIHHHBBHBBHfI16s")
+_QUANT = struct.Struct("<ff")
+_SECTION = struct.Struct("<BBII")
+_CRC = struct.Struct("<I")
+
+
+@dataclass
+class Header:
+    width: int
+    height: int
+    latent_channels: int
+    latent_height: int
+    latent_width: int
+    downscale: int
+    mode: int
+    palette_size: int  # 0 in u8 mode
+    denoise_steps: int
+    step_stride: int
+    eta: float
+    seed: int
+    fingerprint: bytes  # first FINGERPRINT_BYTES of the model set's fingerprint
+    quant_scale: tuple[float, ...]
+    quant_zero: tuple[float, ...]
+
+
+@dataclass
+class Section:
+    kind: int
+    coder: int
+    raw_length: int
+    payload: bytes = field(repr=False)
+
+
+def check(data: bytes) -> bool:
+    """True if ``data`` starts with the .sdc magic."""
+    return bytes(data[: len(MAGIC)]) == MAGIC
+
+
+def expected_raw_lengths(header: Header) -> dict[int, int]:
+    """The decoded length of every section a header's mode requires."""
+    cells = header.latent_height * header.latent_width
+    if header.mode == MODE_U8:
+        return {SECTION_LATENT: cells * header.latent_channels}
+    index_bytes = 1 if header.palette_size <= 256 else 2
+    return {SECTION_PALETTE: header.palette_size * header.latent_channels, SECTION_INDICES: cells * index_bytes}
+
+
+def _validate_header(h: Header, max_pixels: int) -> None:
+    if h.width < 1 or h.height < 1:
+        raise SdcFormatError("image size must be at least 1x1")
+    if h.width * h.height > max_pixels:
+        raise SdcLimitError(f"image is {h.width}x{h.height} = {h.width * h.height} pixels, over the limit of {max_pixels}")
+    if h.downscale not in (1, 2, 4, 8, 16, 32, 64):
+        raise SdcFormatError(f"latent downscale {h.downscale} is not a power of two up to 64")
+    if not 1 <= h.latent_channels <= MAX_CHANNELS:
+        raise SdcLimitError(f"latent channel count {h.latent_channels} is outside 1..{MAX_CHANNELS}")
+    for side, latent_side in ((h.width, h.latent_width), (h.height, h.latent_height)):
+        if latent_side != -(-side // h.downscale):
+            raise SdcFormatError(
+                f"latent size {h.latent_width}x{h.latent_height} does not match image size "
+                f"{h.width}x{h.height} at downscale {h.downscale}")
+    if h.mode not in MODE_NAMES:
+        raise SdcFormatError(f"unknown coding mode {h.mode}")
+    if h.mode == MODE_U8 and h.palette_size != 0:
+        raise SdcFormatError("u8 mode must have palette size 0")
+    if h.mode == MODE_PALETTE and not 2 <= h.palette_size <= MAX_PALETTE:
+        raise SdcFormatError(f"palette size {h.palette_size} is outside 2..{MAX_PALETTE}")
+    if h.denoise_steps > MAX_STEPS:
+        raise SdcLimitError(f"{h.denoise_steps} denoising steps is over the limit of {MAX_STEPS}")
+    if h.denoise_steps and h.step_stride < 1:
+        raise SdcFormatError("denoising needs a step stride of at least 1")
+    if not (0.0 <= h.eta <= 1.0):
+        raise SdcFormatError(f"eta {h.eta} is outside [0, 1]")
+    for scale in h.quant_scale:
+        if not (scale > 0 and scale < float("inf")):
+            raise SdcFormatError("quantization scales must be finite and positive")
+    for zero in h.quant_zero:
+        if not abs(zero) < float("inf"):
+            raise SdcFormatError("quantization zero points must be finite")
+
+
+def pack(header: Header, sections: list[Section]) -> bytes:
+    """Serialize a header and its sections; validates like the parser does."""
+    _validate_header(header, max_pixels=1 << 62)
+    if len(header.fingerprint) != FINGERPRINT_BYTES:
+        raise SdcFormatError(f"fingerprint must be {FINGERPRINT_BYTES} bytes")
+    expected = expected_raw_lengths(header)
+    if sorted(s.kind for s in sections) != sorted(expected):
+        raise SdcFormatError("sections do not match the coding mode")
+    parts = [_FIXED.pack(
+        MAGIC, VERSION, 0, header.width, header.height, header.latent_channels,
+        header.latent_height, header.latent_width, header.downscale, header.mode,
+        header.palette_size, header.denoise_steps, 0, header.step_stride, header.eta,
+        header.seed, header.fingerprint)]
+    parts += [_QUANT.pack(s, z) for s, z in zip(header.quant_scale, header.quant_zero, strict=True)]
+    parts.append(struct.pack("<B", len(sections)))
+    for section in sections:
+        if section.raw_length != expected[section.kind]:
+            raise SdcFormatError(f"{SECTION_NAMES[section.kind]} section has the wrong length")
+        parts.append(_SECTION.pack(section.kind, section.coder, section.raw_length, len(section.payload)))
+    parts += [s.payload for s in sections]
+    body = b"".join(parts)
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def unpack(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header, list[Section]]:
+    """Parse and check a .sdc bitstream.  Raises an SdcFormatError subclass or SdcLimitError."""
+    data = memoryview(data).cast("B")
+    n = len(data)
+    if n < len(MAGIC):
+        if MAGIC.startswith(bytes(data)) and n:
+            raise SdcTruncatedError(f"truncated .sdc data: {n} bytes, shorter than the magic")
+        raise SdcFormatError("not an .sdc file (wrong magic)")
+    if bytes(data[: len(MAGIC)]) != MAGIC:
+        raise SdcFormatError("not an .sdc file (wrong magic)")
+    if n < len(MAGIC) + 2:
+        raise SdcTruncatedError(f"truncated .sdc data: {n} bytes")
+    (version,) = struct.unpack_from("<H", data, len(MAGIC))
+    if version != VERSION:
+        raise SdcVersionError(f"unsupported .sdc format version {version} (this decoder reads version {VERSION})")
+    if n < _FIXED.size:
+        raise SdcTruncatedError(f"truncated .sdc header: {n} of {_FIXED.size} bytes")
+    (_, _, flags, width, height, channels, lat_h, lat_w, downscale, mode, palette_size,
+     steps, reserved, stride, eta, seed, fingerprint) = _FIXED.unpack_from(data, 0)
+    if flags or reserved:
+        raise SdcFormatError("reserved header fields are not zero")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise SdcLimitError(f"latent channel count {channels} is outside 1..{MAX_CHANNELS}")
+    offset = _FIXED.size
+    table_end = offset + channels * _QUANT.size + 1
+    if n < table_end:
+        raise SdcTruncatedError("truncated .sdc header (quantization table)")
+    quant = [_QUANT.unpack_from(data, offset + i * _QUANT.size) for i in range(channels)]
+    offset += channels * _QUANT.size
+    count = data[offset]
+    offset += 1
+    if n < offset + count * _SECTION.size:
+        raise SdcTruncatedError("truncated .sdc header (section table)")
+    table = [_SECTION.unpack_from(data, offset + i * _SECTION.size) for i in range(count)]
+    offset += count * _SECTION.size
+    total = offset + sum(t[3] for t in table) + _CRC.size
+    if n < total:
+        raise SdcTruncatedError(f"truncated .sdc data: {n} of {total} bytes")
+    if n > total:
+        raise SdcFormatError(f"{n - total} bytes of trailing data after the .sdc stream")
+    (stored_crc,) = _CRC.unpack_from(data, total - _CRC.size)
+    if zlib.crc32(data[: total - _CRC.size]) != stored_crc:
+        raise SdcChecksumError("CRC32 mismatch: the .sdc data is corrupt")
+    header = Header(width, height, channels, lat_h, lat_w, downscale, mode, palette_size, steps,
+                    stride, eta, seed, bytes(fingerprint),
+                    tuple(q[0] for q in quant), tuple(q[1] for q in quant))
+    _validate_header(header, max_pixels)
+    expected = expected_raw_lengths(header)
+    kinds = [t[0] for t in table]
+    if sorted(kinds) != sorted(expected):
+        names = ", ".join(SECTION_NAMES.get(k, f"#{k}") for k in kinds) or "none"
+        raise SdcFormatError(f"sections ({names}) do not match the {MODE_NAMES[mode]} coding mode")
+    sections = []
+    for kind, coder, raw_length, stored_length in table:
+        if raw_length != expected[kind]:
+            raise SdcFormatError(
+                f"{SECTION_NAMES[kind]} section declares {raw_length} bytes, the header implies {expected[kind]}")
+        sections.append(Section(kind, coder, raw_length, bytes(data[offset: offset + stored_length])))
+        offset += stored_length
+    return header, sections

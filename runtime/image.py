@@ -1,0 +1,37 @@
+"""Image stage: PIL images <-> padded float arrays in a graph's value range."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from .errors import SdcInputError
+
+
+def to_array(image, downscale: int, value_range: tuple[float, float]) -> tuple[np.ndarray, tuple[int, int]]:
+    """RGB image -> (1, 3, H', W') float32 padded by edge replication to multiples of downscale.
+
+    Returns the array and the true (width, height) to crop back to after decoding.
+    """
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise SdcInputError("an array image must be (H, W, 3) uint8")
+        pixels = image
+    elif isinstance(image, Image.Image):
+        pixels = np.asarray(image.convert("RGB"))
+    else:
+        raise SdcInputError(f"expected a PIL image or an (H, W, 3) uint8 array, not {type(image).__name__}")
+    height, width = pixels.shape[:2]
+    if width < 1 or height < 1:
+        raise SdcInputError("the image is empty")
+    padded = np.pad(pixels, ((0, -height % downscale), (0, -width % downscale), (0, 0)), mode="edge")
+    lo, hi = value_range
+    array = padded.astype(np.float32) / np.float32(255) * np.float32(hi - lo) + np.float32(lo)
+    return np.ascontiguousarray(array.transpose(2, 0, 1)[None]), (width, height)
+
+
+def from_array(array: np.ndarray, value_range: tuple[float, float], size: tuple[int, int]) -> Image.Image:
+    """(1, 3, H', W') decoder output -> RGB PIL image cropped to size = (width, height)."""
+    lo, hi = value_range
+    width, height = size
+    unit = (array[0, :, :height, :width].transpose(1, 2, 0) - np.float32(lo)) / np.float32(hi - lo)
+    return Image.fromarray(np.rint(np.clip(unit, 0.0, 1.0) * 255).astype(np.uint8), "RGB")

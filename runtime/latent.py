@@ -1,0 +1,119 @@
+"""Latent quantization: the 8-bit mapping, the latent palette, dithering and lookup.
+
+Shapes: a latent is (C, H, W) float32 as the neural stages use it; the palette stage works on
+"latent pixels", the (H, W, C) view, where each latent cell is a C-channel colour.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _kernels
+from .errors import SdcFormatError, SdcInputError
+
+KMEANS_ITERATIONS = 12
+
+
+def sd_quant_mapping(scaling_factor: float, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The original experiment's mapping: step = scaling_factor raw units, centred at 127.5.
+
+    ``q = round(clamp(z / (255 * s) + 0.5, 0, 1) * 255)`` is ``round(clamp(z / s + 127.5, 0, 255))``.
+    """
+    return (float(scaling_factor),) * channels, (127.5,) * channels
+
+
+def to_level_space(latent: np.ndarray, scale, zero) -> np.ndarray:
+    """(C, H, W) raw latent -> (H, W, C) float64 levels in [0, 255] (not yet rounded)."""
+    scale = np.asarray(scale, np.float64)[:, None, None]
+    zero = np.asarray(zero, np.float64)[:, None, None]
+    levels = np.clip(latent.astype(np.float64) / scale + zero, 0.0, 255.0)
+    return np.ascontiguousarray(levels.transpose(1, 2, 0))
+
+
+def quantize_u8(latent: np.ndarray, scale, zero) -> np.ndarray:
+    """(C, H, W) raw latent -> (C, H, W) uint8 levels (round half to even)."""
+    return np.ascontiguousarray(np.rint(to_level_space(latent, scale, zero)).astype(np.uint8).transpose(2, 0, 1))
+
+
+def dequantize_u8(levels: np.ndarray, scale, zero) -> np.ndarray:
+    """(C, H, W) uint8 levels -> (C, H, W) float32 raw latent: z = (q - zero) * scale."""
+    scale = np.asarray(scale, np.float64)[:, None, None]
+    zero = np.asarray(zero, np.float64)[:, None, None]
+    return ((levels.astype(np.float64) - zero) * scale).astype(np.float32)
+
+
+def build_palette(pixels: np.ndarray, colors: int, *, seed: int = 0,
+                  iterations: int = KMEANS_ITERATIONS) -> np.ndarray:
+    """K-means palette of (N, C) float64 level-space pixels -> (K', C) uint8, K' <= colors.
+
+    k-means++ seeding (deterministic for a seed) then Lloyd iterations whose assignment step
+    runs in the Cython kernel.  Entries are rounded to 8 bits before the last assignment, so
+    the centroids are optimal for the palette actually stored.
+    """
+    pixels = np.ascontiguousarray(pixels, np.float64)
+    n = pixels.shape[0]
+    unique = np.unique(np.rint(pixels).astype(np.uint8), axis=0)
+    if len(unique) <= colors:  # few distinct cells: the palette is exactly those cells
+        return unique
+    rng = np.random.default_rng(seed)
+    colors = min(colors, n)
+    centers = np.empty((colors, pixels.shape[1]), np.float64)
+    centers[0] = pixels[rng.integers(n)]
+    nearest = ((pixels - centers[0]) ** 2).sum(axis=1)
+    for k in range(1, colors):
+        total = nearest.sum()
+        pick = rng.choice(n, p=nearest / total) if total > 0 else rng.integers(n)
+        centers[k] = pixels[pick]
+        np.minimum(nearest, ((pixels - centers[k]) ** 2).sum(axis=1), out=nearest)
+    labels = np.empty(n, np.uint16)
+    distances = np.empty(n, np.float64)
+    for _ in range(iterations):
+        _kernels.nearest_assign(pixels, centers, labels, distances)
+        counts = np.bincount(labels, minlength=colors)
+        sums = np.zeros_like(centers)
+        np.add.at(sums, labels, pixels)
+        filled = counts > 0
+        centers[filled] = sums[filled] / counts[filled, None]
+        # An empty cluster moves to the worst-served pixel.
+        for k in np.flatnonzero(~filled):
+            worst = int(np.argmax(distances))
+            centers[k] = pixels[worst]
+            distances[worst] = 0.0
+    palette = np.unique(np.clip(np.rint(centers), 0, 255).astype(np.uint8), axis=0)
+    return palette
+
+
+def dither(levels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Floyd-Steinberg error diffusion of (H, W, C) levels against a uint8 palette -> (H, W) uint16."""
+    indices = np.empty(levels.shape[:2], np.uint16)
+    _kernels.dither_floyd_steinberg(np.ascontiguousarray(levels, np.float64),
+                                    np.ascontiguousarray(palette, np.float64), indices)
+    return indices
+
+
+def nearest(levels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Plain nearest-colour mapping (no dithering) of (H, W, C) levels -> (H, W) uint16."""
+    h, w, c = levels.shape
+    labels = np.empty(h * w, np.uint16)
+    distances = np.empty(h * w, np.float64)
+    _kernels.nearest_assign(np.ascontiguousarray(levels.reshape(h * w, c), np.float64),
+                            np.ascontiguousarray(palette, np.float64), labels, distances)
+    return labels.reshape(h, w)
+
+
+def lookup(indices: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """(H, W) palette indices -> (C, H, W) uint8 levels.  An out-of-range index is a format error."""
+    indices = np.ascontiguousarray(indices)
+    if indices.dtype not in (np.uint8, np.uint16):
+        indices = indices.astype(np.uint16)
+    out = np.empty(indices.shape + (palette.shape[1],), np.uint8)
+    try:
+        _kernels.palette_lookup(indices, np.ascontiguousarray(palette, np.uint8), out)
+    except IndexError as exc:
+        raise SdcFormatError(str(exc)) from None
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def check_colors(colors: int) -> int:
+    if not isinstance(colors, int) or not 2 <= colors <= 4096:
+        raise SdcInputError(f"palette colours must be an integer in 2..4096, not {colors!r}")
+    return colors

@@ -1,0 +1,154 @@
+"""The model-set manifest: one schema, written by sdc-export and read by the runtime.
+
+A model set is a folder holding ONNX graphs and ``manifest.json``.  The manifest tells the
+runtime everything it needs without torch: the latent geometry, the default 8-bit
+quantization mapping, the scheduler constants for the numpy denoising loop, and which graph
+file plays which role.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+from .errors import SdcModelError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+FAMILIES = ("sd", "tae")
+PRECISIONS = ("fp32", "fp16", "int8")
+# Graph roles a model set may hold.  Encoder and decoder are required.
+GRAPH_ROLES = ("vae_encoder", "vae_decoder", "unet", "tiny_decoder")
+
+
+@dataclass(frozen=True)
+class Graph:
+    """One ONNX graph of the set: its file, numeric precision, and the conventions of its I/O."""
+
+    file: str
+    precision: str
+    # Value range of images on the graph's pixel side: [-1, 1] for SD VAEs, [0, 1] for TAE.
+    image_range: tuple[float, float] = (-1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """Training constants of the diffusion scheduler, enough for a DDIM update in numpy."""
+
+    num_train_timesteps: int
+    prediction_type: str  # "epsilon" or "v_prediction"
+    alphas_cumprod: tuple[float, ...]
+    final_alpha_cumprod: float
+
+
+@dataclass(frozen=True)
+class Manifest:
+    family: str
+    latent_channels: int
+    downscale: int
+    scaling_factor: float
+    # Default 8-bit mapping per latent channel: q = round(clip(z / scale + zero, 0, 255)).
+    quant_scale: tuple[float, ...]
+    quant_zero: tuple[float, ...]
+    graphs: dict[str, Graph]
+    files: dict[str, str]  # file name -> sha256 hex, for every file of the set
+    fingerprint: str  # hex; identifies the latent space (see docs/FORMAT.md)
+    opset: int
+    source: dict = field(default_factory=dict)
+    scheduler: Scheduler | None = None
+    # The UNet needs latent sides that are multiples of this; the runtime pads to it.
+    unet_latent_multiple: int = 1
+    format_version: int = MANIFEST_VERSION
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        return json.dumps(data, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            if data.get("format_version") != MANIFEST_VERSION:
+                raise ValueError(f"unsupported manifest format_version {data.get('format_version')!r}")
+            data["graphs"] = {
+                role: Graph(g["file"], g["precision"], tuple(g["image_range"]))
+                for role, g in data["graphs"].items()
+            }
+            if data.get("scheduler") is not None:
+                s = data["scheduler"]
+                data["scheduler"] = Scheduler(
+                    int(s["num_train_timesteps"]), str(s["prediction_type"]),
+                    tuple(float(a) for a in s["alphas_cumprod"]), float(s["final_alpha_cumprod"]),
+                )
+            data["quant_scale"] = tuple(float(v) for v in data["quant_scale"])
+            data["quant_zero"] = tuple(float(v) for v in data["quant_zero"])
+            manifest = cls(**data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SdcModelError(f"invalid model manifest: {exc}") from None
+        manifest.validate()
+        return manifest
+
+    def validate(self) -> None:
+        def bad(msg: str):
+            raise SdcModelError(f"invalid model manifest: {msg}")
+
+        if self.family not in FAMILIES:
+            bad(f"unknown family {self.family!r}")
+        if not 1 <= self.latent_channels <= 256:
+            bad("latent_channels out of range")
+        if self.downscale not in (1, 2, 4, 8, 16, 32, 64):
+            bad("downscale must be a power of two up to 64")
+        if len(self.quant_scale) != self.latent_channels or len(self.quant_zero) != self.latent_channels:
+            bad("quantization mapping must have one entry per latent channel")
+        if not all(math.isfinite(s) and s > 0 for s in self.quant_scale):
+            bad("quantization scales must be positive")
+        for role in ("vae_encoder", "vae_decoder"):
+            if role not in self.graphs:
+                bad(f"graph {role!r} missing")
+        for role, graph in self.graphs.items():
+            if role not in GRAPH_ROLES:
+                bad(f"unknown graph role {role!r}")
+            if graph.precision not in PRECISIONS:
+                bad(f"unknown precision {graph.precision!r}")
+            if graph.file not in self.files or os.path.basename(graph.file) != graph.file:
+                bad(f"graph file {graph.file!r} not listed in files")
+        if "unet" in self.graphs and self.scheduler is None:
+            bad("a set with a UNet needs scheduler constants")
+        if self.scheduler is not None and len(self.scheduler.alphas_cumprod) != self.scheduler.num_train_timesteps:
+            bad("alphas_cumprod must have num_train_timesteps entries")
+        if self.unet_latent_multiple < 1:
+            bad("unet_latent_multiple must be >= 1")
+
+
+def load_manifest(model_dir: str | os.PathLike) -> Manifest:
+    path = os.path.join(model_dir, MANIFEST_NAME)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise SdcModelError(f"{os.fspath(model_dir)!s} is not a model set: no {MANIFEST_NAME}") from None
+    except OSError as exc:
+        raise SdcModelError(f"cannot read {path}: {exc.strerror}") from None
+    return Manifest.from_json(text)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_files(model_dir: str | os.PathLike, manifest: Manifest) -> None:
+    """Check every file of the set against its recorded sha256 (slow for large sets)."""
+    for name, expected in sorted(manifest.files.items()):
+        path = os.path.join(model_dir, name)
+        if not os.path.isfile(path):
+            raise SdcModelError(f"model set file missing: {name}")
+        if sha256_file(path) != expected:
+            raise SdcModelError(f"model set file {name} does not match its sha256 in the manifest")
