@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,11 +47,13 @@ def load_stable_diffusion(src: str, *, revision: str | None = None) -> StableDif
     kind = check_source(src)
     _quiet_loaders()
     try:
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", revision=revision).eval()
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", revision=revision).eval()
-        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", revision=revision).eval()
-        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", revision=revision)
-        scheduler_config = dict(DDIMScheduler.load_config(src, subfolder="scheduler", revision=revision))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            vae = AutoencoderKL.from_pretrained(src, subfolder="vae", revision=revision).eval()
+            unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", revision=revision).eval()
+            text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", revision=revision).eval()
+            tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", revision=revision)
+            scheduler_config = dict(DDIMScheduler.load_config(src, subfolder="scheduler", revision=revision))
     except Exception as exc:  # diffusers/transformers/hub raise many unrelated types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"cannot load {src}: {first}") from None

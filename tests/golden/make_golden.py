@@ -1,0 +1,58 @@
+"""Writes the golden .sdc files of this folder.  Run once per format version; never rerun to
+"fix" a failing golden test: a failure means the decoder changed what old files mean.
+
+    python tests/golden/make_golden.py
+"""
+import os
+
+import numpy as np
+
+from sdc_runtime import container, entropy
+from sdc_runtime.container import Header, Section
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FINGERPRINT = bytes(range(16))
+
+
+def header(mode, palette_size, width, height, channels):
+    return Header(width=width, height=height, latent_channels=channels, latent_height=-(-height // 8),
+                  latent_width=-(-width // 8), downscale=8, mode=mode, palette_size=palette_size,
+                  denoise_steps=3, step_stride=15, eta=0.5, seed=1234, fingerprint=FINGERPRINT,
+                  quant_scale=(0.18215,) * channels, quant_zero=(127.5,) * channels)
+
+
+def section(kind, symbols, alphabet):
+    coder, payload = entropy.encode(symbols, alphabet_size=alphabet)
+    return Section(kind, coder, entropy.raw_length(symbols.size, alphabet), payload)
+
+
+def main():
+    rng = np.random.default_rng(20261122)
+    # u8 mode, 4 channels, 61x37 image -> 8x5 latent.
+    levels = rng.integers(0, 256, (4, 5, 8), dtype=np.uint8)
+    h = header(container.MODE_U8, 0, 61, 37, 4)
+    write("u8_61x37.sdc", container.pack(h, [section(container.SECTION_LATENT, levels, 256)]), levels)
+    # palette mode, 4 channels, 200 colours (1-byte indices), 64x40 image -> 8x5 latent.
+    palette = rng.integers(0, 256, (200, 4), dtype=np.uint8)
+    indices = rng.integers(0, 200, (5, 8)).astype(np.uint16)
+    h = header(container.MODE_PALETTE, 200, 64, 40, 4)
+    write("palette200_64x40.sdc", container.pack(h, [section(container.SECTION_PALETTE, palette, 256),
+                                                    section(container.SECTION_INDICES, indices, 200)]),
+          palette[indices].transpose(2, 0, 1))
+    # palette mode, 8 channels, 300 colours (2-byte indices), 24x16 image -> 3x2 latent.
+    palette = rng.integers(0, 256, (300, 8), dtype=np.uint8)
+    indices = rng.integers(0, 300, (2, 3)).astype(np.uint16)
+    h = header(container.MODE_PALETTE, 300, 24, 16, 8)
+    write("palette300_c8_24x16.sdc", container.pack(h, [section(container.SECTION_PALETTE, palette, 256),
+                                                         section(container.SECTION_INDICES, indices, 300)]),
+          palette[indices].transpose(2, 0, 1))
+
+
+def write(name, data, expected_levels):
+    with open(os.path.join(HERE, name), "wb") as fh:
+        fh.write(data)
+    np.save(os.path.join(HERE, name.replace(".sdc", ".levels.npy")), np.ascontiguousarray(expected_levels))
+
+
+if __name__ == "__main__":
+    main()
