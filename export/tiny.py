@@ -42,9 +42,10 @@ def make_random_sd(path: str, *, preset: str = "tiny", seed: int = 0) -> str:
 
     torch.manual_seed(seed)
     if preset == "tiny":
-        vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
-                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                            norm_num_groups=32, sample_size=64)
+        # SD's geometry (4 levels: 8x downscale, attention in the mid block) at tiny widths.
+        vae = AutoencoderKL(block_out_channels=(16, 16, 32, 32), layers_per_block=1, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            norm_num_groups=8, sample_size=64)
         unet = UNet2DConditionModel(
             sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),

@@ -26,7 +26,9 @@ SECTION_INDICES = 2  # latent_h x latent_w palette indices, 1 byte (K <= 256) or
 SECTION_LATENT = 3  # C x latent_h x latent_w uint8 latent, planar
 SECTION_NAMES = {SECTION_PALETTE: "palette", SECTION_INDICES: "indices", SECTION_LATENT: "latent"}
 
-DEFAULT_MAX_PIXELS = 1 << 26  # 64 megapixels
+# 4 megapixels: the SD VAE's mid-block attention needs memory quadratic in the pixel count
+# (about 17 GB at 2048x2048), so a larger default would let a file ask for absurd allocations.
+DEFAULT_MAX_PIXELS = 1 << 22
 MAX_CHANNELS = 256
 MAX_PALETTE = 4096
 MAX_STEPS = 64

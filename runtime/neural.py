@@ -112,7 +112,10 @@ class NeuralStages:
         for spec, array in zip(session.get_inputs(), arrays, strict=True):
             dtype = np.float16 if spec.type == "tensor(float16)" else np.float32
             feeds[spec.name] = np.ascontiguousarray(array, dtype)
-        return session.run(None, feeds)[0].astype(np.float32)
+        try:
+            return session.run(None, feeds)[0].astype(np.float32)
+        except Exception as exc:  # onnxruntime's errors are untyped (allocation failures among them)
+            raise SdcModelError(f"{role} failed: {str(exc).splitlines()[0][:300]}") from None
 
     def encode(self, image: np.ndarray) -> np.ndarray:
         """(1, 3, H, W) image in the encoder's range -> (1, C, H/f, W/f) raw latent."""

@@ -27,14 +27,14 @@ def test_api_round_trip_keeps_the_size(codec, size, mode):
     assert image.size == size and image.mode == "RGB"
     details = sdc_info(data)
     assert (details["width"], details["height"], details["mode"]) == (*size, mode)
-    assert details["latent_shape"] == [4, -(-size[1] // 2), -(-size[0] // 2)]
+    assert details["latent_shape"] == [4, -(-size[1] // 8), -(-size[0] // 8)]
 
 
 def test_u8_mode_holds_the_8bit_latent_exactly(codec):
     from sdc_runtime import latent
 
     image = make_image(40, 24)
-    pixels, _ = __import__("sdc_runtime.image", fromlist=["to_array"]).to_array(image, 2, (-1.0, 1.0))
+    pixels, _ = __import__("sdc_runtime.image", fromlist=["to_array"]).to_array(image, 8, (-1.0, 1.0))
     raw = codec.stages.encode(pixels)[0]
     _, levels = unpack_latent(codec.encode(image, mode="u8"))
     m = codec.manifest
