@@ -117,3 +117,54 @@ def palette_lookup(const index_t[:, ::1] indices, const unsigned char[:, ::1] pa
     if bad_y >= 0:
         raise IndexError(f"palette index {indices[bad_y, bad_x]} at ({bad_y}, {bad_x}) "
                          f"is out of range for a palette of {size} colours")
+
+
+def kmeans_plus_plus(const double[:, ::1] points, const double[::1] uniforms, Py_ssize_t[::1] picks):
+    """k-means++ seeding: picks[j] = the point chosen as centre j, for j < len(uniforms).
+
+    Centre 0 is point floor(u[0] * N); centre j is drawn with probability proportional to the
+    squared distance to the nearest centre so far: the first i whose running sum of those
+    distances (summed from point 0) exceeds u[j] * total.  The uniforms come from the caller's
+    seeded generator, so the choice is reproducible everywhere.
+    """
+    cdef Py_ssize_t n = points.shape[0], channels = points.shape[1], k = uniforms.shape[0]
+    cdef Py_ssize_t i, j, c, pick
+    cdef double total, target, running, dist, diff
+    cdef double* nearest
+    if n == 0 or k == 0 or k > n:
+        raise ValueError("need 1 <= len(uniforms) <= number of points")
+    if picks.shape[0] != k:
+        raise ValueError("picks must have one entry per uniform")
+    nearest = <double*>malloc(n * sizeof(double))
+    if nearest == NULL:
+        raise MemoryError()
+    with nogil:
+        for j in range(k):
+            if j == 0:
+                pick = <Py_ssize_t>(uniforms[0] * n)
+            else:
+                total = 0.0
+                for i in range(n):
+                    total = total + nearest[i]
+                if total > 0:
+                    target = uniforms[j] * total
+                    running = 0.0
+                    pick = n - 1
+                    for i in range(n):
+                        running = running + nearest[i]
+                        if running > target:
+                            pick = i
+                            break
+                else:
+                    pick = <Py_ssize_t>(uniforms[j] * n)
+            if pick > n - 1:
+                pick = n - 1
+            picks[j] = pick
+            for i in range(n):
+                dist = 0.0
+                for c in range(channels):
+                    diff = points[i, c] - points[pick, c]
+                    dist = dist + diff * diff
+                if j == 0 or dist < nearest[i]:
+                    nearest[i] = dist
+    free(nearest)

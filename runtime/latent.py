@@ -45,32 +45,26 @@ def build_palette(pixels: np.ndarray, colors: int, *, seed: int = 0,
                   iterations: int = KMEANS_ITERATIONS) -> np.ndarray:
     """K-means palette of (N, C) float64 level-space pixels -> (K', C) uint8, K' <= colors.
 
-    k-means++ seeding (deterministic for a seed) then Lloyd iterations whose assignment step
-    runs in the Cython kernel.  Entries are rounded to 8 bits before the last assignment, so
-    the centroids are optimal for the palette actually stored.
+    k-means++ seeding and the assignment step of the Lloyd iterations run in the Cython kernels;
+    the seeding draws its uniforms from numpy's PCG64, so a seed gives the same palette
+    everywhere.  Centroids are rounded to 8 bits at the end, merging any duplicates.
     """
     pixels = np.ascontiguousarray(pixels, np.float64)
     n = pixels.shape[0]
     unique = np.unique(np.rint(pixels).astype(np.uint8), axis=0)
     if len(unique) <= colors:  # few distinct cells: the palette is exactly those cells
         return unique
-    rng = np.random.default_rng(seed)
     colors = min(colors, n)
-    centers = np.empty((colors, pixels.shape[1]), np.float64)
-    centers[0] = pixels[rng.integers(n)]
-    nearest = ((pixels - centers[0]) ** 2).sum(axis=1)
-    for k in range(1, colors):
-        total = nearest.sum()
-        pick = rng.choice(n, p=nearest / total) if total > 0 else rng.integers(n)
-        centers[k] = pixels[pick]
-        np.minimum(nearest, ((pixels - centers[k]) ** 2).sum(axis=1), out=nearest)
+    picks = np.empty(colors, np.intp)
+    _kernels.kmeans_plus_plus(pixels, np.random.default_rng(seed).random(colors), picks)
+    centers = pixels[picks].copy()
     labels = np.empty(n, np.uint16)
     distances = np.empty(n, np.float64)
     for _ in range(iterations):
         _kernels.nearest_assign(pixels, centers, labels, distances)
         counts = np.bincount(labels, minlength=colors)
-        sums = np.zeros_like(centers)
-        np.add.at(sums, labels, pixels)
+        sums = np.stack([np.bincount(labels, weights=pixels[:, c], minlength=colors)
+                         for c in range(pixels.shape[1])], axis=1)
         filled = counts > 0
         centers[filled] = sums[filled] / counts[filled, None]
         # An empty cluster moves to the worst-served pixel.

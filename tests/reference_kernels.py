@@ -41,3 +41,26 @@ def lookup_ref(indices: np.ndarray, palette: np.ndarray) -> np.ndarray:
     if indices.size and int(indices.max()) >= len(palette):
         raise IndexError("palette index out of range")
     return palette[indices.astype(np.int64)]
+
+
+def kmeans_plus_plus_ref(points: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    n = len(points)
+
+    def squared(pick):
+        distances = np.zeros(n)
+        for c in range(points.shape[1]):
+            diff = points[:, c] - points[pick, c]
+            distances = distances + diff * diff
+        return distances
+
+    picks = [min(int(uniforms[0] * n), n - 1)]
+    nearest = squared(picks[0])
+    for u in uniforms[1:]:
+        running = np.cumsum(nearest)  # sequential, like the kernel's running sum
+        if running[-1] > 0:
+            pick = min(int(np.searchsorted(running, u * running[-1], side="right")), n - 1)
+        else:
+            pick = min(int(u * n), n - 1)
+        picks.append(pick)
+        nearest = np.minimum(nearest, squared(pick))
+    return np.array(picks)

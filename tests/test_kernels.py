@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from reference_kernels import dither_ref, lookup_ref, nearest_assign_ref
+from reference_kernels import dither_ref, kmeans_plus_plus_ref, lookup_ref, nearest_assign_ref
 from sdc_runtime import _kernels, latent
 
 
@@ -22,6 +22,18 @@ def test_nearest_assign_matches_reference(channels, colors):
     _kernels.nearest_assign(points, palette, labels, distances)
     np.testing.assert_array_equal(labels, nearest_assign_ref(points, palette))
     np.testing.assert_allclose(distances, ((points - palette[labels]) ** 2).sum(1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("channels,k", [(4, 256), (32, 17), (3, 1)])
+def test_kmeans_plus_plus_matches_reference(channels, k):
+    rng = np.random.default_rng(channels)
+    points = rng.uniform(0, 255, (600, channels))
+    points[100:300] = points[100]  # many duplicates: zero distances must be handled the same way
+    uniforms = rng.random(k)
+    picks = np.empty(k, np.intp)
+    _kernels.kmeans_plus_plus(points, uniforms, picks)
+    np.testing.assert_array_equal(picks, kmeans_plus_plus_ref(points, uniforms))
+    assert len(set(picks.tolist())) == k  # a point already chosen has distance 0: never drawn again
 
 
 def test_nearest_assign_ties_take_the_first_entry():
