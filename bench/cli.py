@@ -1,7 +1,25 @@
-"""sdc-bench entry point."""
+"""sdc-bench: benchmarks and comparisons (the bench extra; never imported by the runtime)."""
+from __future__ import annotations
+
+import argparse
 import sys
 
+from sdc_runtime.errors import SdcError
 
-def main(argv=None) -> int:
-    sys.stderr.write("sdc-bench: error: no benchmark commands yet\n")
-    return 2
+from . import stages
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sdc-bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    stages.add_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except SdcError as exc:
+        sys.stderr.write(f"sdc-bench: error: {exc}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

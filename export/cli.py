@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -20,10 +21,13 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Export a Stable Diffusion checkpoint to an sdcodec ONNX model set.")
     p.add_argument("--model", required=True, metavar="SRC",
-                   help="local diffusers Stable Diffusion folder, or a hub id (honours HF_HUB_OFFLINE)")
+                   help="local diffusers Stable Diffusion folder, a hub id (honours HF_HUB_OFFLINE), "
+                        "or a folder with a TAESD-format *_encoder.pth / *_decoder.pth pair")
     p.add_argument("--out", required=True, metavar="DIR", help="model-set folder to write")
     p.add_argument("--fp16", action="store_true", help="fp16 weights and compute (fp32 I/O)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--tiny-decoder", metavar="DIR", default=None,
+                   help="SD only: also ship this TAESD-format decoder as a fast alternative decoder")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--force", action="store_true", help="replace a non-empty DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -34,12 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from .modelset import export_stable_diffusion, prepare_output
+    from .modelset import export_stable_diffusion, export_tae, prepare_output
     from .sources import check_source, load_stable_diffusion
+    from .tae import find_pair
 
     if not 14 <= args.opset <= 21:
         raise ExportError(f"opset {args.opset} is not supported (14..21)")
-    check_source(args.model)
+    is_tae = find_pair(args.model) is not None
+    if is_tae and args.tiny_decoder:
+        raise ExportError("--tiny-decoder applies to Stable Diffusion exports only")
+    if not is_tae:
+        check_source(args.model)
+    if args.tiny_decoder and not os.path.isdir(args.tiny_decoder):
+        raise ExportError(f"--tiny-decoder {args.tiny_decoder} is not a folder")
     prepare_output(args.out, args.force)  # fail before the slow load
     started = time.perf_counter()
     bar = tqdm(total=12, desc="load", file=sys.stderr, disable=args.quiet, bar_format="{desc:<24} {bar} {elapsed}")
@@ -49,10 +60,14 @@ def run(args) -> int:
         bar.update(1)
 
     try:
-        parts = load_stable_diffusion(args.model, revision=args.revision)
-        progress("loaded")
-        report = export_stable_diffusion(parts, args.out, fp16=args.fp16, opset=args.opset,
-                                         force=args.force, progress=progress)
+        if is_tae:
+            report = export_tae(args.model, args.out, fp16=args.fp16, opset=args.opset, force=args.force,
+                                progress=progress)
+        else:
+            parts = load_stable_diffusion(args.model, revision=args.revision)
+            progress("loaded")
+            report = export_stable_diffusion(parts, args.out, fp16=args.fp16, opset=args.opset, force=args.force,
+                                             tiny_decoder=args.tiny_decoder, progress=progress)
     finally:
         bar.close()
     total = time.perf_counter() - started

@@ -97,8 +97,16 @@ def convert_fp16(path: str) -> None:
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = onnx.load(path)
-    large = sum(t.ByteSize() for t in model.graph.initializer) >= TWO_GB
+    large = os.path.exists(path + ".data")
+    if large:
+        # The converter needs every value's type to keep blocked ops consistently fp32; its own
+        # shape inference cannot take a graph over 2 GB, the file-based one can.
+        inferred = path + ".inferred.onnx"
+        onnx.shape_inference.infer_shapes_path(path, inferred)
+        model = onnx.load(inferred)
+        os.remove(inferred)
+    else:
+        model = onnx.load(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=large,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sdc_runtime.files import default_mode
 from sdc_runtime.latent import sd_quant_mapping
 from sdc_runtime.manifest import MANIFEST_NAME, Graph, Manifest, Scheduler, sha256_file
 
@@ -50,6 +51,18 @@ def scheduler_constants(config: dict) -> Scheduler:
         alphas_cumprod=tuple(float(a) for a in scheduler.alphas_cumprod.tolist()),
         final_alpha_cumprod=float(scheduler.final_alpha_cumprod),
     )
+
+
+class ScaledTinyDecoder(torch.nn.Module):
+    """raw SD latent -> image in [0, 1] through a TAESD decoder (which takes scaled latents)."""
+
+    def __init__(self, decoder, scaling_factor: float):
+        super().__init__()
+        self.decoder = decoder
+        self.scaling_factor = scaling_factor
+
+    def forward(self, latent):
+        return self.decoder(latent * self.scaling_factor)
 
 
 def sd_graph_specs(parts: StableDiffusionParts) -> tuple[list[GraphSpec], int, int]:
@@ -101,6 +114,9 @@ def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, o
         with open(os.path.join(scratch, MANIFEST_NAME), "w", encoding="utf-8") as fh:
             fh.write(manifest.to_json())
         sizes = {name: os.path.getsize(os.path.join(scratch, name)) for name in os.listdir(scratch)}
+        for name in sizes:  # mkdtemp and the exporters create private files; a set is for shipping
+            os.chmod(os.path.join(scratch, name), default_mode(0o666))
+        os.chmod(scratch, default_mode(0o777))
         if os.path.isdir(out):
             shutil.rmtree(out)
         os.replace(scratch, out)
@@ -128,11 +144,20 @@ def _step(progress, text: str) -> None:
 
 
 def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool = False,
-                            opset: int = DEFAULT_OPSET, force: bool = False, progress=None) -> ExportReport:
+                            opset: int = DEFAULT_OPSET, force: bool = False, tiny_decoder: str | None = None,
+                            progress=None) -> ExportReport:
     specs, downscale, multiple = sd_graph_specs(parts)
     vae = parts.vae
     channels = vae.config.latent_channels
     scaling = float(vae.config.scaling_factor)
+    if tiny_decoder is not None:
+        from .tae import load_tae_decoder
+
+        decoder, tiny_channels = load_tae_decoder(tiny_decoder)
+        if tiny_channels != channels:
+            raise ExportError(f"the tiny decoder takes {tiny_channels} latent channels, the VAE makes {channels}")
+        specs.append(GraphSpec("tiny_decoder", ScaledTinyDecoder(decoder, scaling).eval(), ["latent"], "image",
+                               specs[1].example))
     scale, zero = sd_quant_mapping(scaling, channels)
     scheduler = scheduler_constants(parts.scheduler_config)
     _step(progress, "fingerprint weights")
@@ -146,8 +171,40 @@ def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool
         return Manifest(
             family="sd", latent_channels=channels, downscale=downscale, scaling_factor=scaling,
             quant_scale=scale, quant_zero=zero,
-            graphs={role: Graph(file, prec, (-1.0, 1.0)) for role, (file, prec) in graphs.items()},
+            graphs={role: Graph(file, prec, (0.0, 1.0) if role == "tiny_decoder" else (-1.0, 1.0))
+                    for role, (file, prec) in graphs.items()},
             files=files, fingerprint=fingerprint, opset=opset_used, source=parts.source,
             scheduler=scheduler, unet_latent_multiple=multiple)
+
+    return write_model_set(out, specs, describe, fp16=fp16, opset=opset, force=force, progress=progress)
+
+
+# TAE latents pass through tanh(x/3)*3 in the decoder: beyond +-6 nothing changes.
+TAE_LATENT_RANGE = 6.0
+
+
+def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAULT_OPSET, force: bool = False,
+               progress=None) -> ExportReport:
+    """A TAESD-format pair -> model set: image in [0, 1], latent scale 1, no UNet."""
+    from .tae import load_tae_pair
+
+    encoder, decoder, channels, variant = load_tae_pair(folder)
+    lh, lw = parity_latent_size(1)
+    specs = [
+        GraphSpec("vae_encoder", encoder, ["image"], "latent", (torch.zeros(1, 3, lh * 8, lw * 8),)),
+        GraphSpec("vae_decoder", decoder, ["latent"], "image", (torch.zeros(1, channels, lh, lw),)),
+    ]
+    _step(progress, "fingerprint weights")
+    fingerprint = fingerprint_of({"family": "tae", "encoder": weights_digest(encoder),
+                                  "decoder": weights_digest(decoder), "latent_channels": channels})
+    step = 2 * TAE_LATENT_RANGE / 255
+
+    def describe(graphs, files, opset_used):
+        return Manifest(
+            family="tae", latent_channels=channels, downscale=8, scaling_factor=1.0,
+            quant_scale=(step,) * channels, quant_zero=(127.5,) * channels, quant_adaptive=True,
+            graphs={role: Graph(file, prec, (0.0, 1.0)) for role, (file, prec) in graphs.items()},
+            files=files, fingerprint=fingerprint, opset=opset_used,
+            source={"model": os.path.abspath(folder), "kind": "tae", "variant": variant})
 
     return write_model_set(out, specs, describe, fp16=fp16, opset=opset, force=force, progress=progress)

@@ -20,33 +20,39 @@ from .neural import NeuralStages
 
 MODES = {"u8": MODE_U8, "palette": MODE_PALETTE}
 # The original experiment: 256 colours; 3 DDIM steps at stride 15 (t = 30, 15, 0), eta 0.9.
-SD_DEFAULTS = {"mode": "palette", "colors": 256, "steps": 3, "stride": 15, "eta": 0.9}
-TAE_DEFAULTS = {"mode": "palette", "colors": 256, "steps": 0, "stride": 0, "eta": 0.0}
+SD_DEFAULTS = {"mode": "palette", "colors": 256, "group_channels": 4, "steps": 3, "stride": 15, "eta": 0.9}
+TAE_DEFAULTS = {"mode": "palette", "colors": 256, "group_channels": 4, "steps": 0, "stride": 0, "eta": 0.0}
 
 
 def pack_latent(levels: np.ndarray, header: Header, *, colors: int = 256, seed: int = 0) -> bytes:
     """Code (H, W, C) float level-space latent cells (in [0, 255]) into a .sdc bitstream.
 
-    The header gives the image geometry and parameters; its mode picks the coding.
+    The header gives the geometry and parameters; its mode picks the coding, and in palette
+    mode ``header.group_channels`` splits the channels into groups with a palette each.
     """
     if header.mode == MODE_U8:
         symbols = np.rint(levels).astype(np.uint8).transpose(2, 0, 1)
         coder, payload = entropy.encode(symbols, alphabet_size=256)
-        sections = [Section(container.SECTION_LATENT, coder, symbols.size, payload)]
-        header.palette_size = 0
-    else:
-        palette = latent_coding.build_palette(levels.reshape(-1, levels.shape[2]), colors, seed=seed)
-        if len(palette) < 2:  # a flat latent: pad with a second entry, the format wants K >= 2
-            palette = np.vstack([palette, palette[:1] ^ 1])
-        indices = latent_coding.dither(levels, palette)
-        header.palette_size = len(palette)
-        coder_p, payload_p = entropy.encode(palette, alphabet_size=256)
-        coder_i, payload_i = entropy.encode(indices, alphabet_size=len(palette))
-        sections = [
-            Section(container.SECTION_PALETTE, coder_p, palette.size, payload_p),
-            Section(container.SECTION_INDICES, coder_i, entropy.raw_length(indices.size, len(palette)), payload_i),
-        ]
-    return container.pack(header, sections)
+        header.palette_size = header.group_channels = 0
+        return container.pack(header, [Section(container.SECTION_LATENT, coder, symbols.size, payload)])
+    size = header.group_channels
+    palettes, index_planes = [], []
+    for start in range(0, levels.shape[2], size):
+        group = np.ascontiguousarray(levels[:, :, start:start + size])
+        palette = latent_coding.build_palette(group.reshape(-1, size), colors, seed=seed)
+        palettes.append(palette)
+        index_planes.append(latent_coding.dither(group, palette))
+    # One K for all groups: shorter palettes are padded by repeating their last entry.
+    k = max(2, max(len(p) for p in palettes))
+    palettes = np.stack([np.vstack([p, np.repeat(p[-1:], k - len(p), axis=0)]) for p in palettes])
+    indices = np.stack(index_planes)
+    header.palette_size = k
+    coder_p, payload_p = entropy.encode(palettes, alphabet_size=256)
+    coder_i, payload_i = entropy.encode(indices, alphabet_size=k)
+    return container.pack(header, [
+        Section(container.SECTION_PALETTE, coder_p, palettes.size, payload_p),
+        Section(container.SECTION_INDICES, coder_i, entropy.raw_length(indices.size, k), payload_i),
+    ])
 
 
 def unpack_latent(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header, np.ndarray]:
@@ -56,15 +62,14 @@ def unpack_latent(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple
     lh, lw, c = header.latent_height, header.latent_width, header.latent_channels
     if header.mode == MODE_U8:
         s = by_kind[container.SECTION_LATENT]
-        levels = entropy.decode(s.payload, coder=s.coder, count=c * lh * lw, alphabet_size=256).reshape(c, lh, lw)
-    else:
-        k = header.palette_size
-        s = by_kind[container.SECTION_PALETTE]
-        palette = entropy.decode(s.payload, coder=s.coder, count=k * c, alphabet_size=256).reshape(k, c)
-        s = by_kind[container.SECTION_INDICES]
-        indices = entropy.decode(s.payload, coder=s.coder, count=lh * lw, alphabet_size=k).reshape(lh, lw)
-        levels = latent_coding.lookup(indices, palette)
-    return header, levels
+        return header, entropy.decode(s.payload, coder=s.coder, count=c * lh * lw, alphabet_size=256).reshape(c, lh, lw)
+    k, size = header.palette_size, header.group_channels
+    groups = c // size
+    s = by_kind[container.SECTION_PALETTE]
+    palettes = entropy.decode(s.payload, coder=s.coder, count=k * c, alphabet_size=256).reshape(groups, k, size)
+    s = by_kind[container.SECTION_INDICES]
+    indices = entropy.decode(s.payload, coder=s.coder, count=groups * lh * lw, alphabet_size=k).reshape(groups, lh, lw)
+    return header, np.concatenate([latent_coding.lookup(i, p) for i, p in zip(indices, palettes)], axis=0)
 
 
 def info(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
@@ -78,6 +83,7 @@ def info(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
         "latent_shape": [header.latent_channels, header.latent_height, header.latent_width],
         "downscale": header.downscale,
         "palette_size": header.palette_size,
+        "group_channels": header.group_channels,
         "denoise_steps": header.denoise_steps,
         "step_stride": header.step_stride,
         "eta": round(header.eta, 6),
@@ -122,15 +128,22 @@ class SdcCodec:
         return bytes.fromhex(self.manifest.fingerprint)[: container.FINGERPRINT_BYTES]
 
     def encode(self, image, /, *, mode: str | None = None, colors: int | None = None,
-               steps: int | None = None, stride: int | None = None, eta: float | None = None,
-               seed: int = 0) -> bytes:
-        """PIL image or (H, W, 3) uint8 array -> .sdc bytes.  steps/stride/eta are stored as the
-        decoder's defaults."""
+               group_channels: int | None = None, steps: int | None = None, stride: int | None = None,
+               eta: float | None = None, seed: int = 0) -> bytes:
+        """PIL image or (H, W, 3) uint8 array -> .sdc bytes.
+
+        Palette mode: ``colors`` entries per palette, one palette per group of
+        ``group_channels`` latent channels.  steps/stride/eta are stored as the decoder's defaults.
+        """
         m, d = self.manifest, self.defaults
         mode = d["mode"] if mode is None else mode
         if mode not in MODES:
             raise SdcInputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         colors = latent_coding.check_colors(d["colors"] if colors is None else colors)
+        group_channels = min(d["group_channels"], m.latent_channels) if group_channels is None else group_channels
+        if (not isinstance(group_channels, int) or not 1 <= group_channels <= min(m.latent_channels, 255)
+                or m.latent_channels % group_channels):
+            raise SdcInputError(f"group_channels must divide the {m.latent_channels} latent channels")
         steps = d["steps"] if steps is None else steps
         stride = d["stride"] if stride is None else stride
         eta = d["eta"] if eta is None else eta
@@ -150,17 +163,36 @@ class SdcCodec:
         if width * height > self.max_pixels:
             raise SdcInputError(f"image of {width}x{height} is over the pixel limit of {self.max_pixels}")
         raw = self.stages.encode(pixels)[0]
-        return self.encode_latent(raw, (width, height), mode=mode, colors=colors, steps=steps,
-                                  stride=stride if steps else 0, eta=eta if steps else 0.0, seed=seed)
+        return self.encode_latent(raw, (width, height), mode=mode, colors=colors, group_channels=group_channels,
+                                  steps=steps, stride=stride if steps else 0, eta=eta if steps else 0.0, seed=seed)
 
-    def encode_latent(self, raw: np.ndarray, size: tuple[int, int], *, mode: str, colors: int,
-                      steps: int, stride: int, eta: float, seed: int = 0) -> bytes:
+    def quant_mapping(self, raw: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The 8-bit mapping for a (C, h, w) latent: the manifest's, or for adaptive sets each
+        channel's own range within the manifest's.  float32-exact, as the header stores it."""
+        m = self.manifest
+        if not m.quant_adaptive:
+            return m.quant_scale, m.quant_zero
+        scale = np.array(m.quant_scale, np.float64)
+        zero = np.array(m.quant_zero, np.float64)
+        lo_limit, hi_limit = -zero * scale, (255 - zero) * scale
+        flat = raw.reshape(raw.shape[0], -1).astype(np.float64)
+        lo = np.clip(flat.min(axis=1), lo_limit, hi_limit)
+        hi = np.clip(flat.max(axis=1), lo_limit, hi_limit)
+        step = np.maximum((hi - lo) / 255, scale / 255).astype(np.float32).astype(np.float64)
+        offset = (-lo / step).astype(np.float32).astype(np.float64)
+        return tuple(step.tolist()), tuple(offset.tolist())
+
+    def encode_latent(self, raw: np.ndarray, size: tuple[int, int], *, mode: str, colors: int = 256,
+                      group_channels: int | None = None, steps: int = 0, stride: int = 0, eta: float = 0.0,
+                      seed: int = 0) -> bytes:
         """(C, h, w) raw latent of an image of ``size`` -> .sdc bytes (the latent-coding stage)."""
         m = self.manifest
-        scale, zero = m.quant_scale, m.quant_zero
+        scale, zero = self.quant_mapping(raw)
         header = Header(
             width=size[0], height=size[1], latent_channels=raw.shape[0], latent_height=raw.shape[1],
             latent_width=raw.shape[2], downscale=m.downscale, mode=MODES[mode], palette_size=0,
+            group_channels=(min(self.defaults["group_channels"], raw.shape[0]) if group_channels is None
+                            else group_channels) if mode == "palette" else 0,
             denoise_steps=steps, step_stride=stride, eta=float(np.float32(eta)), seed=seed,
             fingerprint=self.fingerprint, quant_scale=scale, quant_zero=zero)
         levels = latent_coding.to_level_space(raw, scale, zero)

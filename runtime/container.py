@@ -21,8 +21,8 @@ MODE_U8 = 1
 MODE_PALETTE = 2
 MODE_NAMES = {MODE_U8: "u8", MODE_PALETTE: "palette"}
 
-SECTION_PALETTE = 1  # K x C uint8 palette, row-major
-SECTION_INDICES = 2  # latent_h x latent_w palette indices, 1 byte (K <= 256) or 2 bytes LE
+SECTION_PALETTE = 1  # per channel group, K x G uint8 entries
+SECTION_INDICES = 2  # per channel group, latent_h x latent_w indices, 1 byte (K <= 256) or 2 bytes LE
 SECTION_LATENT = 3  # C x latent_h x latent_w uint8 latent, planar
 SECTION_NAMES = {SECTION_PALETTE: "palette", SECTION_INDICES: "indices", SECTION_LATENT: "latent"}
 
@@ -49,7 +49,8 @@ class Header:
     latent_width: int
     downscale: int
     mode: int
-    palette_size: int  # 0 in u8 mode
+    palette_size: int  # K: 0 in u8 mode
+    group_channels: int  # G: palette mode codes C/G groups of G channels, one palette each; 0 in u8 mode
     denoise_steps: int
     step_stride: int
     eta: float
@@ -78,7 +79,8 @@ def expected_raw_lengths(header: Header) -> dict[int, int]:
     if header.mode == MODE_U8:
         return {SECTION_LATENT: cells * header.latent_channels}
     index_bytes = 1 if header.palette_size <= 256 else 2
-    return {SECTION_PALETTE: header.palette_size * header.latent_channels, SECTION_INDICES: cells * index_bytes}
+    groups = header.latent_channels // header.group_channels
+    return {SECTION_PALETTE: header.palette_size * header.latent_channels, SECTION_INDICES: groups * cells * index_bytes}
 
 
 def _validate_header(h: Header, max_pixels: int) -> None:
@@ -97,10 +99,13 @@ def _validate_header(h: Header, max_pixels: int) -> None:
                 f"{h.width}x{h.height} at downscale {h.downscale}")
     if h.mode not in MODE_NAMES:
         raise SdcFormatError(f"unknown coding mode {h.mode}")
-    if h.mode == MODE_U8 and h.palette_size != 0:
-        raise SdcFormatError("u8 mode must have palette size 0")
-    if h.mode == MODE_PALETTE and not 2 <= h.palette_size <= MAX_PALETTE:
-        raise SdcFormatError(f"palette size {h.palette_size} is outside 2..{MAX_PALETTE}")
+    if h.mode == MODE_U8 and (h.palette_size or h.group_channels):
+        raise SdcFormatError("u8 mode must have palette size and group channels 0")
+    if h.mode == MODE_PALETTE:
+        if not 2 <= h.palette_size <= MAX_PALETTE:
+            raise SdcFormatError(f"palette size {h.palette_size} is outside 2..{MAX_PALETTE}")
+        if not 1 <= h.group_channels <= h.latent_channels or h.latent_channels % h.group_channels:
+            raise SdcFormatError(f"palette groups of {h.group_channels} channels do not divide {h.latent_channels} channels")
     if h.denoise_steps > MAX_STEPS:
         raise SdcLimitError(f"{h.denoise_steps} denoising steps is over the limit of {MAX_STEPS}")
     if h.denoise_steps and h.step_stride < 1:
@@ -126,7 +131,7 @@ def pack(header: Header, sections: list[Section]) -> bytes:
     parts = [_FIXED.pack(
         MAGIC, VERSION, 0, header.width, header.height, header.latent_channels,
         header.latent_height, header.latent_width, header.downscale, header.mode,
-        header.palette_size, header.denoise_steps, 0, header.step_stride, header.eta,
+        header.palette_size, header.denoise_steps, header.group_channels, header.step_stride, header.eta,
         header.seed, header.fingerprint)]
     parts += [_QUANT.pack(s, z) for s, z in zip(header.quant_scale, header.quant_zero, strict=True)]
     parts.append(struct.pack("<B", len(sections)))
@@ -157,9 +162,9 @@ def unpack(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header
     if n < _FIXED.size:
         raise SdcTruncatedError(f"truncated .sdc header: {n} of {_FIXED.size} bytes")
     (_, _, flags, width, height, channels, lat_h, lat_w, downscale, mode, palette_size,
-     steps, reserved, stride, eta, seed, fingerprint) = _FIXED.unpack_from(data, 0)
-    if flags or reserved:
-        raise SdcFormatError("reserved header fields are not zero")
+     steps, group_channels, stride, eta, seed, fingerprint) = _FIXED.unpack_from(data, 0)
+    if flags:
+        raise SdcFormatError("reserved header flags are not zero")
     if not 1 <= channels <= MAX_CHANNELS:
         raise SdcLimitError(f"latent channel count {channels} is outside 1..{MAX_CHANNELS}")
     offset = _FIXED.size
@@ -182,7 +187,7 @@ def unpack(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header
     (stored_crc,) = _CRC.unpack_from(data, total - _CRC.size)
     if zlib.crc32(data[: total - _CRC.size]) != stored_crc:
         raise SdcChecksumError("CRC32 mismatch: the .sdc data is corrupt")
-    header = Header(width, height, channels, lat_h, lat_w, downscale, mode, palette_size, steps,
+    header = Header(width, height, channels, lat_h, lat_w, downscale, mode, palette_size, group_channels, steps,
                     stride, eta, seed, bytes(fingerprint),
                     tuple(q[0] for q in quant), tuple(q[1] for q in quant))
     _validate_header(header, max_pixels)

@@ -6,6 +6,7 @@ size, all known from the container header, and never produces more than that cou
 """
 from __future__ import annotations
 
+import lzma
 import zlib
 
 import numpy as np
@@ -13,7 +14,9 @@ import numpy as np
 from .errors import SdcFormatError
 
 CODER_DEFLATE = 1  # raw DEFLATE (RFC 1951), level 9: the container already carries a CRC32
-CODER_NAMES = {CODER_DEFLATE: "deflate"}
+CODER_LZMA2 = 2  # raw LZMA2 (no .xz container), dictionary 1 MiB
+CODER_NAMES = {CODER_DEFLATE: "deflate", CODER_LZMA2: "lzma2"}
+_LZMA2_DICT = 1 << 20
 
 
 def symbol_dtype(alphabet_size: int) -> np.dtype:
@@ -27,29 +30,51 @@ def raw_length(count: int, alphabet_size: int) -> int:
     return count * symbol_dtype(alphabet_size).itemsize
 
 
+def _lzma2_filters(preset: int | None = None) -> list[dict]:
+    spec = {"id": lzma.FILTER_LZMA2, "dict_size": _LZMA2_DICT}
+    if preset is not None:
+        spec["preset"] = preset
+    return [spec]
+
+
 def encode(symbols: np.ndarray, *, alphabet_size: int) -> tuple[int, bytes]:
+    """Symbols -> (coder, bytes) with whichever coder gives the smaller stream."""
     flat = np.asarray(symbols).ravel()
     if flat.size and (flat.min() < 0 or flat.max() >= alphabet_size):
         raise ValueError("symbol outside the alphabet")
     raw = flat.astype(symbol_dtype(alphabet_size)).tobytes()
-    compressor = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
-    return CODER_DEFLATE, compressor.compress(raw) + compressor.flush()
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
+    candidates = [(CODER_DEFLATE, deflater.compress(raw) + deflater.flush()),
+                  (CODER_LZMA2, lzma.compress(raw, format=lzma.FORMAT_RAW,
+                                              filters=_lzma2_filters(9 | lzma.PRESET_EXTREME)))]
+    return min(candidates, key=lambda c: (len(c[1]), c[0]))
 
 
 def decode(data: bytes, *, coder: int, count: int, alphabet_size: int) -> np.ndarray:
-    if coder != CODER_DEFLATE:
-        raise SdcFormatError(f"unknown entropy coder {coder}")
     expected = raw_length(count, alphabet_size)
-    inflater = zlib.decompressobj(-15)
-    try:
-        # max_length bounds the output: a hostile stream cannot make us allocate more.
-        raw = inflater.decompress(data, expected)
-        if not inflater.eof:  # output full: the end-of-stream marker may still be unread
-            raw += inflater.decompress(inflater.unconsumed_tail, 1)
-    except zlib.error as exc:
-        raise SdcFormatError(f"corrupt DEFLATE stream: {exc}") from None
-    if len(raw) != expected or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
-        raise SdcFormatError("DEFLATE stream does not hold exactly the section's declared length")
+    # max_length bounds every output: a hostile stream cannot make us allocate more.
+    if coder == CODER_DEFLATE:
+        inflater = zlib.decompressobj(-15)
+        try:
+            raw = inflater.decompress(data, expected)
+            if not inflater.eof:  # output full: the end-of-stream marker may still be unread
+                raw += inflater.decompress(inflater.unconsumed_tail, 1)
+        except zlib.error as exc:
+            raise SdcFormatError(f"corrupt DEFLATE stream: {exc}") from None
+        exact = inflater.eof and not inflater.unconsumed_tail and not inflater.unused_data
+    elif coder == CODER_LZMA2:
+        decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_lzma2_filters())
+        try:
+            raw = decompressor.decompress(data, expected)
+            if not decompressor.eof:
+                raw += decompressor.decompress(b"", 1)
+        except lzma.LZMAError as exc:
+            raise SdcFormatError(f"corrupt LZMA2 stream: {exc}") from None
+        exact = decompressor.eof and not decompressor.unused_data
+    else:
+        raise SdcFormatError(f"unknown entropy coder {coder}")
+    if len(raw) != expected or not exact:
+        raise SdcFormatError(f"{CODER_NAMES[coder]} stream does not hold exactly the section's declared length")
     symbols = np.frombuffer(raw, dtype=symbol_dtype(alphabet_size))
     if symbols.size and int(symbols.max()) >= alphabet_size:
         raise SdcFormatError(f"symbol {int(symbols.max())} is outside the alphabet of {alphabet_size}")

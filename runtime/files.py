@@ -10,6 +10,13 @@ from PIL import Image
 from .errors import SdcInputError
 
 
+def default_mode(mode: int = 0o666) -> int:
+    """``mode`` under the process umask: what open() would give a new file (mkstemp gives 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -17,6 +24,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         try:

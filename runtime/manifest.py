@@ -60,6 +60,9 @@ class Manifest:
     scheduler: Scheduler | None = None
     # The UNet needs latent sides that are multiples of this; the runtime pads to it.
     unet_latent_multiple: int = 1
+    # True: the encoder fits the 8-bit mapping to each image's per-channel range, within the
+    # range the default mapping above covers (stored in the file's header either way).
+    quant_adaptive: bool = False
     format_version: int = MANIFEST_VERSION
 
     def to_json(self) -> str:

@@ -139,7 +139,7 @@ def test_rejects_section_length_that_disagrees_with_header(u8_file):
 
 def test_rejects_sections_of_another_mode(u8_file):
     # Header says palette mode (K=16) but the file carries a u8 latent section.
-    data = _set(u8_file, "<BBH", 27, container.MODE_PALETTE, 0, 16)
+    data = _set(_set(u8_file, "<BH", 27, container.MODE_PALETTE, 16), "<B", 31, 4)
     with pytest.raises(SdcFormatError, match="do not match the palette coding mode"):
         unpack_latent(recrc(data))
 
@@ -153,6 +153,12 @@ def test_rejects_size_over_pixel_limit_before_allocating(u8_file):
         unpack_latent(huge)
 
 
+def test_rejects_palette_groups_that_do_not_divide_the_channels(u8_file):
+    data = _set(_set(u8_file, "<BH", 27, container.MODE_PALETTE, 16), "<B", 31, 3)
+    with pytest.raises(SdcFormatError, match="groups of 3 channels do not divide 4"):
+        unpack_latent(recrc(data))
+
+
 def test_rejects_latent_size_inconsistent_with_image(u8_file):
     with pytest.raises(SdcFormatError, match="does not match image size"):
         unpack_latent(recrc(_set(u8_file, "<I", 12, 200)))
@@ -163,7 +169,7 @@ def test_rejects_corrupt_deflate_payload(u8_file):
     payload_at = table + container._SECTION.size
     data = bytearray(u8_file)
     data[payload_at: payload_at + 4] = b"\xff\xff\xff\xff"
-    with pytest.raises(SdcFormatError, match="DEFLATE"):
+    with pytest.raises(SdcFormatError, match="stream"):
         unpack_latent(recrc(bytes(data)))
 
 

@@ -307,3 +307,19 @@ print("torch-free ok")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
     assert result.returncode == 0, result.stderr.decode()
     assert b"torch-free ok" in result.stdout
+
+
+def test_outputs_get_ordinary_permissions(codec, model_set, tmp_path):
+    """Files written through a temporary file still get the umask's mode, not mkstemp's 0600."""
+    umask = os.umask(0o022)
+    try:
+        make_image(16, 16).save(tmp_path / "in.png")
+        codec.encode_file(tmp_path / "in.png", tmp_path / "x.sdc")
+        codec.decode_file(tmp_path / "x.sdc", tmp_path / "o.png")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "x.sdc").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "o.png").stat().st_mode & 0o777 == 0o644
+    assert os.stat(model_set).st_mode & 0o755 == 0o755
+    for name in os.listdir(model_set):
+        assert os.stat(os.path.join(model_set, name)).st_mode & 0o644 == 0o644

@@ -14,9 +14,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FINGERPRINT = bytes(range(16))
 
 
-def header(mode, palette_size, width, height, channels):
+def header(mode, palette_size, width, height, channels, group_channels=0):
     return Header(width=width, height=height, latent_channels=channels, latent_height=-(-height // 8),
                   latent_width=-(-width // 8), downscale=8, mode=mode, palette_size=palette_size,
+                  group_channels=group_channels,
                   denoise_steps=3, step_stride=15, eta=0.5, seed=1234, fingerprint=FINGERPRINT,
                   quant_scale=(0.18215,) * channels, quant_zero=(127.5,) * channels)
 
@@ -35,17 +36,18 @@ def main():
     # palette mode, 4 channels, 200 colours (1-byte indices), 64x40 image -> 8x5 latent.
     palette = rng.integers(0, 256, (200, 4), dtype=np.uint8)
     indices = rng.integers(0, 200, (5, 8)).astype(np.uint16)
-    h = header(container.MODE_PALETTE, 200, 64, 40, 4)
+    h = header(container.MODE_PALETTE, 200, 64, 40, 4, group_channels=4)
     write("palette200_64x40.sdc", container.pack(h, [section(container.SECTION_PALETTE, palette, 256),
                                                     section(container.SECTION_INDICES, indices, 200)]),
           palette[indices].transpose(2, 0, 1))
-    # palette mode, 8 channels, 300 colours (2-byte indices), 24x16 image -> 3x2 latent.
-    palette = rng.integers(0, 256, (300, 8), dtype=np.uint8)
-    indices = rng.integers(0, 300, (2, 3)).astype(np.uint16)
-    h = header(container.MODE_PALETTE, 300, 24, 16, 8)
-    write("palette300_c8_24x16.sdc", container.pack(h, [section(container.SECTION_PALETTE, palette, 256),
+    # palette mode, 8 channels in 2 groups of 4, 300 colours (2-byte indices), 24x16 -> 3x2 latent.
+    palettes = rng.integers(0, 256, (2, 300, 4), dtype=np.uint8)
+    indices = rng.integers(0, 300, (2, 2, 3)).astype(np.uint16)
+    h = header(container.MODE_PALETTE, 300, 24, 16, 8, group_channels=4)
+    expected = np.concatenate([palettes[g][indices[g]].transpose(2, 0, 1) for g in range(2)])
+    write("palette300_g4x2_24x16.sdc", container.pack(h, [section(container.SECTION_PALETTE, palettes, 256),
                                                          section(container.SECTION_INDICES, indices, 300)]),
-          palette[indices].transpose(2, 0, 1))
+          expected)
 
 
 def write(name, data, expected_levels):

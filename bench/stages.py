@@ -1,0 +1,149 @@
+"""sdc-bench stages: time every stage of the codec at one image size, medians over repeats.
+
+With --torch-src (a diffusers folder of the same weights) the same neural stages are timed in
+PyTorch in the same run, and the table gives ONNX Runtime's time as a ratio to PyTorch's.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .timing import machine, median_seconds
+
+
+def _image(path: str | None, size: int):
+    from PIL import Image
+
+    if path:
+        image = Image.open(path).convert("RGB")
+        side = min(image.size)
+        return image.crop((0, 0, side, side)).resize((size, size), Image.LANCZOS)
+    y, x = np.mgrid[0:size, 0:size]
+    return Image.fromarray(np.stack([x % 256, y % 256, (x + y) // 2 % 256], -1).astype(np.uint8))
+
+
+def run(args) -> dict:
+    from tqdm import tqdm
+
+    from sdc_runtime import SdcCodec, sdc_info
+    from sdc_runtime.codec import unpack_latent
+    from sdc_runtime.image import to_array
+    from sdc_runtime.latent import lookup
+
+    codec = SdcCodec(args.models, provider=args.provider, threads=args.threads)
+    m = codec.manifest
+    image = _image(args.image, args.size)
+    pixels, size = to_array(image, m.downscale, m.graphs["vae_encoder"].image_range)
+    rows: dict[str, dict] = {}
+    tasks = ["vae_encoder", "latent coding (palette)", "latent coding (u8)", "latent decoding (palette)",
+             "palette lookup", "vae_decoder"] + (["unet step"] if "unet" in m.graphs else [])
+    bar = tqdm(total=len(tasks) * (2 if args.torch_src else 1), desc="stages", unit="stage")
+
+    def record(name, seconds, torch_seconds=None):
+        rows.setdefault(name, {})["onnx_s"] = seconds
+        if torch_seconds is not None:
+            rows[name]["torch_s"] = torch_seconds
+        bar.update(1)
+
+    raw = codec.stages.encode(pixels)
+    record("vae_encoder", median_seconds(lambda: codec.stages.encode(pixels), args.repeat))
+    options = dict(colors=256, steps=0, stride=0, eta=0.0)
+    palette_file = codec.encode_latent(raw[0], size, mode="palette", **options)
+    u8_file = codec.encode_latent(raw[0], size, mode="u8", **options)
+    fast = max(args.repeat, 20)  # the latent stages take milliseconds: more samples are cheap
+    record("latent coding (palette)", median_seconds(
+        lambda: codec.encode_latent(raw[0], size, mode="palette", **options), fast))
+    record("latent coding (u8)", median_seconds(lambda: codec.encode_latent(raw[0], size, mode="u8", **options), fast))
+    record("latent decoding (palette)", median_seconds(lambda: unpack_latent(palette_file), fast))
+    header, _ = unpack_latent(palette_file)
+    from sdc_runtime import container, entropy
+    _, sections = container.unpack(palette_file)
+    by_kind = {s.kind: s for s in sections}
+    k, c = header.palette_size, header.latent_channels
+    palette = entropy.decode(by_kind[container.SECTION_PALETTE].payload, coder=by_kind[container.SECTION_PALETTE].coder, count=k * c, alphabet_size=256).reshape(k, c)
+    indices = entropy.decode(by_kind[container.SECTION_INDICES].payload, coder=by_kind[container.SECTION_INDICES].coder, count=raw[0, 0].size,
+                             alphabet_size=k).reshape(raw.shape[2:])
+    record("palette lookup", median_seconds(lambda: lookup(indices, palette), 200))
+    latent = raw.astype(np.float32)
+    record("vae_decoder", median_seconds(lambda: codec.stages.decode(latent), args.repeat))
+    if "unet" in m.graphs:
+        scaled = latent * np.float32(m.scaling_factor)
+        t = np.array([15.0], np.float32)
+        record("unet step", median_seconds(lambda: codec.stages._run("unet", scaled, t), args.repeat))
+    if args.torch_src:
+        _time_torch(args, pixels, latent, m, rows, bar)
+    bar.close()
+    return {
+        "machine": machine(), "provider": args.provider, "size": args.size, "models": os.path.abspath(args.models),
+        "precision": sorted({g.precision for g in m.graphs.values()}), "repeat": args.repeat,
+        "bytes": {"palette": len(palette_file), "u8": len(u8_file)},
+        "sections": {"palette": sdc_info(palette_file)["sections"], "u8": sdc_info(u8_file)["sections"]},
+        "stages": rows,
+    }
+
+
+def _time_torch(args, pixels, latent, manifest, rows, bar):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    vae = AutoencoderKL.from_pretrained(args.torch_src, subfolder="vae").eval()
+    image_t, latent_t = torch.from_numpy(pixels), torch.from_numpy(latent)
+    with torch.inference_mode():
+        rows["vae_encoder"]["torch_s"] = median_seconds(lambda: vae.encode(image_t).latent_dist.mean, args.repeat)
+        bar.update(4)
+        rows["vae_decoder"]["torch_s"] = median_seconds(lambda: vae.decode(latent_t).sample, args.repeat)
+        bar.update(2)
+        if "unet" in manifest.graphs:
+            unet = UNet2DConditionModel.from_pretrained(args.torch_src, subfolder="unet").eval()
+            context = torch.zeros(1, 77 if unet.config.cross_attention_dim == 768 else 16, unet.config.cross_attention_dim)
+            scaled = latent_t * manifest.scaling_factor
+            rows["unet step"]["torch_s"] = median_seconds(
+                lambda: unet(scaled, torch.tensor([15.0]), encoder_hidden_states=context).sample, args.repeat)
+            bar.update(1)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Machine: {result['machine']}; provider {result['provider']}; {result['size']}x{result['size']};"
+             f" precision {', '.join(result['precision'])}; medians of {result['repeat']} runs"
+             " (latent stages: at least 20).", "",
+             "| stage | ONNX Runtime | PyTorch | ratio (ORT / PyTorch) |", "| --- | --- | --- | --- |"]
+    for name, row in result["stages"].items():
+        onnx_s = row["onnx_s"]
+        unit = f"{onnx_s * 1e3:.2f} ms" if onnx_s < 1 else f"{onnx_s:.2f} s"
+        if "torch_s" in row:
+            torch_s = row["torch_s"]
+            torch_unit = f"{torch_s * 1e3:.2f} ms" if torch_s < 1 else f"{torch_s:.2f} s"
+            lines.append(f"| {name} | {unit} | {torch_unit} | {onnx_s / torch_s:.2f} |")
+        else:
+            lines.append(f"| {name} | {unit} | – | – |")
+    lines += ["", "| mode | file bytes | sections |", "| --- | --- | --- |"]
+    for mode, size in result["bytes"].items():
+        sections = ", ".join(f"{k} {v['bytes']}" for k, v in result["sections"][mode].items())
+        lines.append(f"| {mode} | {size} | {sections} |")
+    return "\n".join(lines)
+
+
+def add_parser(sub):
+    p = sub.add_parser("stages", help="time each codec stage (medians)")
+    p.add_argument("--models", required=True, help="model set")
+    p.add_argument("--image", default=None, help="image to crop/resize to SIZE (default: synthetic)")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--provider", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--torch-src", default=None, help="diffusers folder of the same weights: time PyTorch too")
+    p.add_argument("--json", default=None, help="write the raw result here")
+    p.set_defaults(run=_main)
+
+
+def _main(args) -> int:
+    result = run(args)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+    print(markdown(result))
+    return 0

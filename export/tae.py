@@ -1,0 +1,127 @@
+"""Tiny autoencoders in the TAESD checkpoint format (``*_encoder.pth`` / ``*_decoder.pth``).
+
+Our own torch modules for the architecture, plain (TAESD, for SD 1/2 latents) and the TAEF2
+variant, whose three lowest-resolution Blocks first add a pooled 1x1-conv branch
+(conv1x1 -> GroupNorm(4) -> ReLU -> conv1x1) of their input.  The variant and the latent
+channel count are read from the state dict, never from the file name; loading is strict.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+from torch import nn
+
+from . import ExportError
+
+WIDTH = 64
+
+
+def conv(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
+    return nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
+
+
+class Clamp(nn.Module):
+    def forward(self, x):
+        return torch.tanh(x / 3) * 3
+
+
+class Block(nn.Module):
+    def __init__(self, n_in: int, n_out: int, pooled: bool = False):
+        super().__init__()
+        self.conv = nn.Sequential(conv(n_in, n_out), nn.ReLU(), conv(n_out, n_out), nn.ReLU(), conv(n_out, n_out))
+        self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
+        self.fuse = nn.ReLU()
+        if pooled:
+            self.pool = nn.Sequential(nn.Conv2d(n_in, 4 * n_in, 1, bias=False), nn.GroupNorm(4, 4 * n_in), nn.ReLU(),
+                                      nn.Conv2d(4 * n_in, n_in, 1, bias=False))
+
+    def forward(self, x):
+        if hasattr(self, "pool"):
+            x = x + self.pool(x)
+        return self.fuse(self.conv(x) + self.skip(x))
+
+
+def make_encoder(latent_channels: int, pooled: bool) -> nn.Sequential:
+    """image in [0, 1] -> latent at 1/8 resolution."""
+    layers = [conv(3, WIDTH), Block(WIDTH, WIDTH)]
+    for level in range(3):
+        lowest = level == 2
+        layers += [conv(WIDTH, WIDTH, stride=2, bias=False)] + [Block(WIDTH, WIDTH, pooled and lowest) for _ in range(3)]
+    layers.append(conv(WIDTH, latent_channels))
+    return nn.Sequential(*layers)
+
+
+def make_decoder(latent_channels: int, pooled: bool) -> nn.Sequential:
+    """latent -> image in [0, 1] (unclamped)."""
+    layers = [Clamp(), conv(latent_channels, WIDTH), nn.ReLU()]
+    layers += [Block(WIDTH, WIDTH, pooled) for _ in range(3)]
+    for _ in range(2):
+        layers += [nn.Upsample(scale_factor=2), conv(WIDTH, WIDTH, bias=False)] + [Block(WIDTH, WIDTH) for _ in range(3)]
+    layers += [nn.Upsample(scale_factor=2), conv(WIDTH, WIDTH, bias=False), Block(WIDTH, WIDTH), conv(WIDTH, 3)]
+    return nn.Sequential(*layers)
+
+
+def find_pair(folder: str) -> tuple[str, str] | None:
+    """The (encoder, decoder) .pth files of a TAESD-format folder, or None if it is not one."""
+    if not os.path.isdir(folder):
+        return None
+    encoders = sorted(glob.glob(os.path.join(folder, "*_encoder.pth")))
+    decoders = sorted(glob.glob(os.path.join(folder, "*_decoder.pth")))
+    if not encoders and not decoders:
+        return None
+    if len(encoders) != 1 or len(decoders) != 1:
+        raise ExportError(f"{folder} must hold exactly one *_encoder.pth and one *_decoder.pth "
+                          f"(found {len(encoders)} and {len(decoders)})")
+    return encoders[0], decoders[0]
+
+
+def _state_dict(path: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ExportError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ExportError(f"{path} is not a state dict of tensors")
+    return state
+
+
+def _build(path: str, role: str) -> tuple[nn.Sequential, int, bool]:
+    state = _state_dict(path)
+    pooled = any(".pool." in key for key in state)
+    try:
+        if role == "encoder":
+            channels = state["14.weight"].shape[0]
+        else:
+            channels = state["1.weight"].shape[1]
+    except KeyError:
+        raise ExportError(f"{path} does not have the TAESD {role} layout") from None
+    module = (make_encoder if role == "encoder" else make_decoder)(int(channels), pooled)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ExportError(f"{path} does not match the TAESD {role} architecture: "
+                          f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from None
+    return module.eval(), int(channels), pooled
+
+
+def load_tae_pair(folder: str) -> tuple[nn.Sequential, nn.Sequential, int, str]:
+    """(encoder, decoder, latent channels, variant name) of a TAESD-format folder."""
+    pair = find_pair(folder)
+    if pair is None:
+        raise ExportError(f"{folder} holds no *_encoder.pth / *_decoder.pth pair")
+    encoder, enc_channels, enc_pooled = _build(pair[0], "encoder")
+    decoder, dec_channels, dec_pooled = _build(pair[1], "decoder")
+    if enc_channels != dec_channels:
+        raise ExportError(f"encoder ({enc_channels}) and decoder ({dec_channels}) latent channels differ")
+    return encoder, decoder, enc_channels, "taef2" if enc_pooled or dec_pooled else "taesd"
+
+
+def load_tae_decoder(folder: str) -> tuple[nn.Sequential, int]:
+    pair = find_pair(folder)
+    decoders = sorted(glob.glob(os.path.join(folder, "*_decoder.pth"))) if pair is None else [pair[1]]
+    if not decoders:
+        raise ExportError(f"{folder} holds no *_decoder.pth")
+    decoder, channels, _ = _build(decoders[0], "decoder")
+    return decoder, channels
