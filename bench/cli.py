@@ -6,13 +6,14 @@ import sys
 
 from sdc_runtime.errors import SdcError
 
-from . import stages
+from . import rd, stages
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sdc-bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     stages.add_parser(sub)
+    rd.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

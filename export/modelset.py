@@ -37,6 +37,23 @@ def parity_latent_size(multiple: int) -> tuple[int, int]:
     return multiple * math.ceil(6 / multiple), multiple * math.ceil(10 / multiple)
 
 
+def decoder_sensitivity(decode, channels: int, latent_std: float, *, side: int = 24, seed: int = 0) -> tuple:
+    """Mean squared change of the decoded image when noise (10% of the latent's std) is added
+    to one latent channel, per channel, normalized to mean 1.  Measured on seeded random
+    latents, so it describes the decoder, not any data set."""
+    generator = torch.Generator().manual_seed(seed)
+    latent = torch.randn(1, channels, side, side, generator=generator) * latent_std
+    changes = []
+    with torch.no_grad():
+        base = decode(latent)
+        for c in range(channels):
+            nudged = latent.clone()
+            nudged[0, c] += torch.randn(side, side, generator=generator) * (0.1 * latent_std)
+            changes.append(float(((decode(nudged) - base) ** 2).mean()))
+    mean = sum(changes) / channels
+    return tuple(round(max(c / mean, 1e-6), 6) for c in changes)
+
+
 def fingerprint_of(description: dict) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
@@ -161,6 +178,7 @@ def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool
     scale, zero = sd_quant_mapping(scaling, channels)
     scheduler = scheduler_constants(parts.scheduler_config)
     _step(progress, "fingerprint weights")
+    weights = decoder_sensitivity(lambda z: vae.decode(z).sample, channels, 1.0 / scaling)
     fingerprint = fingerprint_of({
         "family": "sd", "vae": weights_digest(vae), "unet": weights_digest(parts.unet),
         "empty_prompt": hashlib.sha256(parts.empty_prompt_embedding.numpy().astype("<f4").tobytes()).hexdigest(),
@@ -174,7 +192,7 @@ def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool
             graphs={role: Graph(file, prec, (0.0, 1.0) if role == "tiny_decoder" else (-1.0, 1.0))
                     for role, (file, prec) in graphs.items()},
             files=files, fingerprint=fingerprint, opset=opset_used, source=parts.source,
-            scheduler=scheduler, unet_latent_multiple=multiple)
+            scheduler=scheduler, unet_latent_multiple=multiple, channel_weights=weights)
 
     return write_model_set(out, specs, describe, fp16=fp16, opset=opset, force=force, progress=progress)
 
@@ -195,6 +213,7 @@ def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAUL
         GraphSpec("vae_decoder", decoder, ["latent"], "image", (torch.zeros(1, channels, lh, lw),)),
     ]
     _step(progress, "fingerprint weights")
+    weights = decoder_sensitivity(decoder, channels, 1.5)
     fingerprint = fingerprint_of({"family": "tae", "encoder": weights_digest(encoder),
                                   "decoder": weights_digest(decoder), "latent_channels": channels})
     step = 2 * TAE_LATENT_RANGE / 255
@@ -203,6 +222,7 @@ def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAUL
         return Manifest(
             family="tae", latent_channels=channels, downscale=8, scaling_factor=1.0,
             quant_scale=(step,) * channels, quant_zero=(127.5,) * channels, quant_adaptive=True,
+            channel_weights=weights,
             graphs={role: Graph(file, prec, (0.0, 1.0)) for role, (file, prec) in graphs.items()},
             files=files, fingerprint=fingerprint, opset=opset_used,
             source={"model": os.path.abspath(folder), "kind": "tae", "variant": variant})

@@ -58,7 +58,8 @@ def _progress(enabled: bool, total: int, desc: str):
 def _cmd_encode(args) -> None:
     codec = SdcCodec(args.models, provider=args.provider, max_pixels=args.max_pixels, threads=args.threads)
     image = load_image(sys.stdin.buffer.read() if args.input == "-" else args.input)
-    data = codec.encode(image, mode=args.mode, colors=args.colors, steps=args.steps, seed=args.seed)
+    data = codec.encode(image, mode=args.mode, colors=args.colors, group_channels=args.group_channels,
+                        dither=args.dither, steps=args.steps, seed=args.seed)
     _write(args.output, data)
     if args.verbose:
         print(f"{args.output}: {len(data)} bytes, {8 * len(data) / (image.width * image.height):.4f} bpp",
@@ -116,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, True)
     p.add_argument("--mode", choices=sorted(MODES), default=None, help="latent coding (default: palette)")
     p.add_argument("--colors", type=int, default=None, help="palette size, 2..4096 (default 256)")
+    p.add_argument("--group-channels", type=int, default=None, metavar="G",
+                   help="palette per group of G latent channels (default 4)")
+    p.add_argument("--dither", action=argparse.BooleanOptionalAction, default=None,
+                   help="Floyd-Steinberg dithering of the latent (default: on for SD, off for TAE)")
     p.add_argument("--steps", type=int, default=None, help="UNet steps the decoder runs by default")
     p.add_argument("--seed", type=int, default=0, help="seed of the palette and the DDIM noise")
     p.set_defaults(run=_cmd_encode)

@@ -20,15 +20,21 @@ from .neural import NeuralStages
 
 MODES = {"u8": MODE_U8, "palette": MODE_PALETTE}
 # The original experiment: 256 colours; 3 DDIM steps at stride 15 (t = 30, 15, 0), eta 0.9.
-SD_DEFAULTS = {"mode": "palette", "colors": 256, "group_channels": 4, "steps": 3, "stride": 15, "eta": 0.9}
-TAE_DEFAULTS = {"mode": "palette", "colors": 256, "group_channels": 4, "steps": 0, "stride": 0, "eta": 0.0}
+SD_DEFAULTS = {"mode": "palette", "colors": 256, "group_channels": 4, "dither": True,
+               "steps": 3, "stride": 15, "eta": 0.9}
+# TAE: measured on Kodak (BENCHMARKS.md), nearest-colour mapping beats dithering by ~0.5 dB.
+TAE_DEFAULTS = {"mode": "palette", "colors": 256, "group_channels": 4, "dither": False,
+                "steps": 0, "stride": 0, "eta": 0.0}
 
 
-def pack_latent(levels: np.ndarray, header: Header, *, colors: int = 256, seed: int = 0) -> bytes:
+def pack_latent(levels: np.ndarray, header: Header, *, colors: int = 256, seed: int = 0,
+                weights=None, dither: bool = True) -> bytes:
     """Code (H, W, C) float level-space latent cells (in [0, 255]) into a .sdc bitstream.
 
     The header gives the geometry and parameters; its mode picks the coding, and in palette
     mode ``header.group_channels`` splits the channels into groups with a palette each.
+    ``weights`` (per channel) weight the squared error the palette search minimizes;
+    ``dither`` picks Floyd-Steinberg error diffusion over plain nearest-colour mapping.
     """
     if header.mode == MODE_U8:
         symbols = np.rint(levels).astype(np.uint8).transpose(2, 0, 1)
@@ -37,11 +43,13 @@ def pack_latent(levels: np.ndarray, header: Header, *, colors: int = 256, seed: 
         return container.pack(header, [Section(container.SECTION_LATENT, coder, symbols.size, payload)])
     size = header.group_channels
     palettes, index_planes = [], []
+    assign = latent_coding.dither if dither else latent_coding.nearest
     for start in range(0, levels.shape[2], size):
         group = np.ascontiguousarray(levels[:, :, start:start + size])
-        palette = latent_coding.build_palette(group.reshape(-1, size), colors, seed=seed)
+        group_weights = None if weights is None else weights[start:start + size]
+        palette = latent_coding.build_palette(group.reshape(-1, size), colors, seed=seed, weights=group_weights)
         palettes.append(palette)
-        index_planes.append(latent_coding.dither(group, palette))
+        index_planes.append(assign(group, palette, group_weights))
     # One K for all groups: shorter palettes are padded by repeating their last entry.
     k = max(2, max(len(p) for p in palettes))
     palettes = np.stack([np.vstack([p, np.repeat(p[-1:], k - len(p), axis=0)]) for p in palettes])
@@ -128,12 +136,13 @@ class SdcCodec:
         return bytes.fromhex(self.manifest.fingerprint)[: container.FINGERPRINT_BYTES]
 
     def encode(self, image, /, *, mode: str | None = None, colors: int | None = None,
-               group_channels: int | None = None, steps: int | None = None, stride: int | None = None,
-               eta: float | None = None, seed: int = 0) -> bytes:
+               group_channels: int | None = None, dither: bool | None = None, steps: int | None = None,
+               stride: int | None = None, eta: float | None = None, seed: int = 0) -> bytes:
         """PIL image or (H, W, 3) uint8 array -> .sdc bytes.
 
         Palette mode: ``colors`` entries per palette, one palette per group of
-        ``group_channels`` latent channels.  steps/stride/eta are stored as the decoder's defaults.
+        ``group_channels`` latent channels, with or without ``dither``ing.  steps/stride/eta are
+        stored as the decoder's defaults.
         """
         m, d = self.manifest, self.defaults
         mode = d["mode"] if mode is None else mode
@@ -164,7 +173,8 @@ class SdcCodec:
             raise SdcInputError(f"image of {width}x{height} is over the pixel limit of {self.max_pixels}")
         raw = self.stages.encode(pixels)[0]
         return self.encode_latent(raw, (width, height), mode=mode, colors=colors, group_channels=group_channels,
-                                  steps=steps, stride=stride if steps else 0, eta=eta if steps else 0.0, seed=seed)
+                                  dither=dither, steps=steps, stride=stride if steps else 0,
+                                  eta=eta if steps else 0.0, seed=seed)
 
     def quant_mapping(self, raw: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """The 8-bit mapping for a (C, h, w) latent: the manifest's, or for adaptive sets each
@@ -183,8 +193,8 @@ class SdcCodec:
         return tuple(step.tolist()), tuple(offset.tolist())
 
     def encode_latent(self, raw: np.ndarray, size: tuple[int, int], *, mode: str, colors: int = 256,
-                      group_channels: int | None = None, steps: int = 0, stride: int = 0, eta: float = 0.0,
-                      seed: int = 0) -> bytes:
+                      group_channels: int | None = None, dither: bool | None = None, steps: int = 0,
+                      stride: int = 0, eta: float = 0.0, seed: int = 0) -> bytes:
         """(C, h, w) raw latent of an image of ``size`` -> .sdc bytes (the latent-coding stage)."""
         m = self.manifest
         scale, zero = self.quant_mapping(raw)
@@ -196,7 +206,12 @@ class SdcCodec:
             denoise_steps=steps, step_stride=stride, eta=float(np.float32(eta)), seed=seed,
             fingerprint=self.fingerprint, quant_scale=scale, quant_zero=zero)
         levels = latent_coding.to_level_space(raw, scale, zero)
-        return pack_latent(levels, header, colors=colors, seed=seed)
+        # Weight level-space errors back to raw units (step^2) times the decoder's sensitivity.
+        weights = np.square(np.asarray(scale, np.float64))
+        if m.channel_weights is not None:
+            weights = weights * np.asarray(m.channel_weights, np.float64)
+        dither = self.defaults["dither"] if dither is None else bool(dither)
+        return pack_latent(levels, header, colors=colors, seed=seed, weights=weights / weights.mean(), dither=dither)
 
     def decode_latent(self, data: bytes, /) -> tuple[Header, np.ndarray]:
         """.sdc bytes -> (header, (C, h, w) dequantized raw latent), after the model-set checks."""

@@ -41,19 +41,26 @@ def dequantize_u8(levels: np.ndarray, scale, zero) -> np.ndarray:
     return ((levels.astype(np.float64) - zero) * scale).astype(np.float32)
 
 
-def build_palette(pixels: np.ndarray, colors: int, *, seed: int = 0,
+def _weighted(array: np.ndarray, weights) -> np.ndarray:
+    """Scale the channel axis by sqrt(weights): squared distances become weighted ones."""
+    array = np.ascontiguousarray(array, np.float64)
+    return array if weights is None else np.ascontiguousarray(array * np.sqrt(np.asarray(weights, np.float64)))
+
+
+def build_palette(pixels: np.ndarray, colors: int, *, seed: int = 0, weights=None,
                   iterations: int = KMEANS_ITERATIONS) -> np.ndarray:
     """K-means palette of (N, C) float64 level-space pixels -> (K', C) uint8, K' <= colors.
 
     k-means++ seeding and the assignment step of the Lloyd iterations run in the Cython kernels;
     the seeding draws its uniforms from numpy's PCG64, so a seed gives the same palette
     everywhere.  Centroids are rounded to 8 bits at the end, merging any duplicates.
+    ``weights`` (one per channel) make the clustering minimize a weighted squared error.
     """
-    pixels = np.ascontiguousarray(pixels, np.float64)
-    n = pixels.shape[0]
     unique = np.unique(np.rint(pixels).astype(np.uint8), axis=0)
     if len(unique) <= colors:  # few distinct cells: the palette is exactly those cells
         return unique
+    pixels = _weighted(pixels, weights)
+    n = pixels.shape[0]
     colors = min(colors, n)
     picks = np.empty(colors, np.intp)
     _kernels.kmeans_plus_plus(pixels, np.random.default_rng(seed).random(colors), picks)
@@ -72,25 +79,25 @@ def build_palette(pixels: np.ndarray, colors: int, *, seed: int = 0,
             worst = int(np.argmax(distances))
             centers[k] = pixels[worst]
             distances[worst] = 0.0
-    palette = np.unique(np.clip(np.rint(centers), 0, 255).astype(np.uint8), axis=0)
-    return palette
+    if weights is not None:
+        centers = centers / np.sqrt(np.asarray(weights, np.float64))
+    return np.unique(np.clip(np.rint(centers), 0, 255).astype(np.uint8), axis=0)
 
 
-def dither(levels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+def dither(levels: np.ndarray, palette: np.ndarray, weights=None) -> np.ndarray:
     """Floyd-Steinberg error diffusion of (H, W, C) levels against a uint8 palette -> (H, W) uint16."""
     indices = np.empty(levels.shape[:2], np.uint16)
-    _kernels.dither_floyd_steinberg(np.ascontiguousarray(levels, np.float64),
-                                    np.ascontiguousarray(palette, np.float64), indices)
+    _kernels.dither_floyd_steinberg(_weighted(levels, weights), _weighted(palette, weights), indices)
     return indices
 
 
-def nearest(levels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+def nearest(levels: np.ndarray, palette: np.ndarray, weights=None) -> np.ndarray:
     """Plain nearest-colour mapping (no dithering) of (H, W, C) levels -> (H, W) uint16."""
     h, w, c = levels.shape
     labels = np.empty(h * w, np.uint16)
     distances = np.empty(h * w, np.float64)
-    _kernels.nearest_assign(np.ascontiguousarray(levels.reshape(h * w, c), np.float64),
-                            np.ascontiguousarray(palette, np.float64), labels, distances)
+    _kernels.nearest_assign(_weighted(levels.reshape(h * w, c), weights), _weighted(palette, weights),
+                            labels, distances)
     return labels.reshape(h, w)
 
 

@@ -63,6 +63,9 @@ class Manifest:
     # True: the encoder fits the 8-bit mapping to each image's per-channel range, within the
     # range the default mapping above covers (stored in the file's header either way).
     quant_adaptive: bool = False
+    # How much each latent channel moves the decoded image (mean 1), measured at export: the
+    # encoder weights its palette search by it.  Encoder-side only; files do not depend on it.
+    channel_weights: tuple[float, ...] | None = None
     format_version: int = MANIFEST_VERSION
 
     def to_json(self) -> str:
@@ -89,6 +92,8 @@ class Manifest:
                 )
             data["quant_scale"] = tuple(float(v) for v in data["quant_scale"])
             data["quant_zero"] = tuple(float(v) for v in data["quant_zero"])
+            if data.get("channel_weights") is not None:
+                data["channel_weights"] = tuple(float(v) for v in data["channel_weights"])
             manifest = cls(**data)
         except (KeyError, TypeError, ValueError) as exc:
             raise SdcModelError(f"invalid model manifest: {exc}") from None
@@ -123,6 +128,10 @@ class Manifest:
             bad("a set with a UNet needs scheduler constants")
         if self.scheduler is not None and len(self.scheduler.alphas_cumprod) != self.scheduler.num_train_timesteps:
             bad("alphas_cumprod must have num_train_timesteps entries")
+        if self.channel_weights is not None and (
+                len(self.channel_weights) != self.latent_channels
+                or not all(math.isfinite(w) and w > 0 for w in self.channel_weights)):
+            bad("channel_weights must be one positive number per latent channel")
         if self.unet_latent_multiple < 1:
             bad("unet_latent_multiple must be >= 1")
 

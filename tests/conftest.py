@@ -72,6 +72,18 @@ def other_model_set(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def taef2_set(tmp_path_factory):
+    """The trained TAEF2 pair from ../shared exported through sdc-export."""
+    if not os.path.isdir(TAEF2):
+        pytest.skip("../shared/models/taef2 is not present")
+    from sdc_export.cli import main
+
+    out = str(tmp_path_factory.mktemp("sets") / "taef2")
+    assert main(["--model", TAEF2, "--out", out, "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def codec(model_set):
     from sdc_runtime import SdcCodec
 

@@ -1,0 +1,252 @@
+"""sdc-bench rd: rate-distortion sweep of the codec against classical codecs and the original
+2022 recipe, over an image folder.  Writes per-image CSV/JSON, a markdown summary, an RD plot
+and a side-by-side crop grid into --out.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+
+import numpy as np
+
+from .metrics import ms_ssim, psnr, ssim
+from .peers import CLASSICAL, matched, original_recipe
+from .timing import machine
+
+METRICS = ("bytes", "bpp", "psnr", "ssim", "ms_ssim")
+
+
+def parse_points(text: str) -> list[dict]:
+    """'u8,palette:16:4,palette:256:8' -> operating points (mode, colours K, group channels G)."""
+    points = []
+    for item in text.split(","):
+        fields = item.strip().split(":")
+        if fields[0] == "u8" and len(fields) == 1:
+            points.append({"name": "u8", "mode": "u8"})
+        elif fields[0] == "palette" and len(fields) == 3:
+            k, g = int(fields[1]), int(fields[2])
+            points.append({"name": f"palette K={k} G={g}", "mode": "palette", "colors": k, "group_channels": g})
+        else:
+            raise ValueError(f"bad operating point {item!r}: use u8 or palette:K:G")
+    return points
+
+
+def _scores(reference, test, size):
+    return {"bytes": size, "bpp": 8 * size / (reference.shape[0] * reference.shape[1]),
+            "psnr": psnr(reference, test), "ssim": ssim(reference, test), "ms_ssim": ms_ssim(reference, test)}
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(bytes, quality) points a user would pick: each better than every smaller one."""
+    frontier = []
+    for size, quality in sorted(points):
+        if not frontier or quality > frontier[-1][1]:
+            frontier.append((size, quality))
+    return frontier
+
+
+def _interpolate(x, xs, ys):
+    """Linear interpolation of y at x over points sorted by xs (log-bytes axis); None outside."""
+    order = np.argsort(xs)
+    xs, ys = np.asarray(xs)[order], np.asarray(ys)[order]
+    if x < xs[0] or x > xs[-1]:
+        return None
+    return float(np.interp(x, xs, ys))
+
+
+def run(args) -> dict:
+    from PIL import Image
+    from tqdm import tqdm
+
+    from sdc_runtime import SdcCodec
+    from sdc_runtime.codec import unpack_latent
+    from sdc_runtime.image import from_array, to_array
+    from sdc_runtime.latent import dequantize_u8, quantize_u8
+
+    codec = SdcCodec(args.models, threads=args.threads)
+    m = codec.manifest
+    paths = sorted(glob.glob(os.path.join(args.images, "*.png")))[: args.limit or None]
+    if not paths:
+        raise SystemExit(f"sdc-bench: error: no PNG images in {args.images}")
+    points = parse_points(args.points)
+    peers = [p for p in args.peers.split(",") if p] if args.peers else []
+    for peer in peers:
+        if peer not in CLASSICAL:
+            raise SystemExit(f"sdc-bench: error: unknown peer {peer!r}; choose from {', '.join(CLASSICAL)}")
+    rows = []
+    crops = {}
+    for path in tqdm(paths, desc="images", unit="image"):
+        name = os.path.splitext(os.path.basename(path))[0]
+        original = np.asarray(Image.open(path).convert("RGB"))
+        pixels, size = to_array(original, m.downscale, m.graphs["vae_encoder"].image_range)
+        raw = codec.stages.encode(pixels)[0]
+        decode_latent = lambda latent: np.asarray(from_array(codec.stages.decode(latent[None]),
+                                                             m.graphs["vae_decoder"].image_range, size))
+        ceiling = decode_latent(raw)
+        rows.append({"image": name, "codec": "autoencoder ceiling (unquantized)", **_scores(original, ceiling, 0)})
+        scale, zero = codec.quant_mapping(raw)
+        header_bytes = 8 * raw.shape[0]  # the recipe needs the same per-channel mapping
+        recipe_bytes, recipe_levels = original_recipe(quantize_u8(raw, scale, zero))
+        recipe = decode_latent(dequantize_u8(recipe_levels, scale, zero))
+        rows.append({"image": name, "codec": "original recipe (libimagequant 256 + zlib)",
+                     **_scores(original, recipe, recipe_bytes + header_bytes)})
+        for point in points:
+            options = {k: point[k] for k in ("colors", "group_channels") if k in point}
+            data = codec.encode_latent(raw, size, mode=point["mode"], **options)
+            header, levels = unpack_latent(data)
+            ours = decode_latent(dequantize_u8(levels, header.quant_scale, header.quant_zero))
+            rows.append({"image": name, "codec": f"sdc {point['name']}", **_scores(original, ours, len(data))})
+            if name == args.crop_image and point["name"] == args.crop_point:
+                crops["original"], crops[f"sdc {point['name']}"] = original, ours
+            for peer in peers:
+                result = matched(peer, original, len(data))
+                if result is None:
+                    continue
+                rows.append({"image": name, "codec": f"{peer} @ {point['name']}", **_scores(original, result[1], result[0])})
+                if name == args.crop_image and point["name"] == args.crop_point and peer in ("AVIF", "JPEG XL"):
+                    crops[f"{peer} ({result[0]} B)"] = result[1]
+    summary = summarize(rows, points, peers)
+    return {"machine": machine(), "models": os.path.abspath(args.models), "images": len(paths),
+            "points": points, "peers": peers, "rows": rows, "summary": summary, "crops": crops}
+
+
+def summarize(rows: list[dict], points: list[dict], peers: list[str]) -> dict:
+    by_codec: dict[str, list[dict]] = {}
+    for row in rows:
+        by_codec.setdefault(row["codec"], []).append(row)
+    means = {codec: {"n": len(r), **{k: float(np.mean([x[k] for x in r])) for k in METRICS}}
+             for codec, r in by_codec.items()}
+    # Per image: our palette curve interpolated at the recipe's bytes (PSNR), and at its PSNR (bytes).
+    images = sorted({r["image"] for r in rows})
+    gains, savings = [], []
+    for image in images:
+        recipe = next(r for r in rows if r["image"] == image and r["codec"].startswith("original recipe"))
+        ours = pareto([(r["bytes"], r["psnr"]) for r in rows if r["image"] == image and r["codec"].startswith("sdc palette")])
+        if len(ours) < 2:
+            continue
+        at_bytes = _interpolate(np.log(recipe["bytes"]), [np.log(b) for b, _ in ours], [q for _, q in ours])
+        at_psnr = _interpolate(recipe["psnr"], [q for _, q in ours], [np.log(b) for b, _ in ours])
+        if at_bytes is not None:
+            gains.append(at_bytes - recipe["psnr"])
+        if at_psnr is not None:
+            savings.append(1 - np.exp(at_psnr) / recipe["bytes"])
+    versus = {"psnr_gain_at_recipe_bytes_db": float(np.mean(gains)) if gains else None, "images_psnr": len(gains),
+              "byte_saving_at_recipe_psnr": float(np.mean(savings)) if savings else None, "images_bytes": len(savings)}
+    u8 = by_codec.get("sdc u8")
+    ceiling = by_codec.get("autoencoder ceiling (unquantized)")
+    u8_gap = float(np.mean([c["psnr"] - u["psnr"] for c, u in zip(ceiling, u8)])) if u8 and ceiling else None
+    return {"means": means, "versus_recipe": versus, "u8_gap_to_ceiling_db": u8_gap}
+
+
+def markdown(result: dict) -> str:
+    s = result["summary"]
+    lines = [f"{result['images']} images; machine: {result['machine']}.", "",
+             "| codec / operating point | images | bytes | bpp | PSNR dB | SSIM | MS-SSIM |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for codec, mean in s["means"].items():
+        lines.append(f"| {codec} | {mean['n']} | {mean['bytes']:.0f} | {mean['bpp']:.4f} | {mean['psnr']:.2f} |"
+                     f" {mean['ssim']:.4f} | {mean['ms_ssim']:.4f} |")
+    v = s["versus_recipe"]
+    lines.append("")
+    if v["psnr_gain_at_recipe_bytes_db"] is not None:
+        lines.append(f"Palette mode vs the original recipe at the recipe's bytes (per image, interpolated on the"
+                     f" Pareto frontier of our operating points, {v['images_psnr']} images):"
+                     f" {v['psnr_gain_at_recipe_bytes_db']:+.2f} dB PSNR.")
+    if v["byte_saving_at_recipe_psnr"] is not None:
+        lines.append(f"Bytes our palette mode needs for the recipe's PSNR ({v['images_bytes']} images):"
+                     f" {100 * v['byte_saving_at_recipe_psnr']:.1f}% fewer.")
+    if s["u8_gap_to_ceiling_db"] is not None:
+        lines.append(f"u8 mode vs the unquantized autoencoder round trip: {s['u8_gap_to_ceiling_db']:.3f} dB below.")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = result["summary"]["means"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, metric, label in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "ms_ssim", "MS-SSIM")):
+        ours = sorted([(v["bpp"], v[metric]) for k, v in means.items() if k.startswith("sdc palette")])
+        if ours:
+            ax.plot(*zip(*ours), "o-", color="C3", label="sdc palette mode", linewidth=2)
+        if "sdc u8" in means:
+            ax.plot(means["sdc u8"]["bpp"], means["sdc u8"][metric], "s", color="C3", label="sdc u8 mode")
+        recipe = next(v for k, v in means.items() if k.startswith("original recipe"))
+        ax.plot(recipe["bpp"], recipe[metric], "*", markersize=14, color="k", label="original recipe")
+        ceiling = means.get("autoencoder ceiling (unquantized)")
+        if ceiling:
+            ax.axhline(ceiling[metric], color="gray", linestyle="--", label="autoencoder ceiling")
+        for i, peer in enumerate(result["peers"]):
+            curve = sorted([(v["bpp"], v[metric]) for k, v in means.items() if k.startswith(f"{peer} @")])
+            if curve:
+                ax.plot(*zip(*curve), "^--", color=f"C{i}", label=peer)
+        ax.set_xscale("log")
+        ax.set_xlabel("bits per pixel (mean over images)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Rate-distortion over {result['images']} Kodak images ({os.path.basename(result['models'])})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def crop_grid(crops: dict, path: str, side: int = 256) -> None:
+    """The same centred square (up to side x side pixels) of each image, side by side, unscaled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(crops), figsize=(4 * len(crops), 4.4))
+    for ax, (title, pixels) in zip(np.atleast_1d(axes), crops.items()):
+        h, w = pixels.shape[:2]
+        size = min(side, h, w)
+        y0, x0 = (h - size) // 2, (w - size) // 2
+        ax.imshow(pixels[y0:y0 + size, x0:x0 + size], interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def add_parser(sub):
+    p = sub.add_parser("rd", help="rate-distortion sweep against classical codecs and the original recipe")
+    p.add_argument("--models", required=True, help="model set")
+    p.add_argument("--images", required=True, help="folder of PNG images (e.g. Kodak)")
+    p.add_argument("--limit", type=int, default=0, help="first N images only")
+    p.add_argument("--points", default="u8,palette:16:4,palette:64:4,palette:128:4,palette:256:4,palette:16:2,"
+                                       "palette:64:2,palette:256:8",
+                   help="operating points: u8 and palette:K:G (K colours per group of G channels)")
+    p.add_argument("--peers", default="JPEG,WebP,AVIF,JPEG XL", help="classical codecs at matched bytes")
+    p.add_argument("--crop-image", default="kodim23", help="image for the side-by-side crops")
+    p.add_argument("--crop-point", default="palette K=256 G=4", help="operating point for the crops")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="bench-out/rd", help="output folder")
+    p.set_defaults(run=_main)
+
+
+def _main(args) -> int:
+    os.makedirs(args.out, exist_ok=True)
+    result = run(args)
+    crops = result.pop("crops")
+    with open(os.path.join(args.out, "rd.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    with open(os.path.join(args.out, "rd.csv"), "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["image", "codec", *METRICS])
+        writer.writeheader()
+        writer.writerows(result["rows"])
+    text = markdown(result)
+    with open(os.path.join(args.out, "summary.md"), "w") as fh:
+        fh.write(text + "\n")
+    plot(result, os.path.join(args.out, "rd.png"))
+    if len(crops) > 1:
+        crop_grid(crops, os.path.join(args.out, "crops.png"))
+    print(text)
+    return 0

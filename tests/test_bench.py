@@ -1,0 +1,55 @@
+"""The benchmark tools: metrics against scikit-image, and sdc-bench rd end to end."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import KODAK, TAEF2, make_image
+
+from sdc_bench.metrics import ms_ssim, psnr, ssim
+
+
+def test_psnr_and_ssim_against_scikit_image():
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    reference = np.asarray(make_image(96, 80))
+    noisy = np.clip(reference + np.random.default_rng(0).normal(0, 12, reference.shape), 0, 255).astype(np.uint8)
+    assert psnr(reference, noisy) == pytest.approx(peak_signal_noise_ratio(reference, noisy), abs=1e-9)
+    expected = structural_similarity(reference, noisy, channel_axis=2, data_range=255, gaussian_weights=True,
+                                     sigma=1.5, use_sample_covariance=False)
+    assert ssim(reference, noisy) == pytest.approx(expected, abs=2e-3)
+
+
+def test_ms_ssim_properties():
+    reference = np.asarray(make_image(128, 128))
+    assert ms_ssim(reference, reference) == pytest.approx(1.0)
+    rng = np.random.default_rng(1)
+    scores = [ms_ssim(reference, np.clip(reference + rng.normal(0, s, reference.shape), 0, 255).astype(np.uint8))
+              for s in (2, 8, 32)]
+    assert 1 > scores[0] > scores[1] > scores[2] > 0
+
+
+@pytest.mark.skipif(not (os.path.isdir(TAEF2) and os.path.isdir(KODAK)), reason="../shared is not present")
+def test_sdc_bench_rd_end_to_end(tmp_path, request):
+    taef2_set = request.getfixturevalue("taef2_set")
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+    Image.open(os.path.join(KODAK, "kodim23.png")).crop((0, 0, 256, 192)).save(images / "kodim23.png")
+    from sdc_bench.cli import main
+
+    out = tmp_path / "out"
+    assert main(["rd", "--models", taef2_set, "--images", str(images), "--points", "u8,palette:64:4,palette:256:4",
+                 "--peers", "JPEG,AVIF", "--crop-point", "palette K=64 G=4", "--out", str(out)]) == 0
+    result = json.loads((out / "rd.json").read_text())
+    means = result["summary"]["means"]
+    assert {"sdc u8", "sdc palette K=64 G=4", "original recipe (libimagequant 256 + zlib)"} <= set(means)
+    # Peers never exceed our bytes at the point they were matched to.
+    for row in result["rows"]:
+        if " @ " in row["codec"]:
+            ours = next(r for r in result["rows"] if r["codec"] == "sdc " + row["codec"].split(" @ ")[1])
+            assert row["bytes"] <= ours["bytes"]
+    assert means["sdc u8"]["bytes"] > means["sdc palette K=256 G=4"]["bytes"] > means["sdc palette K=64 G=4"]["bytes"]
+    for name in ("rd.png", "crops.png", "rd.csv", "summary.md"):
+        assert (out / name).stat().st_size > 0
