@@ -75,11 +75,11 @@ def original_recipe(levels: np.ndarray, colors: int = 256) -> tuple[int, np.ndar
     padded = np.concatenate([levels, np.zeros((-channels % 4,) + levels.shape[1:], np.uint8)])
     parts, recon = [], np.empty_like(padded)
     for start in range(0, padded.shape[0], 4):
-        rgba = Image.fromarray(np.ascontiguousarray(padded[start:start + 4].transpose(1, 2, 0)), "RGBA")
-        quantized = imagequant.quantize_pil_image(rgba, dithering_level=1.0, max_colors=colors)
-        palette = np.array(quantized.getpalette("RGBA"), np.uint8).reshape(-1, 4)
-        indices = np.asarray(quantized)
-        palette = palette[: int(indices.max()) + 1]
-        parts += [palette.tobytes(), indices.astype(np.uint8).tobytes()]
+        rgba = np.ascontiguousarray(padded[start:start + 4].transpose(1, 2, 0))
+        index_bytes, flat_palette = imagequant.quantize_raw_rgba_bytes(
+            rgba.tobytes(), rgba.shape[1], rgba.shape[0], dithering_level=1.0, max_colors=colors)
+        indices = np.frombuffer(index_bytes, np.uint8).reshape(rgba.shape[:2])
+        palette = np.array(flat_palette, np.uint8).reshape(-1, 4)[: int(indices.max()) + 1]
+        parts += [palette.tobytes(), indices.tobytes()]
         recon[start:start + 4] = palette[indices].transpose(2, 0, 1)
     return len(zlib.compress(b"".join(parts), 9)), recon[:channels]

@@ -1,8 +1,10 @@
-"""The main job end to end, without real weights:
+"""The main job end to end:
 
-tiny random SD pipeline -> sdc-export (parity checked) -> sdc-runtime encode/decode of a Kodak
-image (or a synthetic one where ../shared is absent).  The decoded image is noise because the
-weights are random; the sizes and the pipeline are real.
+1. tiny random SD pipeline -> sdc-export (parity checked) -> encode/decode of a Kodak image (or
+   a synthetic one where ../shared is absent).  The decoded image is noise because the weights
+   are random; the sizes and the pipeline are real.
+2. where ../shared/models/taef2 exists: the trained TAEF2 pair -> sdc-export -> encode/decode
+   of the same image, with PSNR: real quality.
 
     python -m sdc_export.demo [--out models]
 """
@@ -17,10 +19,11 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KODAK_IMAGE = os.path.join(os.path.dirname(REPO), "shared", "data", "kodak", "kodim23.png")
+TAEF2 = os.path.join(os.path.dirname(REPO), "shared", "models", "taef2")
 
 
 def main(argv=None) -> int:
-    from sdc_runtime import SdcCodec, sdc_info
+    from sdc_runtime import SdcCodec
 
     from .cli import main as export_main
     from .tiny import make_random_sd
@@ -39,25 +42,37 @@ def main(argv=None) -> int:
         y, x = np.mgrid[0:512, 0:768]
         image = Image.fromarray(np.stack([x / 3 % 256, y / 2 % 256, (x + y) / 5 % 256], -1).astype(np.uint8))
         name = "synthetic"
-    codec = SdcCodec(model_set)
     print(f"2. encode/decode {name} ({image.width}x{image.height}) with {model_set}")
+    _round_trip(SdcCodec(model_set), image, name, args.out, "tiny-random")
+    print("   The weights are random, so these decoded pictures are noise: quality needs a real checkpoint"
+          " (sdc-export --model /path/to/sd-v1-5).")
+    if os.path.isdir(TAEF2):
+        taef2_set = os.path.join(args.out, "taef2")
+        print(f"3. the trained TAEF2 autoencoder pair from {TAEF2}")
+        if export_main(["--model", TAEF2, "--out", taef2_set, "--force"]) != 0:
+            return 1
+        _round_trip(SdcCodec(taef2_set), image, name, args.out, "taef2")
+    return 0
+
+
+def _round_trip(codec, image, name: str, out: str, label: str) -> None:
+    from sdc_runtime import sdc_info
+
+    original = np.asarray(image, np.float64)
     for mode in ("palette", "u8"):
         started = time.perf_counter()
         data = codec.encode(image, mode=mode)
-        encoded = time.perf_counter() - started
-        path = os.path.join(args.out, f"demo-{name}-{mode}.sdc")
+        encode_s = time.perf_counter() - started
+        path = os.path.join(out, f"demo-{label}-{name}-{mode}.sdc")
         with open(path, "wb") as fh:
             fh.write(data)
         started = time.perf_counter()
         decoded = codec.decode(data)
         decode_s = time.perf_counter() - started
         decoded.save(path.replace(".sdc", ".png"))
-        bpp = sdc_info(data)["bpp"]
-        print(f"   {mode:8s} {len(data):7d} bytes  {bpp:.4f} bpp  encode {encoded:.2f} s  decode {decode_s:.2f} s"
-              f"  -> {path}")
-    print("The weights are random, so the decoded pictures are noise: quality needs a real checkpoint"
-          " (sdc-export --model /path/to/sd-v1-5).")
-    return 0
+        mse = np.mean((np.asarray(decoded, np.float64) - original) ** 2)
+        print(f"   {mode:8s} {len(data):7d} bytes  {sdc_info(data)['bpp']:.4f} bpp  PSNR {10 * np.log10(255 ** 2 / mse):5.2f} dB"
+              f"  encode {encode_s:.2f} s  decode {decode_s:.2f} s  -> {path}")
 
 
 if __name__ == "__main__":
