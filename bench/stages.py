@@ -30,7 +30,7 @@ def run(args) -> dict:
     from sdc_runtime import SdcCodec, sdc_info
     from sdc_runtime.codec import unpack_latent
     from sdc_runtime.image import to_array
-    from sdc_runtime.latent import lookup
+    from sdc_runtime.latent import build_palette, lookup, nearest, to_level_space
 
     codec = SdcCodec(args.models, provider=args.provider, threads=args.threads)
     m = codec.manifest
@@ -57,14 +57,10 @@ def run(args) -> dict:
         lambda: codec.encode_latent(raw[0], size, mode="palette", **options), fast))
     record("latent coding (u8)", median_seconds(lambda: codec.encode_latent(raw[0], size, mode="u8", **options), fast))
     record("latent decoding (palette)", median_seconds(lambda: unpack_latent(palette_file), fast))
-    header, _ = unpack_latent(palette_file)
-    from sdc_runtime import container, entropy
-    _, sections = container.unpack(palette_file)
-    by_kind = {s.kind: s for s in sections}
-    k, c = header.palette_size, header.latent_channels
-    palette = entropy.decode(by_kind[container.SECTION_PALETTE].payload, coder=by_kind[container.SECTION_PALETTE].coder, count=k * c, alphabet_size=256).reshape(k, c)
-    indices = entropy.decode(by_kind[container.SECTION_INDICES].payload, coder=by_kind[container.SECTION_INDICES].coder, count=raw[0, 0].size,
-                             alphabet_size=k).reshape(raw.shape[2:])
+    # The decode-side lookup alone, for one palette group (SD: the whole latent).
+    group = np.ascontiguousarray(to_level_space(raw[0], *codec.quant_mapping(raw[0]))[:, :, :4])
+    palette = build_palette(group.reshape(-1, group.shape[2]), 256)
+    indices = nearest(group, palette)
     record("palette lookup", median_seconds(lambda: lookup(indices, palette), 200))
     latent = raw.astype(np.float32)
     record("vae_decoder", median_seconds(lambda: codec.stages.decode(latent), args.repeat))

@@ -1,0 +1,58 @@
+"""The Pillow plugin: open and save .sdc through Pillow, options checked with clear errors."""
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import KODAK, make_image
+from sdc_runtime import SdcChecksumError, SdcInputError, pillow_plugin
+
+
+@pytest.fixture
+def registered(model_set):
+    pillow_plugin.register(model_set)
+    return model_set
+
+
+def test_open_reads_the_header_lazily_and_decodes_like_the_codec(registered, codec, tmp_path):
+    data = codec.encode(make_image(60, 36))
+    path = tmp_path / "x.sdc"
+    path.write_bytes(data)
+    with Image.open(path) as image:
+        assert image.format == "SDC" and image.size == (60, 36) and image.mode == "RGB"
+        assert image.info["sdc"]["mode"] == "palette"
+        np.testing.assert_array_equal(np.asarray(image.convert("RGB")), np.asarray(codec.decode(data)))
+
+
+def test_save_checks_options_and_writes_a_valid_file(registered, codec):
+    buffer = io.BytesIO()
+    make_image(40, 24).save(buffer, format="SDC", mode="u8")
+    data = buffer.getvalue()
+    assert data[:4] == b"\x89SDC"
+    assert Image.open(io.BytesIO(data)).info["sdc"]["mode"] == "u8"
+    with pytest.raises(SdcInputError, match="unknown .sdc save option"):
+        make_image(8, 8).save(io.BytesIO(), format="SDC", quality=90)
+    with pytest.raises(SdcInputError, match="2..4096"):
+        make_image(8, 8).save(io.BytesIO(), format="SDC", colors=1)
+
+
+def test_a_corrupt_file_raises_the_codecs_error(registered, codec):
+    """The magic matches, so the reason it cannot be read is the codec's, not "cannot identify"."""
+    data = bytearray(codec.encode(make_image(16, 16)))
+    data[-1] ^= 0xFF
+    with pytest.raises(SdcChecksumError, match="CRC32"):
+        Image.open(io.BytesIO(bytes(data)))
+
+
+@pytest.mark.skipif(not os.path.isdir(KODAK), reason="../shared/data/kodak is not present")
+def test_lossy_round_trip_through_pillow_is_similar(taef2_set, tmp_path):
+    """Similarity bound for the trained TAEF2 set: PSNR above 27 dB on a Kodak crop."""
+    pillow_plugin.register(taef2_set)
+    original = Image.open(os.path.join(KODAK, "kodim23.png")).convert("RGB").crop((128, 128, 384, 320))
+    path = tmp_path / "k.sdc"
+    original.save(path)
+    with Image.open(path) as decoded:
+        mse = np.mean((np.asarray(decoded.convert("RGB"), float) - np.asarray(original, float)) ** 2)
+    assert 10 * np.log10(255 ** 2 / mse) > 27
