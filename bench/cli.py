@@ -5,11 +5,19 @@ import argparse
 import sys
 
 from sdc_runtime.errors import SdcError
+from sdc_runtime.files import missing_modules
 
-from . import rd, stages
+NEEDS = ("tqdm", "matplotlib", "scipy", "imagecodecs", "imagequant")
 
 
 def main(argv: list[str] | None = None) -> int:
+    missing = missing_modules(*NEEDS)
+    if missing:
+        sys.stderr.write(f"sdc-bench: error: needs the bench extra (missing: {', '.join(missing)}):"
+                         " pip install 'sdcodec[bench]'\n")
+        return 1
+    from . import rd, stages
+
     parser = argparse.ArgumentParser(prog="sdc-bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     stages.add_parser(sub)

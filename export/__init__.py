@@ -1,6 +1,7 @@
 """sdc-export: turn a Stable Diffusion checkpoint into an sdcodec model set (ONNX + manifest)."""
 
 __version__ = "0.1.0"
+DEFAULT_OPSET = 17
 
 
 class ExportError(Exception):

@@ -6,8 +6,7 @@ import os
 import sys
 import time
 
-from . import ExportError, __version__
-from .graphs import DEFAULT_OPSET
+from . import DEFAULT_OPSET, ExportError, __version__
 
 PROG = "sdc-export"
 
@@ -79,8 +78,19 @@ def run(args) -> int:
     return 0
 
 
+def _missing_extra() -> str | None:
+    from sdc_runtime.files import missing_modules
+
+    missing = missing_modules("torch", "diffusers", "transformers", "onnx", "tqdm")
+    return f"needs the export extra (missing: {', '.join(missing)}): pip install 'sdcodec[export]'" if missing else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = _missing_extra()
+    if problem:
+        sys.stderr.write(f"{PROG}: error: {problem}\n")
+        return 1
     try:
         return run(args)
     except ExportError as exc:

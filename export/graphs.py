@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import ExportError
+from . import DEFAULT_OPSET, ExportError
 
-DEFAULT_OPSET = 17
 TWO_GB = 2 ** 31
 # Ops kept in fp32 inside fp16 graphs: normalizations and softmax accumulate over many
 # values and overflow or lose precision in fp16; the timestep embedding needs exp/sin/cos.

@@ -90,7 +90,8 @@ def _cmd_info(args) -> None:
         print(json.dumps(details, indent=1))
         return
     print(f"sdc v{details['format_version']}  {details['width']}x{details['height']}  mode {details['mode']}"
-          + (f" ({details['palette_size']} colours)" if details["palette_size"] else ""))
+          + (f" ({details['palette_size']} colours per group of {details['group_channels']} channels)"
+             if details["palette_size"] else ""))
     c, h, w = details["latent_shape"]
     print(f"latent {c}x{h}x{w} (downscale {details['downscale']})  denoise {details['denoise_steps']} steps"
           f" stride {details['step_stride']} eta {details['eta']:g}")

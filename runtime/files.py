@@ -10,6 +10,21 @@ from PIL import Image
 from .errors import SdcInputError
 
 
+def missing_modules(*names: str) -> list[str]:
+    """Which of these modules cannot be imported (for the tools' one-line "install the extra")."""
+    import importlib.util
+
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # ValueError: blocked with sys.modules[name] = None
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
 def default_mode(mode: int = 0o666) -> int:
     """``mode`` under the process umask: what open() would give a new file (mkstemp gives 0600)."""
     umask = os.umask(0)

@@ -323,3 +323,19 @@ def test_outputs_get_ordinary_permissions(codec, model_set, tmp_path):
     assert os.stat(model_set).st_mode & 0o755 == 0o755
     for name in os.listdir(model_set):
         assert os.stat(os.path.join(model_set, name)).st_mode & 0o644 == 0o644
+
+
+@pytest.mark.parametrize("tool,blocked,needle", [
+    ("sdc_export.cli", "torch", "needs the export extra (missing: torch)"),
+    ("sdc_bench.cli", "imagequant", "needs the bench extra (missing: imagequant)"),
+])
+def test_tools_without_their_extra_fail_in_one_line(tool, blocked, needle):
+    script = f"""
+import sys
+sys.modules[{blocked!r}] = None
+from {tool} import main
+args = ["rd", "--models", "x", "--images", "y"] if "bench" in {tool!r} else ["--model", "x", "--out", "y"]
+sys.exit(main(args))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    _one_line_error(result, needle)
