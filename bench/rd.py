@@ -99,7 +99,7 @@ def run(args) -> dict:
             ours = decode_latent(dequantize_u8(levels, header.quant_scale, header.quant_zero))
             rows.append({"image": name, "codec": f"sdc {point['name']}", **_scores(original, ours, len(data))})
             if name == args.crop_image and point["name"] == args.crop_point:
-                crops["original"], crops[f"sdc {point['name']}"] = original, ours
+                crops["original"], crops[f"sdc {point['name']} ({len(data)} B)"] = original, ours
             for peer in peers:
                 result = matched(peer, original, len(data))
                 if result is None:
@@ -171,9 +171,10 @@ def plot(result: dict, path: str) -> None:
     means = result["summary"]["means"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, metric, label in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "ms_ssim", "MS-SSIM")):
-        ours = sorted([(v["bpp"], v[metric]) for k, v in means.items() if k.startswith("sdc palette")])
+        ours = [(v["bpp"], v[metric]) for k, v in means.items() if k.startswith("sdc palette")]
         if ours:
-            ax.plot(*zip(*ours), "o-", color="C3", label="sdc palette mode", linewidth=2)
+            ax.plot(*zip(*pareto(ours)), "-", color="C3", linewidth=2, label="sdc palette mode (best points)")
+            ax.plot(*zip(*ours), "o", color="C3", label="sdc palette operating points")
         if "sdc u8" in means:
             ax.plot(means["sdc u8"]["bpp"], means["sdc u8"][metric], "s", color="C3", label="sdc u8 mode")
         recipe = next(v for k, v in means.items() if k.startswith("original recipe"))

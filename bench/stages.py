@@ -37,9 +37,13 @@ def run(args) -> dict:
     image = _image(args.image, args.size)
     pixels, size = to_array(image, m.downscale, m.graphs["vae_encoder"].image_range)
     rows: dict[str, dict] = {}
+    from sdc_runtime.codec import SD_DEFAULTS
+    from sdc_runtime.neural import denoise_timesteps
+
+    timesteps = denoise_timesteps(SD_DEFAULTS["steps"], SD_DEFAULTS["stride"]) if "unet" in m.graphs else []
     tasks = ["vae_encoder", "latent coding (palette)", "latent coding (u8)", "latent decoding (palette)",
-             "palette lookup", "vae_decoder"] + (["unet step"] if "unet" in m.graphs else [])
-    bar = tqdm(total=len(tasks) * (2 if args.torch_src else 1), desc="stages", unit="stage")
+             "palette lookup", "vae_decoder"] + [f"unet step t={t}" for t in timesteps]
+    bar = tqdm(total=len(tasks) + (2 + len(timesteps) if args.torch_src else 0), desc="stages", unit="stage")
 
     def record(name, seconds, torch_seconds=None):
         rows.setdefault(name, {})["onnx_s"] = seconds
@@ -64,12 +68,12 @@ def run(args) -> dict:
     record("palette lookup", median_seconds(lambda: lookup(indices, palette), 200))
     latent = raw.astype(np.float32)
     record("vae_decoder", median_seconds(lambda: codec.stages.decode(latent), args.repeat))
-    if "unet" in m.graphs:
-        scaled = latent * np.float32(m.scaling_factor)
-        t = np.array([15.0], np.float32)
-        record("unet step", median_seconds(lambda: codec.stages._run("unet", scaled, t), args.repeat))
+    scaled = latent * np.float32(m.scaling_factor)
+    for t in timesteps:
+        step = np.array([t], np.float32)
+        record(f"unet step t={t}", median_seconds(lambda: codec.stages._run("unet", scaled, step), args.repeat))
     if args.torch_src:
-        _time_torch(args, pixels, latent, m, rows, bar)
+        _time_torch(args, pixels, latent, m, rows, bar, timesteps)
     bar.close()
     return {
         "machine": machine(), "provider": args.provider, "size": args.size, "models": os.path.abspath(args.models),
@@ -80,7 +84,7 @@ def run(args) -> dict:
     }
 
 
-def _time_torch(args, pixels, latent, manifest, rows, bar):
+def _time_torch(args, pixels, latent, manifest, rows, bar, timesteps):
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -90,16 +94,18 @@ def _time_torch(args, pixels, latent, manifest, rows, bar):
     image_t, latent_t = torch.from_numpy(pixels), torch.from_numpy(latent)
     with torch.inference_mode():
         rows["vae_encoder"]["torch_s"] = median_seconds(lambda: vae.encode(image_t).latent_dist.mean, args.repeat)
-        bar.update(4)
+        bar.update(1)
         rows["vae_decoder"]["torch_s"] = median_seconds(lambda: vae.decode(latent_t).sample, args.repeat)
-        bar.update(2)
-        if "unet" in manifest.graphs:
+        bar.update(1)
+        if timesteps:
             unet = UNet2DConditionModel.from_pretrained(args.torch_src, subfolder="unet").eval()
-            context = torch.zeros(1, 77 if unet.config.cross_attention_dim == 768 else 16, unet.config.cross_attention_dim)
+            tokens = 77 if unet.config.cross_attention_dim == 768 else 16  # the text encoder's length
+            context = torch.zeros(1, tokens, unet.config.cross_attention_dim)
             scaled = latent_t * manifest.scaling_factor
-            rows["unet step"]["torch_s"] = median_seconds(
-                lambda: unet(scaled, torch.tensor([15.0]), encoder_hidden_states=context).sample, args.repeat)
-            bar.update(1)
+            for t in timesteps:
+                rows[f"unet step t={t}"]["torch_s"] = median_seconds(
+                    lambda: unet(scaled, torch.tensor([float(t)]), encoder_hidden_states=context).sample, args.repeat)
+                bar.update(1)
 
 
 def markdown(result: dict) -> str:
