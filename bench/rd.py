@@ -82,8 +82,10 @@ def run(args) -> dict:
         original = np.asarray(Image.open(path).convert("RGB"))
         pixels, size = to_array(original, m.downscale, m.graphs["vae_encoder"].image_range)
         raw = codec.stages.encode(pixels)[0]
-        decode_latent = lambda latent: np.asarray(from_array(codec.stages.decode(latent[None]),
-                                                             m.graphs["vae_decoder"].image_range, size))
+
+        def decode_latent(latent, size=size):
+            return np.asarray(from_array(codec.stages.decode(latent[None]), m.graphs["vae_decoder"].image_range, size))
+
         ceiling = decode_latent(raw)
         rows.append({"image": name, "codec": "autoencoder ceiling (unquantized)", **_scores(original, ceiling, 0)})
         scale, zero = codec.quant_mapping(raw)

@@ -71,7 +71,8 @@ def run(args) -> dict:
     scaled = latent * np.float32(m.scaling_factor)
     for t in timesteps:
         step = np.array([t], np.float32)
-        record(f"unet step t={t}", median_seconds(lambda: codec.stages._run("unet", scaled, step), args.repeat))
+        record(f"unet step t={t}", median_seconds(lambda step=step: codec.stages._run("unet", scaled, step),
+                                                 args.repeat))
     if args.torch_src:
         _time_torch(args, pixels, latent, m, rows, bar, timesteps)
     bar.close()
@@ -104,7 +105,8 @@ def _time_torch(args, pixels, latent, manifest, rows, bar, timesteps):
             scaled = latent_t * manifest.scaling_factor
             for t in timesteps:
                 rows[f"unet step t={t}"]["torch_s"] = median_seconds(
-                    lambda: unet(scaled, torch.tensor([float(t)]), encoder_hidden_states=context).sample, args.repeat)
+                    lambda t=t: unet(scaled, torch.tensor([float(t)]), encoder_hidden_states=context).sample,
+                    args.repeat)
                 bar.update(1)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import DEFAULT_OPSET, ExportError
+from . import ExportError
 
 TWO_GB = 2 ** 31
 # Ops kept in fp32 inside fp16 graphs: normalizations and softmax accumulate over many

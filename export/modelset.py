@@ -16,9 +16,9 @@ from sdc_runtime.files import default_mode
 from sdc_runtime.latent import sd_quant_mapping
 from sdc_runtime.manifest import MANIFEST_NAME, Graph, Manifest, Scheduler, sha256_file
 
-from . import ExportError
+from . import DEFAULT_OPSET, ExportError
 from .graphs import (
-    DEFAULT_OPSET, GraphSpec, Parity, UNetEmptyPrompt, VaeDecoder, VaeEncoder, check_parity,
+    GraphSpec, Parity, UNetEmptyPrompt, VaeDecoder, VaeEncoder, check_parity,
     convert_fp16, export_graph,
 )
 from .sources import StableDiffusionParts, weights_digest

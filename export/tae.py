@@ -119,9 +119,9 @@ def load_tae_pair(folder: str) -> tuple[nn.Sequential, nn.Sequential, int, str]:
 
 
 def load_tae_decoder(folder: str) -> tuple[nn.Sequential, int]:
-    pair = find_pair(folder)
-    decoders = sorted(glob.glob(os.path.join(folder, "*_decoder.pth"))) if pair is None else [pair[1]]
-    if not decoders:
-        raise ExportError(f"{folder} holds no *_decoder.pth")
+    """(decoder, latent channels) of a folder holding one ``*_decoder.pth`` (an encoder may be absent)."""
+    decoders = sorted(glob.glob(os.path.join(folder, "*_decoder.pth")))
+    if len(decoders) != 1:
+        raise ExportError(f"{folder} must hold exactly one *_decoder.pth (found {len(decoders)})")
     decoder, channels, _ = _build(decoders[0], "decoder")
     return decoder, channels

@@ -98,6 +98,15 @@ def test_sd_export_with_a_tiny_decoder(tiny_sd, taesd_random, tmp_path):
     assert result.returncode == 1 and b"Stable Diffusion exports only" in result.stderr
 
 
+def test_tiny_decoder_folder_needs_no_encoder(taesd_random, tmp_path):
+    from sdc_export.tae import load_tae_decoder
+
+    only = tmp_path / "decoder-only"
+    only.mkdir()
+    os.link(os.path.join(taesd_random, "taesd_decoder.pth"), only / "taesd_decoder.pth")
+    assert load_tae_decoder(str(only))[1] == 4
+
+
 @needs_shared
 def test_taef2_graphs_agree_with_the_torch_modules(taef2_set):
     encoder, decoder, _, _ = load_tae_pair(TAEF2)
