@@ -42,7 +42,8 @@ def run(args) -> dict:
 
     timesteps = denoise_timesteps(SD_DEFAULTS["steps"], SD_DEFAULTS["stride"]) if "unet" in m.graphs else []
     tasks = ["vae_encoder", "latent coding (palette)", "latent coding (u8)", "latent decoding (palette)",
-             "palette lookup", "vae_decoder"] + [f"unet step t={t}" for t in timesteps]
+             "palette lookup", "vae_decoder"] + (["tiny_decoder"] if "tiny_decoder" in m.graphs else []) \
+        + [f"unet step t={t}" for t in timesteps]
     bar = tqdm(total=len(tasks) + (2 + len(timesteps) if args.torch_src else 0), desc="stages", unit="stage")
 
     def record(name, seconds, torch_seconds=None):
@@ -68,6 +69,8 @@ def run(args) -> dict:
     record("palette lookup", median_seconds(lambda: lookup(indices, palette), 200))
     latent = raw.astype(np.float32)
     record("vae_decoder", median_seconds(lambda: codec.stages.decode(latent), args.repeat))
+    if "tiny_decoder" in m.graphs:
+        record("tiny_decoder", median_seconds(lambda: codec.stages.decode(latent, decoder="tiny_decoder"), args.repeat))
     scaled = latent * np.float32(m.scaling_factor)
     for t in timesteps:
         step = np.array([t], np.float32)
@@ -86,19 +89,30 @@ def run(args) -> dict:
 
 
 def _time_torch(args, pixels, latent, manifest, rows, bar, timesteps):
+    """The same neural stages in PyTorch: diffusers for SD, our own modules for TAE pairs."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    vae = AutoencoderKL.from_pretrained(args.torch_src, subfolder="vae").eval()
+    if manifest.family == "tae":
+        from sdc_export.tae import load_tae_pair
+
+        encoder, decoder, _, _ = load_tae_pair(args.torch_src)
+        encode, decode = encoder, decoder
+    else:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.torch_src, subfolder="vae").eval()
+        encode, decode = (lambda x: vae.encode(x).latent_dist.mean), (lambda z: vae.decode(z).sample)
     image_t, latent_t = torch.from_numpy(pixels), torch.from_numpy(latent)
     with torch.inference_mode():
-        rows["vae_encoder"]["torch_s"] = median_seconds(lambda: vae.encode(image_t).latent_dist.mean, args.repeat)
+        rows["vae_encoder"]["torch_s"] = median_seconds(lambda: encode(image_t), args.repeat)
         bar.update(1)
-        rows["vae_decoder"]["torch_s"] = median_seconds(lambda: vae.decode(latent_t).sample, args.repeat)
+        rows["vae_decoder"]["torch_s"] = median_seconds(lambda: decode(latent_t), args.repeat)
         bar.update(1)
         if timesteps:
+            from diffusers import UNet2DConditionModel
+
             unet = UNet2DConditionModel.from_pretrained(args.torch_src, subfolder="unet").eval()
             tokens = 77 if unet.config.cross_attention_dim == 768 else 16  # the text encoder's length
             context = torch.zeros(1, tokens, unet.config.cross_attention_dim)
@@ -139,7 +153,8 @@ def add_parser(sub):
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--provider", default="cpu")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--torch-src", default=None, help="diffusers folder of the same weights: time PyTorch too")
+    p.add_argument("--torch-src", default=None,
+                   help="the export's source (diffusers folder or TAESD-format pair): time PyTorch too")
     p.add_argument("--json", default=None, help="write the raw result here")
     p.set_defaults(run=_main)
 
