@@ -173,17 +173,33 @@ def test_rejects_corrupt_deflate_payload(u8_file):
         unpack_latent(recrc(bytes(data)))
 
 
+def test_rejects_a_well_formed_file_with_an_index_beyond_the_palette():
+    """Valid container, valid compression, valid CRC, but one index equals K."""
+    header, sections = container.unpack(_read(os.path.join(GOLDEN, "palette200_64x40.sdc")))
+    indices = np.zeros((header.latent_height, header.latent_width), np.uint8)
+    indices[3, 5] = header.palette_size
+    by_kind = {s.kind: s for s in sections}
+    coder, payload = entropy.encode(indices, alphabet_size=256)  # the encoder would refuse K itself
+    by_kind[container.SECTION_INDICES] = container.Section(container.SECTION_INDICES, coder, indices.size, payload)
+    data = container.pack(header, list(by_kind.values()))
+    with pytest.raises(SdcFormatError, match="symbol 200 is outside the alphabet of 200"):
+        unpack_latent(data)
+
+
 def test_every_error_is_an_sdc_error(u8_file):
     for bad in (b"junk", u8_file[:30], recrc(_set(u8_file, "<I", 12, 200))):
         with pytest.raises(SdcError):
             unpack_latent(bad)
 
 
-def test_fuzzed_bytes_never_crash(u8_file):
-    """Random byte flips, with and without a fixed-up CRC: only SdcError, never anything else."""
+@pytest.mark.parametrize("path", GOLDEN_FILES, ids=os.path.basename)
+def test_fuzzed_bytes_never_crash(path):
+    """Random byte flips, with and without a fixed-up CRC, through parsing, entropy decoding and
+    palette lookup: only SdcError, never anything else."""
+    original = _read(path)
     rng = np.random.default_rng(0)
-    for trial in range(400):
-        data = bytearray(u8_file)
+    for trial in range(300):
+        data = bytearray(original)
         for _ in range(rng.integers(1, 4)):
             data[rng.integers(0, len(data))] = rng.integers(0, 256)
         data = bytes(data) if trial % 2 else recrc(bytes(data))
