@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -42,14 +43,22 @@ def pack_latent(levels: np.ndarray, header: Header, *, colors: int = 256, seed: 
         header.palette_size = header.group_channels = 0
         return container.pack(header, [Section(container.SECTION_LATENT, coder, symbols.size, payload)])
     size = header.group_channels
-    palettes, index_planes = [], []
     assign = latent_coding.dither if dither else latent_coding.nearest
-    for start in range(0, levels.shape[2], size):
+
+    def code_group(start: int) -> tuple[np.ndarray, np.ndarray]:
         group = np.ascontiguousarray(levels[:, :, start:start + size])
         group_weights = None if weights is None else weights[start:start + size]
         palette = latent_coding.build_palette(group.reshape(-1, size), colors, seed=seed, weights=group_weights)
-        palettes.append(palette)
-        index_planes.append(assign(group, palette, group_weights))
+        return palette, assign(group, palette, group_weights)
+
+    starts = range(0, levels.shape[2], size)
+    if len(starts) == 1:
+        coded = [code_group(0)]
+    else:  # groups are independent and the kernels release the GIL: one thread per core
+        with ThreadPoolExecutor(max_workers=min(len(starts), os.cpu_count() or 1)) as pool:
+            coded = list(pool.map(code_group, starts))
+    palettes = [palette for palette, _ in coded]
+    index_planes = [indices for _, indices in coded]
     # One K for all groups: shorter palettes are padded by repeating their last entry.
     k = max(2, max(len(p) for p in palettes))
     palettes = np.stack([np.vstack([p, np.repeat(p[-1:], k - len(p), axis=0)]) for p in palettes])
