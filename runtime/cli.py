@@ -100,6 +100,14 @@ def _cmd_info(args) -> None:
     print(f"total {details['total_bytes']} bytes, {details['bpp']:.4f} bpp; model {details['model_fingerprint']}")
 
 
+def _cmd_verify(args) -> None:
+    from .manifest import load_manifest, verify_files
+
+    manifest = load_manifest(args.models)
+    verify_files(args.models, manifest)
+    print(f"{args.models}: {len(manifest.files)} files match the manifest; fingerprint {manifest.fingerprint[:32]}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Encode and decode .sdc images with ONNX Runtime.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -140,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.set_defaults(run=_cmd_info)
+
+    p = sub.add_parser("verify", help="check a model set's files against the sha256 in its manifest")
+    p.add_argument("--models", required=True, metavar="DIR")
+    p.set_defaults(run=_cmd_verify)
     return parser
 
 

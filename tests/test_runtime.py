@@ -88,6 +88,23 @@ def test_cli_round_trip_and_info_json(model_set, tmp_path):
     assert b"100x60" in r.stdout and b"palette" in r.stdout
 
 
+def test_cli_verify_checks_the_model_set(model_set, tmp_path):
+    import shutil
+
+    r = run_cli("sdc-runtime", "verify", "--models", model_set)
+    assert r.returncode == 0 and b"files match the manifest" in r.stdout
+    copy = tmp_path / "set"
+    shutil.copytree(model_set, copy)
+    with open(copy / "unet.onnx", "r+b") as fh:
+        fh.seek(100)
+        byte = fh.read(1)[0]
+        fh.seek(100)
+        fh.write(bytes([byte ^ 0xFF]))
+    _one_line_error(run_cli("sdc-runtime", "verify", "--models", str(copy)), "unet.onnx does not match")
+    (copy / "unet.onnx").unlink()
+    _one_line_error(run_cli("sdc-runtime", "verify", "--models", str(copy)), "file missing: unet.onnx")
+
+
 def test_cli_stdin_and_stdout(model_set, tmp_path):
     buffer = io.BytesIO()
     make_image(30, 20).save(buffer, "PNG")
