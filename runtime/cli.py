@@ -57,7 +57,7 @@ def _progress(enabled: bool, total: int, desc: str):
 
 def _cmd_encode(args) -> None:
     codec = SdcCodec(args.models, provider=args.provider, max_pixels=args.max_pixels, threads=args.threads)
-    image = load_image(sys.stdin.buffer.read() if args.input == "-" else args.input)
+    image = load_image(sys.stdin.buffer.read() if args.input == "-" else args.input, max_pixels=args.max_pixels)
     data = codec.encode(image, mode=args.mode, colors=args.colors, group_channels=args.group_channels,
                         dither=args.dither, steps=args.steps, seed=args.seed)
     _write(args.output, data)

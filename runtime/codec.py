@@ -118,12 +118,17 @@ def info(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     }
 
 
-def load_image(source) -> Image.Image:
-    """A path, bytes or file object -> PIL image; unreadable input is an SdcInputError."""
+def load_image(source, *, max_pixels: int | None = None) -> Image.Image:
+    """A path, bytes or file object -> PIL image; unreadable input is an SdcInputError.
+
+    The size is checked against ``max_pixels`` from the header, before the pixels are decoded.
+    """
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
             source = io.BytesIO(source)
         image = Image.open(source)
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise SdcInputError(f"image of {image.width}x{image.height} is over the pixel limit of {max_pixels}")
         image.load()
         return image
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
@@ -248,7 +253,7 @@ class SdcCodec:
         return from_array(pixels, self.manifest.graphs[decoder].image_range, (header.width, header.height))
 
     def encode_file(self, src, dst, /, **options) -> int:
-        data = self.encode(load_image(src), **options)
+        data = self.encode(load_image(src, max_pixels=self.max_pixels), **options)
         write_atomic(dst, data)
         return len(data)
 

@@ -275,6 +275,23 @@ def test_cli_rejects_bad_options_and_inputs(model_set, tmp_path):
                             model_set), "cannot write")
 
 
+def test_oversized_input_image_is_refused_before_decoding(model_set, tmp_path, monkeypatch):
+    """The pixel limit is checked on the PNG header: the pixels are never decoded."""
+    from sdc_runtime import codec as codec_module
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (3000, 2000)).save(big)
+    loads = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: loads.append(1))
+    with pytest.raises(SdcInputError, match="3000x2000 is over the pixel limit of 1000000"):
+        codec_module.load_image(str(big), max_pixels=1_000_000)
+    assert loads == []
+    monkeypatch.undo()
+    _one_line_error(run_cli("sdc-runtime", "encode", str(big), str(tmp_path / "x.sdc"), "--models", model_set,
+                            "--max-pixels", "1000000"), "over the pixel limit")
+    assert not (tmp_path / "x.sdc").exists()
+
+
 def test_api_rejects_bad_options(codec):
     with pytest.raises(SdcInputError):
         codec.encode(make_image(8, 8), mode="jpeg")
