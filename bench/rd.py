@@ -19,17 +19,20 @@ METRICS = ("bytes", "bpp", "psnr", "ssim", "ms_ssim")
 
 
 def parse_points(text: str) -> list[dict]:
-    """'u8,palette:16:4,palette:256:8' -> operating points (mode, colours K, group channels G)."""
+    """'u8,u8:0.3,palette:16:4' -> operating points: u8 mode (optionally with a coarser weighted
+    quantization step) and palette mode (colours K per group of G channels)."""
     points = []
     for item in text.split(","):
         fields = item.strip().split(":")
         if fields[0] == "u8" and len(fields) == 1:
             points.append({"name": "u8", "mode": "u8"})
+        elif fields[0] == "u8" and len(fields) == 2:
+            points.append({"name": f"u8 step={float(fields[1]):g}", "mode": "u8", "step": float(fields[1])})
         elif fields[0] == "palette" and len(fields) == 3:
             k, g = int(fields[1]), int(fields[2])
             points.append({"name": f"palette K={k} G={g}", "mode": "palette", "colors": k, "group_channels": g})
         else:
-            raise ValueError(f"bad operating point {item!r}: use u8 or palette:K:G")
+            raise ValueError(f"bad operating point {item!r}: use u8, u8:STEP or palette:K:G")
     return points
 
 
@@ -95,7 +98,7 @@ def run(args) -> dict:
         rows.append({"image": name, "codec": "original recipe (libimagequant 256 + zlib)",
                      **_scores(original, recipe, recipe_bytes + header_bytes)})
         for point in points:
-            options = {k: point[k] for k in ("colors", "group_channels") if k in point}
+            options = {k: point[k] for k in ("colors", "group_channels", "step") if k in point}
             data = codec.encode_latent(raw, size, mode=point["mode"], **options)
             header, levels = unpack_latent(data)
             ours = decode_latent(dequantize_u8(levels, header.quant_scale, header.quant_zero))
@@ -177,8 +180,9 @@ def plot(result: dict, path: str) -> None:
         if ours:
             ax.plot(*zip(*pareto(ours)), "-", color="C3", linewidth=2, label="sdc palette mode (best points)")
             ax.plot(*zip(*ours), "o", color="C3", label="sdc palette operating points")
-        if "sdc u8" in means:
-            ax.plot(means["sdc u8"]["bpp"], means["sdc u8"][metric], "s", color="C3", label="sdc u8 mode")
+        scalar = sorted([(v["bpp"], v[metric]) for k, v in means.items() if k.startswith("sdc u8")])
+        if scalar:
+            ax.plot(*zip(*scalar), "s:", color="C4", label="sdc u8 mode (finest, and coarser weighted steps)")
         recipe = next(v for k, v in means.items() if k.startswith("original recipe"))
         ax.plot(recipe["bpp"], recipe[metric], "*", markersize=14, color="k", label="original recipe")
         ceiling = means.get("autoencoder ceiling (unquantized)")
@@ -224,9 +228,10 @@ def add_parser(sub):
     p.add_argument("--models", required=True, help="model set")
     p.add_argument("--images", required=True, help="folder of PNG images (e.g. Kodak)")
     p.add_argument("--limit", type=int, default=0, help="first N images only")
-    p.add_argument("--points", default="u8,palette:16:4,palette:64:4,palette:128:4,palette:256:4,palette:16:2,"
-                                       "palette:64:2,palette:256:8",
-                   help="operating points: u8 and palette:K:G (K colours per group of G channels)")
+    p.add_argument("--points", default="u8,u8:0.2,u8:0.3,u8:0.45,u8:0.6,palette:16:4,palette:64:4,palette:128:4,"
+                                       "palette:256:4,palette:16:2,palette:64:2,palette:256:8",
+                   help="operating points: u8, u8:STEP (coarser weighted steps) and palette:K:G "
+                        "(K colours per group of G channels)")
     p.add_argument("--peers", default="JPEG,WebP,AVIF,JPEG XL", help="classical codecs at matched bytes")
     p.add_argument("--crop-image", default="kodim23", help="image for the side-by-side crops")
     p.add_argument("--crop-point", default="palette K=256 G=4", help="operating point for the crops")

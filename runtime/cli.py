@@ -59,7 +59,7 @@ def _cmd_encode(args) -> None:
     codec = SdcCodec(args.models, provider=args.provider, max_pixels=args.max_pixels, threads=args.threads)
     image = load_image(sys.stdin.buffer.read() if args.input == "-" else args.input, max_pixels=args.max_pixels)
     data = codec.encode(image, mode=args.mode, colors=args.colors, group_channels=args.group_channels,
-                        dither=args.dither, steps=args.steps, seed=args.seed)
+                        dither=args.dither, step=args.step, steps=args.steps, seed=args.seed)
     _write(args.output, data)
     if args.verbose:
         print(f"{args.output}: {len(data)} bytes, {8 * len(data) / (image.width * image.height):.4f} bpp",
@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="palette per group of G latent channels (default 4)")
     p.add_argument("--dither", action=argparse.BooleanOptionalAction, default=None,
                    help="Floyd-Steinberg dithering of the latent (default: on for SD, off for TAE)")
+    p.add_argument("--step", type=float, default=None,
+                   help="u8 mode: quantization step in raw latent units for a channel of average decoder "
+                        "sensitivity; larger is smaller and worse (default: the finest that fits 8 bits)")
     p.add_argument("--steps", type=int, default=None, help="UNet steps the decoder runs by default")
     p.add_argument("--seed", type=int, default=0, help="seed of the palette and the DDIM noise")
     p.set_defaults(run=_cmd_encode)

@@ -150,19 +150,27 @@ class SdcCodec:
         return bytes.fromhex(self.manifest.fingerprint)[: container.FINGERPRINT_BYTES]
 
     def encode(self, image, /, *, mode: str | None = None, colors: int | None = None,
-               group_channels: int | None = None, dither: bool | None = None, steps: int | None = None,
-               stride: int | None = None, eta: float | None = None, seed: int = 0) -> bytes:
+               group_channels: int | None = None, dither: bool | None = None, step: float | None = None,
+               steps: int | None = None, stride: int | None = None, eta: float | None = None,
+               seed: int = 0) -> bytes:
         """PIL image or (H, W, 3) uint8 array -> .sdc bytes.
 
         Palette mode: ``colors`` entries per palette, one palette per group of
-        ``group_channels`` latent channels, with or without ``dither``ing.  steps/stride/eta are
-        stored as the decoder's defaults.
+        ``group_channels`` latent channels, with or without ``dither``ing.  u8 mode: ``step``
+        (raw latent units, for a channel of average decoder sensitivity) trades quality for
+        bytes; by default the finest mapping that fits 8 bits.  steps/stride/eta are stored as
+        the decoder's defaults.
         """
         m, d = self.manifest, self.defaults
         mode = d["mode"] if mode is None else mode
         if mode not in MODES:
             raise SdcInputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         colors = latent_coding.check_colors(d["colors"] if colors is None else colors)
+        if step is not None:
+            if mode != "u8":
+                raise SdcInputError("step applies to u8 mode only")
+            if not isinstance(step, (int, float)) or not 0 < step < 1e6:
+                raise SdcInputError(f"step must be a positive number, not {step!r}")
         group_channels = min(d["group_channels"], m.latent_channels) if group_channels is None else group_channels
         if (not isinstance(group_channels, int) or not 1 <= group_channels <= min(m.latent_channels, 255)
                 or m.latent_channels % group_channels):
@@ -187,31 +195,46 @@ class SdcCodec:
             raise SdcInputError(f"image of {width}x{height} is over the pixel limit of {self.max_pixels}")
         raw = self.stages.encode(pixels)[0]
         return self.encode_latent(raw, (width, height), mode=mode, colors=colors, group_channels=group_channels,
-                                  dither=dither, steps=steps, stride=stride if steps else 0,
+                                  dither=dither, step=step, steps=steps, stride=stride if steps else 0,
                                   eta=eta if steps else 0.0, seed=seed)
 
-    def quant_mapping(self, raw: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """The 8-bit mapping for a (C, h, w) latent: the manifest's, or for adaptive sets each
-        channel's own range within the manifest's.  float32-exact, as the header stores it."""
+    def quant_mapping(self, raw: np.ndarray, step: float | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The 8-bit mapping for a (C, h, w) latent, float32-exact as the header stores it.
+
+        Without ``step``: the manifest's mapping, or for adaptive sets each channel's own range
+        within the manifest's.  With ``step``: a coarser mapping for u8 mode, step / sqrt(w_c)
+        raw units for channel c (w: the decoder sensitivity), so the channels the decoder
+        notices most are quantized most finely, never so finely that the image's range would
+        not fit 256 levels.
+        """
         m = self.manifest
-        if not m.quant_adaptive:
+        if step is None and not m.quant_adaptive:
             return m.quant_scale, m.quant_zero
         scale = np.array(m.quant_scale, np.float64)
         zero = np.array(m.quant_zero, np.float64)
-        lo_limit, hi_limit = -zero * scale, (255 - zero) * scale
         flat = raw.reshape(raw.shape[0], -1).astype(np.float64)
-        lo = np.clip(flat.min(axis=1), lo_limit, hi_limit)
-        hi = np.clip(flat.max(axis=1), lo_limit, hi_limit)
-        step = np.maximum((hi - lo) / 255, scale / 255).astype(np.float32).astype(np.float64)
-        offset = (-lo / step).astype(np.float32).astype(np.float64)
-        return tuple(step.tolist()), tuple(offset.tolist())
+        lo, hi = flat.min(axis=1), flat.max(axis=1)
+        if m.quant_adaptive:  # never beyond the range the model set's mapping covers
+            lo_limit, hi_limit = -zero * scale, (255 - zero) * scale
+            lo, hi = np.clip(lo, lo_limit, hi_limit), np.clip(hi, lo_limit, hi_limit)
+        if step is None:
+            levels_step = np.maximum((hi - lo) / 255, scale / 255)
+            levels_step = levels_step.astype(np.float32).astype(np.float64)
+            offset = (-lo / levels_step).astype(np.float32).astype(np.float64)
+            return tuple(levels_step.tolist()), tuple(offset.tolist())
+        weights = np.ones_like(scale) if m.channel_weights is None else np.asarray(m.channel_weights, np.float64)
+        levels_step = np.maximum(step / np.sqrt(weights), (hi - lo) / 254)
+        levels_step = levels_step.astype(np.float32).astype(np.float64)
+        # An integer zero point: a latent value of 0 is exactly representable.
+        offset = np.clip(np.round(-lo / levels_step), 0, 255).astype(np.float32).astype(np.float64)
+        return tuple(levels_step.tolist()), tuple(offset.tolist())
 
     def encode_latent(self, raw: np.ndarray, size: tuple[int, int], *, mode: str, colors: int = 256,
-                      group_channels: int | None = None, dither: bool | None = None, steps: int = 0,
-                      stride: int = 0, eta: float = 0.0, seed: int = 0) -> bytes:
+                      group_channels: int | None = None, dither: bool | None = None, step: float | None = None,
+                      steps: int = 0, stride: int = 0, eta: float = 0.0, seed: int = 0) -> bytes:
         """(C, h, w) raw latent of an image of ``size`` -> .sdc bytes (the latent-coding stage)."""
         m = self.manifest
-        scale, zero = self.quant_mapping(raw)
+        scale, zero = self.quant_mapping(raw, step)
         header = Header(
             width=size[0], height=size[1], latent_channels=raw.shape[0], latent_height=raw.shape[1],
             latent_width=raw.shape[2], downscale=m.downscale, mode=MODES[mode], palette_size=0,

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import KODAK, TAEF2, run_cli
 from sdc_export.tae import load_tae_pair, make_decoder, make_encoder
-from sdc_runtime import SdcCodec, sdc_info
+from sdc_runtime import SdcCodec, SdcInputError, sdc_info
 from sdc_runtime.manifest import load_manifest
 
 needs_shared = pytest.mark.skipif(not (os.path.isdir(TAEF2) and os.path.isdir(KODAK)),
@@ -177,3 +177,36 @@ def test_taef2_palette_mode_beats_the_original_recipe(taef2_set):
     ours = np.asarray(codec.decode(data))
     assert len(data) <= recipe_bytes + 8 * raw.shape[0]
     assert _psnr(original, ours) > _psnr(original, recipe) + 0.5
+
+
+@needs_shared
+def test_taef2_u8_step_trades_bytes_for_quality_by_decoder_sensitivity(taef2_set):
+    """Coarser weighted steps: fewer bytes, lower (but sane) PSNR, and per-channel steps in the
+    header inversely proportional to sqrt(decoder sensitivity) where the range allows."""
+    codec = SdcCodec(taef2_set)
+    image = _kodak("kodim23")
+    original = np.asarray(image)
+    results = []
+    for step in (None, 0.2, 0.6):
+        data = codec.encode(image, mode="u8", step=step)
+        results.append((len(data), _psnr(original, np.asarray(codec.decode(data)))))
+    assert results[0][0] > results[1][0] > results[2][0]
+    assert results[0][1] > results[1][1] > results[2][1] > 24
+    header_steps = np.array(sdc_info(codec.encode(image, mode="u8", step=0.6))["quant_scale"])
+    weights = np.array(codec.manifest.channel_weights)
+    free = np.isclose(header_steps, 0.6 / np.sqrt(weights), rtol=1e-5)
+    assert free.sum() >= 16  # most channels get exactly the weighted step
+    assert np.all(header_steps[~free] > 0.6 / np.sqrt(weights[~free]))  # others widened to fit 8 bits
+
+
+def test_step_is_checked(taesd_random, tmp_path):
+    from sdc_export.cli import main
+
+    out = str(tmp_path / "set")
+    assert main(["--model", taesd_random, "--out", out, "--quiet"]) == 0
+    codec = SdcCodec(out)
+    image = Image.new("RGB", (16, 16), (1, 2, 3))
+    with pytest.raises(SdcInputError, match="u8 mode only"):
+        codec.encode(image, mode="palette", step=0.3)
+    with pytest.raises(SdcInputError, match="positive"):
+        codec.encode(image, mode="u8", step=-1.0)
