@@ -41,6 +41,27 @@ def test_u8_mode_holds_the_8bit_latent_exactly(codec):
     np.testing.assert_array_equal(levels, latent.quantize_u8(raw, m.quant_scale, m.quant_zero))
 
 
+def test_u8_step_on_the_sd_family(codec, tmp_path):
+    """A fixed-mapping (SD) set takes a coarser weighted step too: fewer bytes, same geometry,
+    and the header's steps follow the manifest's channel weights."""
+    image = make_image(96, 64)
+    fine, coarse = codec.encode(image, mode="u8"), codec.encode(image, mode="u8", step=1.0)
+    assert len(coarse) < len(fine)
+    assert codec.decode(coarse).size == (96, 64)
+    steps = np.array(sdc_info(coarse)["quant_scale"])
+    weights = np.array(codec.manifest.channel_weights)
+    assert np.argmin(steps) == np.argmax(weights)
+    r = run_cli("sdc-runtime", "encode", "-", "-", "--models", codec.stages.model_dir, "--mode", "u8", "--step", "1",
+                stdin=_png(image))
+    assert r.returncode == 0 and sdc_info(r.stdout)["quant_scale"] == sdc_info(coarse)["quant_scale"]
+
+
+def _png(image):
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def test_palette_mode_respects_colours(codec):
     data = codec.encode(make_image(96, 64), mode="palette", colors=16)
     assert sdc_info(data)["palette_size"] <= 16
