@@ -43,16 +43,28 @@ def _write(path: str, data: bytes) -> None:
         raise SdcInputError(f"cannot write {path}: {exc.strerror}") from None
 
 
-def _progress(enabled: bool, total: int, desc: str):
-    """A tqdm bar on stderr when it is installed and wanted, else nothing."""
-    if not enabled or total == 0:
-        return None, lambda: None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None, lambda: None
-    bar = tqdm(total=total, desc=desc, unit="step", leave=False, file=sys.stderr)
-    return bar, lambda: bar.update(1)
+class _StepBar:
+    """A tqdm bar on stderr, opened at the first reported step (when the total is known);
+    nothing when it is not wanted or tqdm is not installed."""
+
+    def __init__(self, enabled: bool, desc: str):
+        self.enabled, self.desc, self.bar = enabled, desc, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                self.enabled = False
+                return
+            self.bar = tqdm(total=total, desc=self.desc, unit="step", leave=False, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _cmd_encode(args) -> None:
@@ -73,14 +85,11 @@ def _cmd_decode(args) -> None:
     if not models:
         raise SdcInputError("no model set: pass --models DIR or set SDC_MODELS")
     codec = SdcCodec(models, provider=args.provider, max_pixels=args.max_pixels, threads=args.threads)
-    header, _ = codec.decode_latent(data)
-    steps = header.denoise_steps if args.steps is None else args.steps
-    bar, tick = _progress(sys.stderr.isatty() or args.verbose, steps, "denoise")
+    bar = _StepBar(sys.stderr.isatty() or args.verbose, "denoise")
     try:
-        image = codec.decode(data, steps=args.steps, decoder=args.decoder, progress=tick)
+        image = codec.decode(data, steps=args.steps, decoder=args.decoder, progress=bar)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     _write(args.output, image_bytes(image, fmt))
 
 

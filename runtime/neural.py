@@ -127,7 +127,9 @@ class NeuralStages:
 
     def denoise(self, latent: np.ndarray, *, steps: int, stride: int, eta: float, seed: int,
                 progress=None) -> np.ndarray:
-        """Run ``steps`` DDIM steps on a (1, C, h, w) raw latent treated as x_t at t = (steps-1)*stride."""
+        """Run ``steps`` DDIM steps on a (1, C, h, w) raw latent treated as x_t at t = (steps-1)*stride.
+
+        ``progress(done, total)`` is called after each step."""
         m = self.manifest
         if steps == 0:
             return latent
@@ -142,9 +144,9 @@ class NeuralStages:
         sample = np.pad(latent, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode="edge") * np.float32(m.scaling_factor)
         timesteps = denoise_timesteps(steps, stride)
         noises = step_noise(seed, sample.shape, steps) if eta > 0 else [None] * steps
-        for t, noise in zip(timesteps, noises):
+        for done, (t, noise) in enumerate(zip(timesteps, noises), start=1):
             prediction = self._run("unet", sample, np.full((1,), t, np.float32))
             sample = ddim_step(prediction, t, t - stride, sample, m.scheduler, eta=eta, noise=noise)
             if progress is not None:
-                progress()
+                progress(done, steps)
         return (sample[:, :, :h, :w] / np.float32(m.scaling_factor)).astype(np.float32)
