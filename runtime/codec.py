@@ -16,7 +16,7 @@ from . import container, entropy, latent as latent_coding
 from .container import DEFAULT_MAX_PIXELS, MODE_PALETTE, MODE_U8, Header, Section
 from .errors import SdcInputError, SdcModelError
 from .files import image_bytes, image_format_for, write_atomic
-from .image import from_array, to_array
+from .image import check_pixel_limit, from_array, to_array
 from .neural import NeuralStages
 
 MODES = {"u8": MODE_U8, "palette": MODE_PALETTE}
@@ -127,8 +127,7 @@ def load_image(source, *, max_pixels: int | None = None) -> Image.Image:
         if isinstance(source, (bytes, bytearray, memoryview)):
             source = io.BytesIO(source)
         image = Image.open(source)
-        if max_pixels is not None and image.width * image.height > max_pixels:
-            raise SdcInputError(f"image of {image.width}x{image.height} is over the pixel limit of {max_pixels}")
+        check_pixel_limit(image.width, image.height, max_pixels)
         image.load()
         return image
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
@@ -188,11 +187,8 @@ class SdcCodec:
             raise SdcInputError("eta must be in [0, 1]")
         if not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
             raise SdcInputError("seed must be an integer in 0..2**32-1")
-        if isinstance(image, Image.Image) and image.width * image.height > self.max_pixels:
-            raise SdcInputError(f"image of {image.width}x{image.height} is over the pixel limit of {self.max_pixels}")
-        pixels, (width, height) = to_array(image, m.downscale, m.graphs["vae_encoder"].image_range)
-        if width * height > self.max_pixels:
-            raise SdcInputError(f"image of {width}x{height} is over the pixel limit of {self.max_pixels}")
+        pixels, (width, height) = to_array(image, m.downscale, m.graphs["vae_encoder"].image_range,
+                                           max_pixels=self.max_pixels)
         raw = self.stages.encode(pixels)[0]
         return self.encode_latent(raw, (width, height), mode=mode, colors=colors, group_channels=group_channels,
                                   dither=dither, step=step, steps=steps, stride=stride if steps else 0,

@@ -7,16 +7,25 @@ from PIL import Image
 from .errors import SdcInputError
 
 
-def to_array(image, downscale: int, value_range: tuple[float, float]) -> tuple[np.ndarray, tuple[int, int]]:
+def check_pixel_limit(width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise SdcInputError(f"image of {width}x{height} is over the pixel limit of {max_pixels}")
+
+
+def to_array(image, downscale: int, value_range: tuple[float, float], *,
+             max_pixels: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """RGB image -> (1, 3, H', W') float32 padded by edge replication to multiples of downscale.
 
-    Returns the array and the true (width, height) to crop back to after decoding.
+    Returns the array and the true (width, height) to crop back to after decoding.  The size
+    is checked against ``max_pixels`` before anything is converted or allocated.
     """
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise SdcInputError("an array image must be (H, W, 3) uint8")
+        check_pixel_limit(image.shape[1], image.shape[0], max_pixels)
         pixels = image
     elif isinstance(image, Image.Image):
+        check_pixel_limit(image.width, image.height, max_pixels)
         pixels = np.asarray(image.convert("RGB"))
     else:
         raise SdcInputError(f"expected a PIL image or an (H, W, 3) uint8 array, not {type(image).__name__}")
