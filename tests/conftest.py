@@ -22,6 +22,16 @@ def run_cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProce
     return subprocess.run([sys.executable, "-m", module, *args[1:]], input=stdin, capture_output=True, timeout=600)
 
 
+def assert_one_line_error(result: subprocess.CompletedProcess, needle: str) -> None:
+    """A CLI failure as the project promises it: non-zero exit, one line on stderr naming the
+    problem, no traceback."""
+    err = result.stderr.decode()
+    assert result.returncode != 0
+    assert "Traceback" not in err
+    assert needle in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 def recrc(data: bytes) -> bytes:
     """Fix up the trailing CRC32 after tampering, so a test reaches the checks behind it."""
     body = data[:-4]

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from sdc_runtime.manifest import load_manifest, sha256_file, verify_files
 
 
@@ -118,17 +118,9 @@ def test_export_prints_parity(tiny_sd, tmp_path):
 
 # --- bad input: one clear line on stderr, non-zero exit, no traceback ---
 
-def _fails(result, needle):
-    err = result.stderr.decode()
-    assert result.returncode != 0
-    assert "Traceback" not in err
-    assert needle in err, err
-    assert len(err.strip().splitlines()) == 1, err
-
-
 def test_rejects_a_folder_that_is_not_a_diffusers_pipeline(tmp_path):
     (tmp_path / "src").mkdir()
-    _fails(run_cli("sdc-export", "--model", str(tmp_path / "src"), "--out", str(tmp_path / "o"), "--quiet"),
+    assert_one_line_error(run_cli("sdc-export", "--model", str(tmp_path / "src"), "--out", str(tmp_path / "o"), "--quiet"),
            "not a diffusers Stable Diffusion folder")
 
 
@@ -138,31 +130,31 @@ def test_rejects_a_missing_subfolder(tiny_sd, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(tiny_sd, src)
     shutil.rmtree(src / "unet")
-    _fails(run_cli("sdc-export", "--model", str(src), "--out", str(tmp_path / "o"), "--quiet"), "unet/")
+    assert_one_line_error(run_cli("sdc-export", "--model", str(src), "--out", str(tmp_path / "o"), "--quiet"), "unet/")
 
 
 def test_rejects_a_non_empty_out_without_force(tiny_sd, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    _fails(run_cli("sdc-export", "--model", tiny_sd, "--out", str(out), "--quiet"), "--force")
+    assert_one_line_error(run_cli("sdc-export", "--model", tiny_sd, "--out", str(out), "--quiet"), "--force")
     assert (out / "keep.txt").read_text() == "precious"
 
 
 def test_rejects_an_unwritable_out(tiny_sd, tmp_path):
-    _fails(run_cli("sdc-export", "--model", tiny_sd, "--out", str(tmp_path / "no" / "such" / "dir"), "--quiet"),
+    assert_one_line_error(run_cli("sdc-export", "--model", tiny_sd, "--out", str(tmp_path / "no" / "such" / "dir"), "--quiet"),
            "does not exist")
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        _fails(run_cli("sdc-export", "--model", tiny_sd, "--out", str(locked / "o"), "--quiet"), "not writable")
+        assert_one_line_error(run_cli("sdc-export", "--model", tiny_sd, "--out", str(locked / "o"), "--quiet"), "not writable")
 
 
 def test_rejects_a_hub_id_offline(tmp_path):
     env_before = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        _fails(run_cli("sdc-export", "--model", "nobody/no-such-model", "--out", str(tmp_path / "o"), "--quiet"),
+        assert_one_line_error(run_cli("sdc-export", "--model", "nobody/no-such-model", "--out", str(tmp_path / "o"), "--quiet"),
                "cannot load nobody/no-such-model")
     finally:
         if env_before is None:
@@ -172,7 +164,7 @@ def test_rejects_a_hub_id_offline(tmp_path):
 
 
 def test_rejects_nonsense_source(tmp_path):
-    _fails(run_cli("sdc-export", "--model", "not a model", "--out", str(tmp_path / "o"), "--quiet"),
+    assert_one_line_error(run_cli("sdc-export", "--model", "not a model", "--out", str(tmp_path / "o"), "--quiet"),
            "neither a folder nor a hub id")
 
 

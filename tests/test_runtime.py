@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import recrc, run_cli, make_image
+from conftest import assert_one_line_error, make_image, recrc, run_cli
 from sdc_runtime import (
     SdcCodec, SdcError, SdcInputError, SdcModelError, SdcProviderError, sdc_info, unpack_latent,
 )
@@ -121,9 +121,9 @@ def test_cli_verify_checks_the_model_set(model_set, tmp_path):
         byte = fh.read(1)[0]
         fh.seek(100)
         fh.write(bytes([byte ^ 0xFF]))
-    _one_line_error(run_cli("sdc-runtime", "verify", "--models", str(copy)), "unet.onnx does not match")
+    assert_one_line_error(run_cli("sdc-runtime", "verify", "--models", str(copy)), "unet.onnx does not match")
     (copy / "unet.onnx").unlink()
-    _one_line_error(run_cli("sdc-runtime", "verify", "--models", str(copy)), "file missing: unet.onnx")
+    assert_one_line_error(run_cli("sdc-runtime", "verify", "--models", str(copy)), "file missing: unet.onnx")
 
 
 def test_cli_stdin_and_stdout(model_set, tmp_path):
@@ -219,15 +219,8 @@ def test_decode_with_the_wrong_model_set(codec, other_model_set, tmp_path):
     path = tmp_path / "x.sdc"
     path.write_bytes(data)
     r = run_cli("sdc-runtime", "decode", str(path), str(tmp_path / "o.png"), "--models", other_model_set)
-    _one_line_error(r, codec.fingerprint.hex())
+    assert_one_line_error(r, codec.fingerprint.hex())
     assert not (tmp_path / "o.png").exists()
-
-
-def _one_line_error(result, needle):
-    err = result.stderr.decode()
-    assert result.returncode != 0
-    assert "Traceback" not in err and needle in err, err
-    assert len(err.strip().splitlines()) == 1, err
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +258,7 @@ def test_cli_and_api_reject_bad_files(codec, model_set, good_file, tmp_path, cas
     path = tmp_path / "bad.sdc"
     path.write_bytes(bytes(data))
     for command in (["info", str(path)], ["decode", str(path), str(tmp_path / "o.png"), "--models", model_set]):
-        _one_line_error(run_cli("sdc-runtime", *command, *args), needle)
+        assert_one_line_error(run_cli("sdc-runtime", *command, *args), needle)
     assert not (tmp_path / "o.png").exists()
     limited = SdcCodec(model_set, max_pixels=100) if case == "pixels" else codec
     with pytest.raises(SdcError, match=needle.replace("(", "\\(")):
@@ -275,24 +268,24 @@ def test_cli_and_api_reject_bad_files(codec, model_set, good_file, tmp_path, cas
 def test_cli_rejects_bad_options_and_inputs(model_set, tmp_path):
     src = tmp_path / "in.png"
     make_image(20, 20).save(src)
-    _one_line_error(run_cli("sdc-runtime", "encode", str(tmp_path / "nope.png"), str(tmp_path / "x.sdc"),
+    assert_one_line_error(run_cli("sdc-runtime", "encode", str(tmp_path / "nope.png"), str(tmp_path / "x.sdc"),
                             "--models", model_set), "cannot read the input image")
     (tmp_path / "text.png").write_text("not an image")
-    _one_line_error(run_cli("sdc-runtime", "encode", str(tmp_path / "text.png"), str(tmp_path / "x.sdc"),
+    assert_one_line_error(run_cli("sdc-runtime", "encode", str(tmp_path / "text.png"), str(tmp_path / "x.sdc"),
                             "--models", model_set), "cannot read the input image")
-    _one_line_error(run_cli("sdc-runtime", "encode", str(src), str(tmp_path / "x.sdc"), "--models",
+    assert_one_line_error(run_cli("sdc-runtime", "encode", str(src), str(tmp_path / "x.sdc"), "--models",
                             str(tmp_path)), "not a model set")
-    _one_line_error(run_cli("sdc-runtime", "encode", str(src), str(tmp_path / "x.sdc"), "--models", model_set,
+    assert_one_line_error(run_cli("sdc-runtime", "encode", str(src), str(tmp_path / "x.sdc"), "--models", model_set,
                             "--colors", "1"), "2..4096")
-    _one_line_error(run_cli("sdc-runtime", "encode", str(src), str(tmp_path / "x.sdc"), "--models", model_set,
+    assert_one_line_error(run_cli("sdc-runtime", "encode", str(src), str(tmp_path / "x.sdc"), "--models", model_set,
                             "--provider", "cuda"), "onnxruntime-gpu")
-    _one_line_error(run_cli("sdc-runtime", "encode", str(src), str(tmp_path / "x.sdc"), "--models", model_set,
+    assert_one_line_error(run_cli("sdc-runtime", "encode", str(src), str(tmp_path / "x.sdc"), "--models", model_set,
                             "--mode", "jpeg"), "invalid choice")
     good = tmp_path / "g.sdc"
     assert run_cli("sdc-runtime", "encode", str(src), str(good), "--models", model_set).returncode == 0
-    _one_line_error(run_cli("sdc-runtime", "decode", str(good), str(tmp_path / "o.xyz"), "--models", model_set),
+    assert_one_line_error(run_cli("sdc-runtime", "decode", str(good), str(tmp_path / "o.xyz"), "--models", model_set),
                     "extension")
-    _one_line_error(run_cli("sdc-runtime", "decode", str(good), str(tmp_path / "no" / "o.png"), "--models",
+    assert_one_line_error(run_cli("sdc-runtime", "decode", str(good), str(tmp_path / "no" / "o.png"), "--models",
                             model_set), "cannot write")
 
 
@@ -308,7 +301,7 @@ def test_oversized_input_image_is_refused_before_decoding(model_set, tmp_path, m
         codec_module.load_image(str(big), max_pixels=1_000_000)
     assert loads == []
     monkeypatch.undo()
-    _one_line_error(run_cli("sdc-runtime", "encode", str(big), str(tmp_path / "x.sdc"), "--models", model_set,
+    assert_one_line_error(run_cli("sdc-runtime", "encode", str(big), str(tmp_path / "x.sdc"), "--models", model_set,
                             "--max-pixels", "1000000"), "over the pixel limit")
     assert not (tmp_path / "x.sdc").exists()
 
@@ -393,4 +386,4 @@ args = ["rd", "--models", "x", "--images", "y"] if "bench" in {tool!r} else ["--
 sys.exit(main(args))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
-    _one_line_error(result, needle)
+    assert_one_line_error(result, needle)
