@@ -5,9 +5,15 @@ import argparse
 import sys
 
 from sdc_runtime.errors import SdcError
-from sdc_runtime.files import missing_modules
+from sdc_runtime.extras import missing_modules
 
 NEEDS = ("tqdm", "matplotlib", "scipy", "imagecodecs", "imagequant")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like the other tools
+        sys.stderr.write(f"sdc-bench: error: {message}\n")
+        sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from . import rd, stages
 
-    parser = argparse.ArgumentParser(prog="sdc-bench", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="sdc-bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     stages.add_parser(sub)
     rd.add_parser(sub)
     args = parser.parse_args(argv)

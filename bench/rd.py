@@ -4,6 +4,7 @@ and a side-by-side crop grid into --out.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import glob
 import json
@@ -20,19 +21,25 @@ METRICS = ("bytes", "bpp", "psnr", "ssim", "ms_ssim")
 
 def parse_points(text: str) -> list[dict]:
     """'u8,u8:0.3,palette:16:4' -> operating points: u8 mode (optionally with a coarser weighted
-    quantization step) and palette mode (colours K per group of G channels)."""
+    quantization step) and palette mode (K colours per group of G channels).  A bad item is an
+    argparse.ArgumentTypeError, so the command line reports it in one line."""
     points = []
     for item in text.split(","):
         fields = item.strip().split(":")
-        if fields[0] == "u8" and len(fields) == 1:
-            points.append({"name": "u8", "mode": "u8"})
-        elif fields[0] == "u8" and len(fields) == 2:
-            points.append({"name": f"u8 step={float(fields[1]):g}", "mode": "u8", "step": float(fields[1])})
-        elif fields[0] == "palette" and len(fields) == 3:
-            k, g = int(fields[1]), int(fields[2])
-            points.append({"name": f"palette K={k} G={g}", "mode": "palette", "colors": k, "group_channels": g})
-        else:
-            raise ValueError(f"bad operating point {item!r}: use u8, u8:STEP or palette:K:G")
+        try:
+            if fields[0] == "u8" and len(fields) == 1:
+                points.append({"name": "u8", "mode": "u8"})
+            elif fields[0] == "u8" and len(fields) == 2:
+                step = float(fields[1])
+                points.append({"name": f"u8 step={step:g}", "mode": "u8", "quant_step": step})
+            elif fields[0] == "palette" and len(fields) == 3:
+                k, g = int(fields[1]), int(fields[2])
+                points.append({"name": f"palette K={k} G={g}", "mode": "palette", "colors": k, "group_channels": g})
+            else:
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"bad operating point {item.strip()!r}: use u8, u8:STEP or palette:K:G") from None
     return points
 
 
@@ -64,16 +71,13 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     from sdc_runtime import SdcCodec
-    from sdc_runtime.codec import unpack_latent
-    from sdc_runtime.image import from_array, to_array
     from sdc_runtime.latent import dequantize_u8, quantize_u8
 
     codec = SdcCodec(args.models, threads=args.threads)
-    m = codec.manifest
     paths = sorted(glob.glob(os.path.join(args.images, "*.png")))[: args.limit or None]
     if not paths:
         raise SystemExit(f"sdc-bench: error: no PNG images in {args.images}")
-    points = parse_points(args.points)
+    points = args.points
     peers = [p for p in args.peers.split(",") if p] if args.peers else []
     for peer in peers:
         if peer not in CLASSICAL:
@@ -83,11 +87,10 @@ def run(args) -> dict:
     for path in tqdm(paths, desc="images", unit="image"):
         name = os.path.splitext(os.path.basename(path))[0]
         original = np.asarray(Image.open(path).convert("RGB"))
-        pixels, size = to_array(original, m.downscale, m.graphs["vae_encoder"].image_range)
-        raw = codec.stages.encode(pixels)[0]
+        raw, size = codec.image_to_latent(original)
 
-        def decode_latent(latent, size=size):
-            return np.asarray(from_array(codec.stages.decode(latent[None]), m.graphs["vae_decoder"].image_range, size))
+        def decode_latent(latent, size=size):  # the decoder alone: no denoising steps
+            return np.asarray(codec.latent_to_image(latent, size))
 
         ceiling = decode_latent(raw)
         rows.append({"image": name, "codec": "autoencoder ceiling (unquantized)", **_scores(original, ceiling, 0)})
@@ -98,10 +101,9 @@ def run(args) -> dict:
         rows.append({"image": name, "codec": "original recipe (libimagequant 256 + zlib)",
                      **_scores(original, recipe, recipe_bytes + header_bytes)})
         for point in points:
-            options = {k: point[k] for k in ("colors", "group_channels", "step") if k in point}
-            data = codec.encode_latent(raw, size, mode=point["mode"], **options)
-            header, levels = unpack_latent(data)
-            ours = decode_latent(dequantize_u8(levels, header.quant_scale, header.quant_zero))
+            options = {k: point[k] for k in ("colors", "group_channels", "quant_step") if k in point}
+            data = codec.encode_latent(raw, size, mode=point["mode"], denoise_steps=0, **options)
+            ours = decode_latent(codec.decode_latent(data)[1])
             rows.append({"image": name, "codec": f"sdc {point['name']}", **_scores(original, ours, len(data))})
             if name == args.crop_image and point["name"] == args.crop_point:
                 crops["original"], crops[f"sdc {point['name']} ({len(data)} B)"] = original, ours
@@ -228,7 +230,7 @@ def add_parser(sub):
     p.add_argument("--models", required=True, help="model set")
     p.add_argument("--images", required=True, help="folder of PNG images (e.g. Kodak)")
     p.add_argument("--limit", type=int, default=0, help="first N images only")
-    p.add_argument("--points", default="u8,u8:0.2,u8:0.3,u8:0.45,u8:0.6,palette:16:4,palette:64:4,palette:128:4,"
+    p.add_argument("--points", type=parse_points, default="u8,u8:0.2,u8:0.3,u8:0.45,u8:0.6,palette:16:4,palette:64:4,palette:128:4,"
                                        "palette:256:4,palette:16:2,palette:64:2,palette:256:8",
                    help="operating points: u8, u8:STEP (coarser weighted steps) and palette:K:G "
                         "(K colours per group of G channels)")

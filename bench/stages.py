@@ -27,20 +27,18 @@ def _image(path: str | None, size: int):
 def run(args) -> dict:
     from tqdm import tqdm
 
-    from sdc_runtime import SdcCodec, sdc_info
-    from sdc_runtime.codec import unpack_latent
+    from sdc_runtime import SdcCodec, sdc_decode, sdc_info
     from sdc_runtime.image import to_array
     from sdc_runtime.latent import build_palette, lookup, nearest, to_level_space
+    from sdc_runtime.neural import denoise_timesteps
 
     codec = SdcCodec(args.models, provider=args.provider, threads=args.threads)
     m = codec.manifest
     image = _image(args.image, args.size)
     pixels, size = to_array(image, m.downscale, m.graphs["vae_encoder"].image_range)
     rows: dict[str, dict] = {}
-    from sdc_runtime.codec import SD_DEFAULTS
-    from sdc_runtime.neural import denoise_timesteps
-
-    timesteps = denoise_timesteps(SD_DEFAULTS["steps"], SD_DEFAULTS["stride"]) if "unet" in m.graphs else []
+    # The UNet timesteps a default decode of this model set runs.
+    timesteps = denoise_timesteps(m.defaults.denoise_steps, m.defaults.denoise_stride) if "unet" in m.graphs else []
     tasks = ["vae_encoder", "latent coding (palette)", "latent coding (u8)", "latent decoding (palette)",
              "palette lookup", "vae_decoder"] + (["tiny_decoder"] if "tiny_decoder" in m.graphs else []) \
         + [f"unet step t={t}" for t in timesteps]
@@ -54,30 +52,29 @@ def run(args) -> dict:
 
     raw = codec.stages.encode(pixels)
     record("vae_encoder", median_seconds(lambda: codec.stages.encode(pixels), args.repeat))
-    options = dict(colors=256, steps=0, stride=0, eta=0.0)
-    palette_file = codec.encode_latent(raw[0], size, mode="palette", **options)
-    u8_file = codec.encode_latent(raw[0], size, mode="u8", **options)
+    latent = raw[0]
+    options = dict(colors=256, denoise_steps=0)
+    palette_file = codec.encode_latent(latent, size, mode="palette", **options)
+    u8_file = codec.encode_latent(latent, size, mode="u8", **options)
     fast = max(args.repeat, 20)  # the latent stages take milliseconds: more samples are cheap
     record("latent coding (palette)", median_seconds(
-        lambda: codec.encode_latent(raw[0], size, mode="palette", **options), fast))
-    record("latent coding (u8)", median_seconds(lambda: codec.encode_latent(raw[0], size, mode="u8", **options), fast))
-    record("latent decoding (palette)", median_seconds(lambda: unpack_latent(palette_file), fast))
+        lambda: codec.encode_latent(latent, size, mode="palette", **options), fast))
+    record("latent coding (u8)", median_seconds(lambda: codec.encode_latent(latent, size, mode="u8", **options), fast))
+    record("latent decoding (palette)", median_seconds(lambda: sdc_decode(palette_file), fast))
     # The decode-side lookup alone, for one palette group (SD: the whole latent).
-    group = np.ascontiguousarray(to_level_space(raw[0], *codec.quant_mapping(raw[0]))[:, :, :4])
+    group = np.ascontiguousarray(to_level_space(latent, *codec.quant_mapping(latent))[:, :, :4])
     palette = build_palette(group.reshape(-1, group.shape[2]), 256)
     indices = nearest(group, palette)
     record("palette lookup", median_seconds(lambda: lookup(indices, palette), 200))
-    latent = raw.astype(np.float32)
-    record("vae_decoder", median_seconds(lambda: codec.stages.decode(latent), args.repeat))
+    record("vae_decoder", median_seconds(lambda: codec.stages.decode(raw), args.repeat))
     if "tiny_decoder" in m.graphs:
-        record("tiny_decoder", median_seconds(lambda: codec.stages.decode(latent, decoder="tiny_decoder"), args.repeat))
-    scaled = latent * np.float32(m.scaling_factor)
+        record("tiny_decoder", median_seconds(lambda: codec.stages.decode(raw, decoder="tiny_decoder"), args.repeat))
+    scaled = raw * np.float32(m.scaling_factor)
     for t in timesteps:
         step = np.array([t], np.float32)
-        record(f"unet step t={t}", median_seconds(lambda step=step: codec.stages._run("unet", scaled, step),
-                                                 args.repeat))
+        record(f"unet step t={t}", median_seconds(lambda step=step: codec.stages.predict(scaled, step), args.repeat))
     if args.torch_src:
-        _time_torch(args, pixels, latent, m, rows, bar, timesteps)
+        _time_torch(args, pixels, raw, m, rows, bar, timesteps)
     bar.close()
     return {
         "machine": machine(), "provider": args.provider, "size": args.size, "models": os.path.abspath(args.models),
@@ -94,15 +91,19 @@ def _time_torch(args, pixels, latent, manifest, rows, bar, timesteps):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    unet = context = None
     if manifest.family == "tae":
         from sdc_export.tae import load_tae_pair
 
         encoder, decoder, _, _ = load_tae_pair(args.torch_src)
         encode, decode = encoder, decoder
     else:
-        from diffusers import AutoencoderKL
+        from sdc_export.sources import load_stable_diffusion
 
-        vae = AutoencoderKL.from_pretrained(args.torch_src, subfolder="vae").eval()
+        # The export's own loader: the UNet is conditioned on the same "" embedding the model
+        # set baked in, with the text encoder's real prompt length (77 for SD 1.x and 2.x).
+        parts = load_stable_diffusion(args.torch_src)
+        vae, unet, context = parts.vae, parts.unet, parts.empty_prompt_embedding
         encode, decode = (lambda x: vae.encode(x).latent_dist.mean), (lambda z: vae.decode(z).sample)
     image_t, latent_t = torch.from_numpy(pixels), torch.from_numpy(latent)
     with torch.inference_mode():
@@ -110,12 +111,7 @@ def _time_torch(args, pixels, latent, manifest, rows, bar, timesteps):
         bar.update(1)
         rows["vae_decoder"]["torch_s"] = median_seconds(lambda: decode(latent_t), args.repeat)
         bar.update(1)
-        if timesteps:
-            from diffusers import UNet2DConditionModel
-
-            unet = UNet2DConditionModel.from_pretrained(args.torch_src, subfolder="unet").eval()
-            tokens = 77 if unet.config.cross_attention_dim == 768 else 16  # the text encoder's length
-            context = torch.zeros(1, tokens, unet.config.cross_attention_dim)
+        if timesteps and unet is not None:
             scaled = latent_t * manifest.scaling_factor
             for t in timesteps:
                 rows[f"unet step t={t}"]["torch_s"] = median_seconds(

@@ -79,7 +79,7 @@ def run(args) -> int:
 
 
 def _missing_extra() -> str | None:
-    from sdc_runtime.files import missing_modules
+    from sdc_runtime.extras import missing_modules
 
     missing = missing_modules("torch", "diffusers", "transformers", "onnx", "tqdm")
     return f"needs the export extra (missing: {', '.join(missing)}): pip install 'sdcodec[export]'" if missing else None

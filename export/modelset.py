@@ -7,14 +7,13 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from sdc_runtime.files import default_mode
 from sdc_runtime.latent import sd_quant_mapping
 from sdc_runtime.manifest import MANIFEST_NAME, Graph, Manifest, Scheduler, sha256_file
+from sdc_runtime.options import EncoderDefaults
 
 from . import DEFAULT_OPSET, ExportError
 from .graphs import (
@@ -24,12 +23,28 @@ from .graphs import (
 from .sources import StableDiffusionParts, weights_digest
 
 
+# Each family's encoder defaults, written into its manifests: the runtime has none of its own.
+# SD: the 2022 experiment: 256 colours with dithering, 3 DDIM steps at stride 15 (t = 30, 15, 0), eta 0.9.
+SD_DEFAULTS = EncoderDefaults(mode="palette", colors=256, group_channels=4, dither=True,
+                              denoise_steps=3, denoise_stride=15, eta=0.9)
+# TAE: no UNet; measured on Kodak (BENCHMARKS.md), nearest-colour mapping beats dithering by ~0.5 dB.
+TAE_DEFAULTS = EncoderDefaults(mode="palette", colors=256, group_channels=4, dither=False,
+                               denoise_steps=0, denoise_stride=0, eta=0.0)
+
+
 @dataclass
 class ExportReport:
     manifest: Manifest
     parity: list[Parity]
-    seconds: dict[str, float] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
+
+
+def shipping_mode(mode: int) -> int:
+    """``mode`` under the process umask: mkdtemp and the exporters create private files, but a
+    model set is for shipping, so it gets what open() and mkdir() would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
 
 
 def parity_latent_size(multiple: int) -> tuple[int, int]:
@@ -107,17 +122,14 @@ def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, o
     scratch = tempfile.mkdtemp(prefix=".sdc-export-", dir=parent)
     precision = "fp16" if fp16 else "fp32"
     parity: list[Parity] = []
-    seconds: dict[str, float] = {}
     try:
         for spec in specs:
             path = os.path.join(scratch, f"{spec.role}.onnx")
-            started = time.perf_counter()
             _step(progress, f"export {spec.role}")
             export_graph(spec, path, opset)
             if fp16:
                 _step(progress, f"fp16 {spec.role}")
                 convert_fp16(path)
-            seconds[spec.role] = time.perf_counter() - started
             _step(progress, f"parity {spec.role}")
             parity.append(check_parity(spec, path, precision))
         failed = [p for p in parity if not p.passed]
@@ -131,16 +143,16 @@ def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, o
         with open(os.path.join(scratch, MANIFEST_NAME), "w", encoding="utf-8") as fh:
             fh.write(manifest.to_json())
         sizes = {name: os.path.getsize(os.path.join(scratch, name)) for name in os.listdir(scratch)}
-        for name in sizes:  # mkdtemp and the exporters create private files; a set is for shipping
-            os.chmod(os.path.join(scratch, name), default_mode(0o666))
-        os.chmod(scratch, default_mode(0o777))
+        for name in sizes:
+            os.chmod(os.path.join(scratch, name), shipping_mode(0o666))
+        os.chmod(scratch, shipping_mode(0o777))
         if os.path.isdir(out):
             shutil.rmtree(out)
         os.replace(scratch, out)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    return ExportReport(manifest, parity, seconds, sizes)
+    return ExportReport(manifest, parity, sizes)
 
 
 def prepare_output(out: str, force: bool) -> None:
@@ -190,7 +202,7 @@ def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool
             family="sd", latent_channels=channels, downscale=downscale, scaling_factor=scaling,
             quant_scale=scale, quant_zero=zero,
             graphs={role: Graph(file, prec, (0.0, 1.0) if role == "tiny_decoder" else (-1.0, 1.0))
-                    for role, (file, prec) in graphs.items()},
+                    for role, (file, prec) in graphs.items()}, defaults=SD_DEFAULTS,
             files=files, fingerprint=fingerprint, opset=opset_used, source=parts.source,
             scheduler=scheduler, unet_latent_multiple=multiple, channel_weights=weights)
 
@@ -224,6 +236,7 @@ def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAUL
             quant_scale=(step,) * channels, quant_zero=(127.5,) * channels, quant_adaptive=True,
             channel_weights=weights,
             graphs={role: Graph(file, prec, (0.0, 1.0)) for role, (file, prec) in graphs.items()},
+            defaults=TAE_DEFAULTS,
             files=files, fingerprint=fingerprint, opset=opset_used,
             source={"model": os.path.abspath(folder), "kind": "tae", "variant": variant})
 

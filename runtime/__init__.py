@@ -2,18 +2,24 @@
 
 Data flows through one module per stage: ``container`` (the .sdc format) -> ``entropy``
 (DEFLATE / LZMA2 behind an integer interface) -> ``latent`` (8-bit mapping, palettes,
-dithering) -> ``neural`` (ONNX sessions, DDIM loop) -> ``image`` (PIL conversion).
-``codec`` ties them; ``pillow_plugin`` registers the format with Pillow.
+dithering, lookup) -> ``neural`` (ONNX sessions, DDIM loop) -> ``image`` (PIL conversion).
+``bitstream`` is the exact, model-free layer over the first three (``sdc_check``,
+``sdc_info``, ``sdc_decode``, ``sdc_encode``); ``options`` resolves and checks encoder
+options once; ``codec`` (``SdcCodec``) ties everything for one model set;
+``pillow_plugin`` registers the format with Pillow; ``cli`` is ``sdc-runtime``.
 """
-from .codec import SdcCodec, info as sdc_info, pack_latent, sdc_check, unpack_latent
+from .bitstream import sdc_check, sdc_decode, sdc_encode, sdc_info
+from .codec import SdcCodec
+from .container import Header
 from .errors import (
     SdcChecksumError, SdcError, SdcFormatError, SdcInputError, SdcLimitError, SdcModelError,
     SdcProviderError, SdcTruncatedError, SdcVersionError,
 )
+from .options import EncodeOptions
 
 __version__ = "0.1.0"
 __all__ = [
-    "SdcCodec", "sdc_check", "sdc_info", "pack_latent", "unpack_latent",
+    "SdcCodec", "EncodeOptions", "Header", "sdc_check", "sdc_info", "sdc_decode", "sdc_encode",
     "SdcError", "SdcFormatError", "SdcTruncatedError", "SdcChecksumError", "SdcVersionError",
     "SdcLimitError", "SdcModelError", "SdcProviderError", "SdcInputError",
 ]

@@ -7,11 +7,14 @@ import os
 import sys
 
 from . import __version__
-from .codec import MODES, SdcCodec, info, load_image
+from .bitstream import sdc_info
+from .codec import DECODERS, SdcCodec
 from .container import DEFAULT_MAX_PIXELS
 from .errors import SdcError, SdcInputError
-from .files import image_bytes, image_format_for, write_atomic
+from .files import write_atomic
+from .image import image_bytes, image_format_for, load_image
 from .neural import PROVIDERS
+from .options import MODES
 
 PROG = "sdc-runtime"
 
@@ -67,11 +70,19 @@ class _StepBar:
             self.bar.close()
 
 
+def _codec(args) -> SdcCodec:
+    models = args.models or os.environ.get("SDC_MODELS")
+    if not models:
+        raise SdcInputError("no model set: pass --models DIR or set SDC_MODELS")
+    return SdcCodec(models, provider=args.provider, max_pixels=args.max_pixels, threads=args.threads)
+
+
 def _cmd_encode(args) -> None:
-    codec = SdcCodec(args.models, provider=args.provider, max_pixels=args.max_pixels, threads=args.threads)
+    codec = _codec(args)
     image = load_image(sys.stdin.buffer.read() if args.input == "-" else args.input, max_pixels=args.max_pixels)
     data = codec.encode(image, mode=args.mode, colors=args.colors, group_channels=args.group_channels,
-                        dither=args.dither, step=args.step, steps=args.steps, seed=args.seed)
+                        dither=args.dither, quant_step=args.quant_step, denoise_steps=args.denoise_steps,
+                        seed=args.seed)
     _write(args.output, data)
     if args.verbose:
         print(f"{args.output}: {len(data)} bytes, {8 * len(data) / (image.width * image.height):.4f} bpp",
@@ -81,29 +92,26 @@ def _cmd_encode(args) -> None:
 def _cmd_decode(args) -> None:
     fmt = image_format_for(args.output)
     data = _read(args.input)
-    models = args.models or os.environ.get("SDC_MODELS")
-    if not models:
-        raise SdcInputError("no model set: pass --models DIR or set SDC_MODELS")
-    codec = SdcCodec(models, provider=args.provider, max_pixels=args.max_pixels, threads=args.threads)
+    codec = _codec(args)
     bar = _StepBar(sys.stderr.isatty() or args.verbose, "denoise")
     try:
-        image = codec.decode(data, steps=args.steps, decoder=args.decoder, progress=bar)
+        image = codec.decode(data, denoise_steps=args.denoise_steps, decoder=args.decoder, progress=bar)
     finally:
         bar.close()
     _write(args.output, image_bytes(image, fmt))
 
 
 def _cmd_info(args) -> None:
-    details = info(_read(args.input), max_pixels=args.max_pixels)
+    details = sdc_info(_read(args.input), max_pixels=args.max_pixels)
     if args.json:
         print(json.dumps(details, indent=1))
         return
     print(f"sdc v{details['format_version']}  {details['width']}x{details['height']}  mode {details['mode']}"
-          + (f" ({details['palette_size']} colours per group of {details['group_channels']} channels)"
-             if details["palette_size"] else ""))
+          + (f" ({details['colors']} colours per group of {details['group_channels']} channels)"
+             if details["colors"] else ""))
     c, h, w = details["latent_shape"]
     print(f"latent {c}x{h}x{w} (downscale {details['downscale']})  denoise {details['denoise_steps']} steps"
-          f" stride {details['step_stride']} eta {details['eta']:g}")
+          f" stride {details['denoise_stride']} eta {details['eta']:g}")
     for name, s in details["sections"].items():
         print(f"  {name:8s} {s['bytes']:8d} bytes ({s['raw_bytes']} raw, {s['coder']})")
     print(f"total {details['total_bytes']} bytes, {details['bpp']:.4f} bpp; model {details['model_fingerprint']}")
@@ -122,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def common(p, models_required):
-        p.add_argument("--models", required=models_required, metavar="DIR", help="model set folder (sdc-export output)")
+    def common(p):
+        p.add_argument("--models", metavar="DIR", help="model set folder (sdc-export output; default $SDC_MODELS)")
         p.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS), help="ONNX Runtime provider")
         p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
         p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
@@ -132,26 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="image -> .sdc")
     p.add_argument("input", help="image file, or - for stdin")
     p.add_argument("output", help=".sdc file, or - for stdout")
-    common(p, True)
-    p.add_argument("--mode", choices=sorted(MODES), default=None, help="latent coding (default: palette)")
-    p.add_argument("--colors", type=int, default=None, help="palette size, 2..4096 (default 256)")
+    common(p)
+    p.add_argument("--mode", choices=sorted(MODES), default=None, help="latent coding (default: the model set's)")
+    p.add_argument("--colors", type=int, default=None, help="palette mode: palette size, 2..4096 (default: the set's)")
     p.add_argument("--group-channels", type=int, default=None, metavar="G",
-                   help="palette per group of G latent channels (default 4)")
+                   help="palette mode: one palette per group of G latent channels (default: the set's)")
     p.add_argument("--dither", action=argparse.BooleanOptionalAction, default=None,
-                   help="Floyd-Steinberg dithering of the latent (default: on for SD, off for TAE)")
-    p.add_argument("--step", type=float, default=None,
+                   help="palette mode: Floyd-Steinberg dithering of the latent (default: the set's)")
+    p.add_argument("--quant-step", type=float, default=None,
                    help="u8 mode: quantization step in raw latent units for a channel of average decoder "
                         "sensitivity; larger is smaller and worse (default: the finest that fits 8 bits)")
-    p.add_argument("--steps", type=int, default=None, help="UNet steps the decoder runs by default")
+    p.add_argument("--denoise-steps", type=int, default=None,
+                   help="UNet denoising steps the decoder runs by default (default: the set's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the palette and the DDIM noise")
     p.set_defaults(run=_cmd_encode)
 
     p = sub.add_parser("decode", help=".sdc -> image (format from OUT's extension; PNG on stdout)")
     p.add_argument("input", help=".sdc file, or - for stdin")
     p.add_argument("output", help="image file, or - for stdout")
-    common(p, False)
-    p.add_argument("--steps", type=int, default=None, help="UNet steps (default: the file's; 0 skips the UNet)")
-    p.add_argument("--decoder", default="vae_decoder", choices=["vae_decoder", "tiny_decoder"],
+    common(p)
+    p.add_argument("--denoise-steps", type=int, default=None,
+                   help="UNet denoising steps (default: the file's; 0 skips the UNet)")
+    p.add_argument("--decoder", default="vae_decoder", choices=DECODERS,
                    help="which decoder graph of the set to use")
     p.set_defaults(run=_cmd_decode)
 

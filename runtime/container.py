@@ -10,8 +10,10 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .errors import (
-    SdcChecksumError, SdcFormatError, SdcLimitError, SdcTruncatedError, SdcVersionError,
+    SdcChecksumError, SdcFormatError, SdcInputError, SdcLimitError, SdcTruncatedError, SdcVersionError,
 )
 
 MAGIC = b"\x89SDC\r\n\x1a\n"
@@ -30,11 +32,12 @@ SECTION_NAMES = {SECTION_PALETTE: "palette", SECTION_INDICES: "indices", SECTION
 # (about 17 GB at 2048x2048), so a larger default would let a file ask for absurd allocations.
 DEFAULT_MAX_PIXELS = 1 << 22
 MAX_CHANNELS = 256
-MAX_PALETTE = 4096
-MAX_STEPS = 64
+MAX_COLORS = 4096
+MAX_GROUP_CHANNELS = 255  # G is one byte
+MAX_DENOISE_STEPS = 64
 FINGERPRINT_BYTES = 16
 
-_FIXED = struct.Struct("<8sHHIIHHHBBHBBHfI16s")
+_FIXED = struct.Struct("<8sHHIIHHHBBHBBHfI16s")  # the 58-byte fixed header of FORMAT.md
 _QUANT = struct.Struct("<ff")
 _SECTION = struct.Struct("<BBII")
 _CRC = struct.Struct("<I")
@@ -49,10 +52,10 @@ class Header:
     latent_width: int
     downscale: int
     mode: int
-    palette_size: int  # K: 0 in u8 mode
+    colors: int  # K, the palette size: 0 in u8 mode
     group_channels: int  # G: palette mode codes C/G groups of G channels, one palette each; 0 in u8 mode
     denoise_steps: int
-    step_stride: int
+    denoise_stride: int
     eta: float
     seed: int
     fingerprint: bytes  # first FINGERPRINT_BYTES of the model set's fingerprint
@@ -78,9 +81,9 @@ def expected_raw_lengths(header: Header) -> dict[int, int]:
     cells = header.latent_height * header.latent_width
     if header.mode == MODE_U8:
         return {SECTION_LATENT: cells * header.latent_channels}
-    index_bytes = 1 if header.palette_size <= 256 else 2
+    index_bytes = 1 if header.colors <= 256 else 2
     groups = header.latent_channels // header.group_channels
-    return {SECTION_PALETTE: header.palette_size * header.latent_channels, SECTION_INDICES: groups * cells * index_bytes}
+    return {SECTION_PALETTE: header.colors * header.latent_channels, SECTION_INDICES: groups * cells * index_bytes}
 
 
 def _validate_header(h: Header, max_pixels: int) -> None:
@@ -99,16 +102,17 @@ def _validate_header(h: Header, max_pixels: int) -> None:
                 f"{h.width}x{h.height} at downscale {h.downscale}")
     if h.mode not in MODE_NAMES:
         raise SdcFormatError(f"unknown coding mode {h.mode}")
-    if h.mode == MODE_U8 and (h.palette_size or h.group_channels):
+    if h.mode == MODE_U8 and (h.colors or h.group_channels):
         raise SdcFormatError("u8 mode must have palette size and group channels 0")
     if h.mode == MODE_PALETTE:
-        if not 2 <= h.palette_size <= MAX_PALETTE:
-            raise SdcFormatError(f"palette size {h.palette_size} is outside 2..{MAX_PALETTE}")
-        if not 1 <= h.group_channels <= h.latent_channels or h.latent_channels % h.group_channels:
+        if not 2 <= h.colors <= MAX_COLORS:
+            raise SdcFormatError(f"palette size {h.colors} is outside 2..{MAX_COLORS}")
+        if (not 1 <= h.group_channels <= min(h.latent_channels, MAX_GROUP_CHANNELS)
+                or h.latent_channels % h.group_channels):
             raise SdcFormatError(f"palette groups of {h.group_channels} channels do not divide {h.latent_channels} channels")
-    if h.denoise_steps > MAX_STEPS:
-        raise SdcLimitError(f"{h.denoise_steps} denoising steps is over the limit of {MAX_STEPS}")
-    if h.denoise_steps and h.step_stride < 1:
+    if h.denoise_steps > MAX_DENOISE_STEPS:
+        raise SdcLimitError(f"{h.denoise_steps} denoising steps is over the limit of {MAX_DENOISE_STEPS}")
+    if h.denoise_steps and h.denoise_stride < 1:
         raise SdcFormatError("denoising needs a step stride of at least 1")
     if not (0.0 <= h.eta <= 1.0):
         raise SdcFormatError(f"eta {h.eta} is outside [0, 1]")
@@ -120,24 +124,41 @@ def _validate_header(h: Header, max_pixels: int) -> None:
             raise SdcFormatError("quantization zero points must be finite")
 
 
-def pack(header: Header, sections: list[Section]) -> bytes:
-    """Serialize a header and its sections; validates like the parser does."""
-    _validate_header(header, max_pixels=1 << 62)
+def check_writable(header: Header) -> None:
+    """The checks the parser makes, for a header about to be written: what fails is the
+    caller's input, not a file, so the error is SdcInputError."""
+    for name, bits in (("width", 32), ("height", 32), ("latent_channels", 16), ("latent_height", 16),
+                       ("latent_width", 16), ("downscale", 8), ("mode", 8), ("colors", 16), ("denoise_steps", 8),
+                       ("group_channels", 8), ("denoise_stride", 16), ("seed", 32)):
+        value = getattr(header, name)
+        if not isinstance(value, (int, np.integer)) or not 0 <= value < 1 << bits:
+            raise SdcInputError(f"header field {name} must be an integer in 0..{(1 << bits) - 1}, not {value!r}")
+    try:
+        _validate_header(header, max_pixels=1 << 62)
+    except (SdcFormatError, SdcLimitError) as exc:
+        raise SdcInputError(f"cannot write this header: {exc}") from None
     if len(header.fingerprint) != FINGERPRINT_BYTES:
-        raise SdcFormatError(f"fingerprint must be {FINGERPRINT_BYTES} bytes")
+        raise SdcInputError(f"fingerprint must be {FINGERPRINT_BYTES} bytes")
+    if len(header.quant_scale) != header.latent_channels or len(header.quant_zero) != header.latent_channels:
+        raise SdcInputError("the quantization mapping needs one scale and one zero point per latent channel")
+
+
+def pack(header: Header, sections: list[Section]) -> bytes:
+    """Serialize a header and its sections (SdcInputError for what the parser would reject)."""
+    check_writable(header)
     expected = expected_raw_lengths(header)
     if sorted(s.kind for s in sections) != sorted(expected):
-        raise SdcFormatError("sections do not match the coding mode")
+        raise SdcInputError("sections do not match the coding mode")
     parts = [_FIXED.pack(
         MAGIC, VERSION, 0, header.width, header.height, header.latent_channels,
         header.latent_height, header.latent_width, header.downscale, header.mode,
-        header.palette_size, header.denoise_steps, header.group_channels, header.step_stride, header.eta,
+        header.colors, header.denoise_steps, header.group_channels, header.denoise_stride, header.eta,
         header.seed, header.fingerprint)]
     parts += [_QUANT.pack(s, z) for s, z in zip(header.quant_scale, header.quant_zero, strict=True)]
     parts.append(struct.pack("<B", len(sections)))
     for section in sections:
         if section.raw_length != expected[section.kind]:
-            raise SdcFormatError(f"{SECTION_NAMES[section.kind]} section has the wrong length")
+            raise SdcInputError(f"{SECTION_NAMES[section.kind]} section has the wrong length")
         parts.append(_SECTION.pack(section.kind, section.coder, section.raw_length, len(section.payload)))
     parts += [s.payload for s in sections]
     body = b"".join(parts)
@@ -161,7 +182,7 @@ def unpack(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header
         raise SdcVersionError(f"unsupported .sdc format version {version} (this decoder reads version {VERSION})")
     if n < _FIXED.size:
         raise SdcTruncatedError(f"truncated .sdc header: {n} of {_FIXED.size} bytes")
-    (_, _, flags, width, height, channels, lat_h, lat_w, downscale, mode, palette_size,
+    (_, _, flags, width, height, channels, lat_h, lat_w, downscale, mode, colors,
      steps, group_channels, stride, eta, seed, fingerprint) = _FIXED.unpack_from(data, 0)
     if flags:
         raise SdcFormatError("reserved header flags are not zero")
@@ -187,7 +208,7 @@ def unpack(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header
     (stored_crc,) = _CRC.unpack_from(data, total - _CRC.size)
     if zlib.crc32(data[: total - _CRC.size]) != stored_crc:
         raise SdcChecksumError("CRC32 mismatch: the .sdc data is corrupt")
-    header = Header(width, height, channels, lat_h, lat_w, downscale, mode, palette_size, group_channels, steps,
+    header = Header(width, height, channels, lat_h, lat_w, downscale, mode, colors, group_channels, steps,
                     stride, eta, seed, bytes(fingerprint),
                     tuple(q[0] for q in quant), tuple(q[1] for q in quant))
     _validate_header(header, max_pixels)

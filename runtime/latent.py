@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _kernels
-from .errors import SdcFormatError, SdcInputError
+from .errors import SdcFormatError
 
 KMEANS_ITERATIONS = 12
 
@@ -19,6 +19,38 @@ def sd_quant_mapping(scaling_factor: float, channels: int) -> tuple[tuple[float,
     ``q = round(clamp(z / (255 * s) + 0.5, 0, 1) * 255)`` is ``round(clamp(z / s + 127.5, 0, 255))``.
     """
     return (float(scaling_factor),) * channels, (127.5,) * channels
+
+
+def fit_quant_mapping(latent: np.ndarray, base_scale, base_zero, *, adaptive: bool, channel_weights=None,
+                      quant_step: float | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The 8-bit mapping for a (C, h, w) latent, float32-exact as the header stores it.
+
+    ``base_scale``/``base_zero`` is the model set's mapping.  Without ``quant_step``: that
+    mapping, or where ``adaptive`` each channel's own range within it.  With ``quant_step``: a
+    coarser mapping for u8 mode, quant_step / sqrt(w_c) raw units for channel c (w: the
+    decoder's sensitivity, ``channel_weights``), so the channels the decoder notices most are
+    quantized most finely, never so finely that the image's range would not fit 256 levels.
+    """
+    if quant_step is None and not adaptive:
+        return tuple(base_scale), tuple(base_zero)
+    scale = np.array(base_scale, np.float64)
+    zero = np.array(base_zero, np.float64)
+    flat = latent.reshape(latent.shape[0], -1).astype(np.float64)
+    lo, hi = flat.min(axis=1), flat.max(axis=1)
+    if adaptive:  # never beyond the range the model set's mapping covers
+        lo_limit, hi_limit = -zero * scale, (255 - zero) * scale
+        lo, hi = np.clip(lo, lo_limit, hi_limit), np.clip(hi, lo_limit, hi_limit)
+    if quant_step is None:
+        levels_step = np.maximum((hi - lo) / 255, scale / 255)
+        levels_step = levels_step.astype(np.float32).astype(np.float64)
+        offset = (-lo / levels_step).astype(np.float32).astype(np.float64)
+        return tuple(levels_step.tolist()), tuple(offset.tolist())
+    weights = np.ones_like(scale) if channel_weights is None else np.asarray(channel_weights, np.float64)
+    levels_step = np.maximum(quant_step / np.sqrt(weights), (hi - lo) / 254)
+    levels_step = levels_step.astype(np.float32).astype(np.float64)
+    # An integer zero point: a latent value of 0 is exactly representable.
+    offset = np.clip(np.round(-lo / levels_step), 0, 255).astype(np.float32).astype(np.float64)
+    return tuple(levels_step.tolist()), tuple(offset.tolist())
 
 
 def to_level_space(latent: np.ndarray, scale, zero) -> np.ndarray:
@@ -112,9 +144,3 @@ def lookup(indices: np.ndarray, palette: np.ndarray) -> np.ndarray:
     except IndexError as exc:
         raise SdcFormatError(str(exc)) from None
     return np.ascontiguousarray(out.transpose(2, 0, 1))
-
-
-def check_colors(colors: int) -> int:
-    if not isinstance(colors, int) or not 2 <= colors <= 4096:
-        raise SdcInputError(f"palette colours must be an integer in 2..4096, not {colors!r}")
-    return colors

@@ -2,8 +2,8 @@
 
 A model set is a folder holding ONNX graphs and ``manifest.json``.  The manifest tells the
 runtime everything it needs without torch: the latent geometry, the default 8-bit
-quantization mapping, the scheduler constants for the numpy denoising loop, and which graph
-file plays which role.
+quantization mapping, the family's encoder defaults, the scheduler constants for the numpy
+denoising loop, and which graph file plays which role.
 """
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
-from .errors import SdcModelError
+from .errors import SdcInputError, SdcModelError
+from .options import EncoderDefaults, ModelLimits, resolve_encode_options
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
+# 2: encoder defaults moved from the runtime into the manifest.
+MANIFEST_VERSION = 2
 FAMILIES = ("sd", "tae")
 PRECISIONS = ("fp32", "fp16", "int8")
 # Graph roles a model set may hold.  Encoder and decoder are required.
@@ -53,6 +55,8 @@ class Manifest:
     quant_scale: tuple[float, ...]
     quant_zero: tuple[float, ...]
     graphs: dict[str, Graph]
+    # The family's encoder defaults: what SdcCodec.encode does when the caller names nothing.
+    defaults: EncoderDefaults
     files: dict[str, str]  # file name -> sha256 hex, for every file of the set
     fingerprint: str  # hex; identifies the latent space (see docs/FORMAT.md)
     opset: int
@@ -68,6 +72,11 @@ class Manifest:
     channel_weights: tuple[float, ...] | None = None
     format_version: int = MANIFEST_VERSION
 
+    @property
+    def limits(self) -> ModelLimits:
+        has_unet = "unet" in self.graphs and self.scheduler is not None
+        return ModelLimits(self.latent_channels, self.scheduler.num_train_timesteps if has_unet else 0)
+
     def to_json(self) -> str:
         data = asdict(self)
         return json.dumps(data, indent=1, sort_keys=True)
@@ -78,8 +87,14 @@ class Manifest:
             data = json.loads(text)
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
-            if data.get("format_version") != MANIFEST_VERSION:
-                raise ValueError(f"unsupported manifest format_version {data.get('format_version')!r}")
+            version = data.get("format_version")
+            if isinstance(version, int) and version < MANIFEST_VERSION:
+                raise SdcModelError(
+                    f"the model set was written by an older sdc-export (manifest format_version {version},"
+                    " without encoder defaults): re-export it with sdc-export")
+            if version != MANIFEST_VERSION:
+                raise ValueError(f"unsupported manifest format_version {version!r}")
+            data["defaults"] = EncoderDefaults(**data["defaults"])
             data["graphs"] = {
                 role: Graph(g["file"], g["precision"], tuple(g["image_range"]))
                 for role, g in data["graphs"].items()
@@ -134,6 +149,10 @@ class Manifest:
             bad("channel_weights must be one positive number per latent channel")
         if self.unet_latent_multiple < 1:
             bad("unet_latent_multiple must be >= 1")
+        try:  # the same checks a caller's options get
+            resolve_encode_options(self.defaults, self.limits)
+        except SdcInputError as exc:
+            bad(f"defaults: {exc}")
 
 
 def load_manifest(model_dir: str | os.PathLike) -> Manifest:

@@ -1,5 +1,8 @@
 """Neural stages: ONNX Runtime sessions for the VAE encoder, UNet and decoders, and the
-DDIM denoising loop written in numpy from the manifest's scheduler constants."""
+DDIM denoising loop written in numpy from the manifest's scheduler constants.
+
+Options reach this stage already resolved and checked (``options``); it checks only what
+the model set itself can refuse (a missing graph, a failing session)."""
 from __future__ import annotations
 
 import os
@@ -8,16 +11,14 @@ import threading
 import numpy as np
 
 from .errors import SdcModelError, SdcProviderError
+from .extras import PROVIDER_INSTALL_HINTS
 from .manifest import Manifest, Scheduler, load_manifest
+from .options import Denoising
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "openvino": "OpenVINOExecutionProvider",
-}
-_INSTALL_HINT = {
-    "cuda": "install onnxruntime-gpu in place of onnxruntime (pip install 'sdcodec[gpu]')",
-    "openvino": "install onnxruntime-openvino (pip install 'sdcodec[openvino]')",
 }
 
 
@@ -31,7 +32,7 @@ def provider_chain(provider: str) -> list[str]:
     available = ort.get_available_providers()
     if name not in available:
         raise SdcProviderError(
-            f"provider {provider!r} ({name}) is not available in this onnxruntime; {_INSTALL_HINT.get(provider, '')}"
+            f"provider {provider!r} ({name}) is not available in this onnxruntime; {PROVIDER_INSTALL_HINTS.get(provider, '')}"
             f" (available: {', '.join(available)})")
     return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
 
@@ -80,7 +81,6 @@ class NeuralStages:
     def __init__(self, model_dir: str | os.PathLike, *, provider: str = "cpu", threads: int | None = None):
         self.model_dir = os.fspath(model_dir)
         self.manifest: Manifest = load_manifest(self.model_dir)
-        self.provider = provider
         self._providers = provider_chain(provider)
         self._threads = threads
         self._sessions: dict = {}
@@ -125,27 +125,29 @@ class NeuralStages:
         """(1, C, h, w) raw latent -> (1, 3, h*f, w*f) image in the decoder's range."""
         return self._run(decoder, latent)
 
-    def denoise(self, latent: np.ndarray, *, steps: int, stride: int, eta: float, seed: int,
-                progress=None) -> np.ndarray:
-        """Run ``steps`` DDIM steps on a (1, C, h, w) raw latent treated as x_t at t = (steps-1)*stride.
+    def predict(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+        """The UNet: (1, C, h, w) scaled latent at a (1,) timestep -> its noise (or v) prediction.
+        Latent sides must be multiples of the manifest's ``unet_latent_multiple``."""
+        return self._run("unet", sample, timestep)
+
+    def denoise(self, latent: np.ndarray, denoising: Denoising, *, progress=None) -> np.ndarray:
+        """Run the DDIM steps on a (1, C, h, w) raw latent treated as x_t at
+        t = (denoise_steps-1) * denoise_stride.
 
         ``progress(done, total)`` is called after each step."""
         m = self.manifest
+        steps, stride, eta = denoising.denoise_steps, denoising.denoise_stride, denoising.eta
         if steps == 0:
             return latent
-        if "unet" not in m.graphs or m.scheduler is None:
-            raise SdcModelError("denoising steps need a model set with a UNet (use steps=0)")
-        if (steps - 1) * stride >= m.scheduler.num_train_timesteps:
-            raise SdcModelError(f"{steps} steps at stride {stride} exceed the scheduler's timesteps")
         h, w = latent.shape[2:]
         mult = m.unet_latent_multiple
         pad_h, pad_w = -h % mult, -w % mult
         # The UNet needs sides that are multiples of its down-sampling; edge-pad, crop after.
         sample = np.pad(latent, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode="edge") * np.float32(m.scaling_factor)
         timesteps = denoise_timesteps(steps, stride)
-        noises = step_noise(seed, sample.shape, steps) if eta > 0 else [None] * steps
+        noises = step_noise(denoising.seed, sample.shape, steps) if eta > 0 else [None] * steps
         for done, (t, noise) in enumerate(zip(timesteps, noises), start=1):
-            prediction = self._run("unet", sample, np.full((1,), t, np.float32))
+            prediction = self.predict(sample, np.full((1,), t, np.float32))
             sample = ddim_step(prediction, t, t - stride, sample, m.scheduler, eta=eta, noise=noise)
             if progress is not None:
                 progress(done, steps)

@@ -6,7 +6,8 @@
     image.save("photo.sdc", colors=128, mode="palette")
 
 Decoding is lazy: ``Image.open`` reads only the header (size, mode); ``load()`` runs the
-model.  Save options are checked here, in Python, with the codec's own errors.
+model.  Save options are the codec's encoder options (``EncodeOptions``), checked in Python
+with the codec's own errors.
 """
 from __future__ import annotations
 
@@ -15,12 +16,11 @@ import threading
 
 from PIL import Image, ImageFile
 
-from .codec import SdcCodec, info
-from .container import MAGIC
+from .bitstream import sdc_check, sdc_info
+from .codec import SdcCodec
 from .errors import SdcInputError
 
 FORMAT = "SDC"
-SAVE_OPTIONS = ("mode", "colors", "group_channels", "dither", "steps", "seed")
 
 _default_models: str | None = None
 _provider = "cpu"
@@ -52,7 +52,7 @@ def _codec() -> SdcCodec:
 
 
 def _accept(prefix: bytes) -> bool:
-    return prefix[: len(MAGIC)] == MAGIC
+    return sdc_check(prefix)
 
 
 class SdcImageFile(ImageFile.ImageFile):
@@ -61,7 +61,7 @@ class SdcImageFile(ImageFile.ImageFile):
 
     def _open(self):
         data = self.fp.read()
-        details = info(data)  # validates the whole container; no model needed
+        details = sdc_info(data)  # validates the whole container; no model needed
         self._size = (details["width"], details["height"])
         self._mode = "RGB"
         self.info["sdc"] = details
@@ -77,8 +77,5 @@ class SdcImageFile(ImageFile.ImageFile):
 
 
 def _save(image: Image.Image, fp, filename) -> None:
-    options = dict(image.encoderinfo)
-    unknown = sorted(set(options) - set(SAVE_OPTIONS))
-    if unknown:
-        raise SdcInputError(f"unknown .sdc save option(s): {', '.join(unknown)}; known: {', '.join(SAVE_OPTIONS)}")
-    fp.write(_codec().encode(image, **options))
+    # The codec checks every option, unknown names included, before any model work.
+    fp.write(_codec().encode(image, **image.encoderinfo))
