@@ -93,6 +93,38 @@ def taef2_set(tmp_path_factory):
     return out
 
 
+def psnr(a, b) -> float:
+    return 10 * np.log10(255 ** 2 / np.mean((np.asarray(a, float) - np.asarray(b, float)) ** 2))
+
+
+def kodak(name: str, box=(128, 128, 512, 384)) -> Image.Image:
+    """A 384x256 crop of a Kodak image (the size the quality floors were measured at)."""
+    return Image.open(os.path.join(KODAK, f"{name}.png")).convert("RGB").crop(box)
+
+
+needs_shared = pytest.mark.skipif(not (os.path.isdir(TAEF2) and os.path.isdir(KODAK)),
+                                  reason="../shared/models/taef2 and ../shared/data/kodak are not present")
+
+
+@pytest.fixture(scope="session")
+def taesd_random(tmp_path_factory) -> str:
+    """A random SD-compatible (4-channel, plain) TAESD pair in the checkpoint format."""
+    import torch
+
+    from sdc_export.tae import make_decoder, make_encoder
+
+    folder = tmp_path_factory.mktemp("taesd")
+    torch.manual_seed(0)
+    torch.save(make_encoder(4, pooled=False).state_dict(), folder / "taesd_encoder.pth")
+    torch.save(make_decoder(4, pooled=False).state_dict(), folder / "taesd_decoder.pth")
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tae_set(tmp_path_factory, taesd_random) -> str:
+    return _export(tmp_path_factory, taesd_random, "taesd-random")
+
+
 @pytest.fixture(scope="session")
 def codec(model_set):
     from sdc_runtime import SdcCodec

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import KODAK, TAEF2, make_image
+from conftest import KODAK, TAEF2, assert_one_line_error, make_image, run_cli
 
 from sdc_bench.metrics import ms_ssim, psnr, ssim
 
@@ -53,3 +53,10 @@ def test_sdc_bench_rd_end_to_end(tmp_path, request):
     assert means["sdc u8"]["bytes"] > means["sdc palette K=256 G=4"]["bytes"] > means["sdc palette K=64 G=4"]["bytes"]
     for name in ("rd.png", "crops.png", "rd.csv", "summary.md"):
         assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("points", ["u8:fine", "palette:16", "jpeg", "palette:a:4"])
+def test_a_bad_operating_point_is_a_one_line_usage_error(model_set, points):
+    result = run_cli("sdc-bench", "rd", "--models", model_set, "--images", ".", "--points", points)
+    assert_one_line_error(result, "bad operating point")
+    assert result.returncode == 2

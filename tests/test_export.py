@@ -1,6 +1,8 @@
-"""sdc-export on a tiny random diffusers pipeline: files, manifest, graphs vs torch, errors."""
+"""sdc-export: the tiny random diffusers pipeline and TAESD-format pairs -> model sets: files,
+the manifest and its validation, graphs vs torch, errors."""
 import json
 import os
+import re
 
 import numpy as np
 import onnx
@@ -8,8 +10,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
-from sdc_runtime.manifest import load_manifest, sha256_file, verify_files
+from conftest import TAEF2, assert_one_line_error, make_image, needs_shared, run_cli
+from sdc_export.tae import load_tae_pair, make_decoder
+from sdc_runtime import SdcCodec, SdcModelError, sdc_info
+from sdc_runtime.manifest import Manifest, load_manifest, sha256_file, verify_files
 
 
 def _session(model_dir, role):
@@ -33,6 +37,10 @@ def test_model_set_is_complete_and_hashes_match(fixture, request):
     precision = "fp16" if fixture.endswith("fp16") else "fp32"
     assert {g.precision for g in manifest.graphs.values()} == {precision}
     assert manifest.source["kind"] == "folder"
+    # The family's encoder defaults travel in the manifest: the 2022 recipe for SD.
+    defaults = json.loads(open(os.path.join(model_dir, "manifest.json")).read())["defaults"]
+    assert defaults == {"mode": "palette", "colors": 256, "group_channels": 4, "dither": True,
+                        "denoise_steps": 3, "denoise_stride": 15, "eta": 0.9}
 
 
 def test_fingerprint_names_the_weights_not_the_precision(model_set, model_set_fp16, other_model_set):
@@ -108,12 +116,15 @@ def test_fp16_graphs_hold_fp16_weights(model_set, model_set_fp16):
 
 
 def test_export_prints_parity(tiny_sd, tmp_path):
+    """One parity line per graph: role, precision, error, tolerance, verdict (not the size table)."""
+    import re
+
     result = run_cli("sdc-export", "--model", tiny_sd, "--out", str(tmp_path / "out"), "--quiet")
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.decode()
-    for role in ("vae_encoder", "vae_decoder", "unet"):
-        assert f"{role}" in lines and "max abs err" in lines
-    assert lines.count(" ok") == 3
+    parity = re.findall(r"^(\w+)\s+fp32: max abs err ([\d.e+-]+), rel [\d.e+-]+ \(tolerance ([\d.e+-]+)\) ok$",
+                        result.stdout.decode(), flags=re.M)
+    assert sorted(role for role, _, _ in parity) == ["unet", "vae_decoder", "vae_encoder"]
+    assert all(float(err) <= float(tol) for _, err, tol in parity)
 
 
 # --- bad input: one clear line on stderr, non-zero exit, no traceback ---
@@ -175,3 +186,148 @@ def test_force_replaces_an_existing_set(tiny_sd, tmp_path):
     assert run_cli("sdc-export", "--model", tiny_sd, "--out", str(out), "--quiet", "--force").returncode == 0
     assert not (out / "old.txt").exists()
     assert json.loads((out / "manifest.json").read_text())["family"] == "sd"
+
+
+# --- the manifest: one schema, validated on load ---
+
+def _manifest_json(model_set):
+    return json.loads(open(os.path.join(model_set, "manifest.json")).read())
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda d: d.update(family="gan"), "unknown family"),
+    (lambda d: d.update(latent_channels=0), "latent_channels"),
+    (lambda d: d.update(downscale=3), "downscale"),
+    (lambda d: d.update(quant_scale=[1.0]), "one entry per latent channel"),
+    (lambda d: d.update(quant_scale=[1.0, 1.0, -1.0, 1.0]), "positive"),
+    (lambda d: d["graphs"].pop("vae_decoder"), "'vae_decoder' missing"),
+    (lambda d: d["graphs"].update(upscaler=d["graphs"]["unet"]), "unknown graph role"),
+    (lambda d: d["graphs"]["unet"].update(precision="int4"), "unknown precision"),
+    (lambda d: d["graphs"]["unet"].update(file="../unet.onnx"), "not listed in files"),
+    (lambda d: d.update(scheduler=None), "needs scheduler constants"),
+    (lambda d: d["scheduler"].update(alphas_cumprod=[0.5]), "alphas_cumprod"),
+    (lambda d: d.update(channel_weights=[1.0, 0.0, 1.0, 1.0]), "channel_weights"),
+    (lambda d: d.update(unet_latent_multiple=0), "unet_latent_multiple"),
+    (lambda d: d["defaults"].update(colors=9999), "defaults: colors"),
+    (lambda d: d["defaults"].update(group_channels=3), "defaults: group_channels"),
+    (lambda d: d["defaults"].update(denoise_stride=999), "defaults: 3 denoising steps at stride 999"),
+    (lambda d: d["defaults"].pop("eta"), "eta"),
+    (lambda d: d.update(format_version=3), "unsupported manifest format_version 3"),
+    (lambda d: d.pop("files"), "files"),
+])
+def test_manifest_validation_rejects(model_set, change, needle):
+    data = _manifest_json(model_set)
+    change(data)
+    with pytest.raises(SdcModelError, match=re.escape(needle)):
+        Manifest.from_json(json.dumps(data))
+
+
+def test_a_manifest_from_before_defaults_asks_for_a_re_export(model_set, tmp_path):
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(model_set, copy)
+    data = _manifest_json(model_set)
+    data["format_version"] = 1
+    del data["defaults"]
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(SdcModelError, match="re-export it with sdc-export"):
+        SdcCodec(str(copy))
+    make_image(16, 16).save(tmp_path / "in.png")
+    r = run_cli("sdc-runtime", "encode", str(tmp_path / "in.png"), str(tmp_path / "x.sdc"), "--models", str(copy))
+    assert_one_line_error(r, "re-export")
+
+
+def test_a_set_without_unet_may_not_default_to_denoising(tae_set):
+    data = _manifest_json(tae_set)
+    data["defaults"]["denoise_steps"] = 3
+    with pytest.raises(SdcModelError, match="defaults: this model set has no UNet"):
+        Manifest.from_json(json.dumps(data))
+
+
+# --- TAESD-format pairs ---
+
+def test_variant_and_channels_come_from_the_state_dict(taesd_random, tmp_path):
+    _, _, channels, variant = load_tae_pair(taesd_random)
+    assert (channels, variant) == (4, "taesd")
+    # The same weights under TAEF2-looking names are still plain TAESD: names do not decide.
+    renamed = tmp_path / "named"
+    renamed.mkdir()
+    for part in ("encoder", "decoder"):
+        os.link(os.path.join(taesd_random, f"taesd_{part}.pth"), renamed / f"taef2_{part}.pth")
+    assert load_tae_pair(str(renamed))[3] == "taesd"
+
+
+@needs_shared
+def test_taef2_is_detected_and_loads_strictly():
+    _, _, channels, variant = load_tae_pair(TAEF2)
+    assert (channels, variant) == (32, "taef2")
+
+
+def test_tae_pair_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save({"0.weight": torch.zeros(3)}, bad / "x_encoder.pth")
+    torch.save(make_decoder(4, pooled=False).state_dict(), bad / "x_decoder.pth")
+    result = run_cli("sdc-export", "--model", str(bad), "--out", str(tmp_path / "o"), "--quiet")
+    assert_one_line_error(result, "TAESD encoder layout")
+    assert result.returncode == 1
+    (bad / "y_decoder.pth").write_bytes(b"junk")
+    result = run_cli("sdc-export", "--model", str(bad), "--out", str(tmp_path / "o"), "--quiet")
+    assert_one_line_error(result, "exactly one")
+
+
+def test_tae_export_and_round_trip(tae_set):
+    manifest = load_manifest(tae_set)
+    assert manifest.family == "tae" and manifest.scaling_factor == 1.0 and "unet" not in manifest.graphs
+    assert manifest.graphs["vae_encoder"].image_range == (0.0, 1.0) and manifest.quant_adaptive
+    assert manifest.defaults.dither is False and manifest.defaults.denoise_steps == 0
+    codec = SdcCodec(tae_set)
+    data = codec.encode(make_image(50, 30))
+    assert sdc_info(data)["denoise_steps"] == 0
+    assert codec.decode(data).size == (50, 30)
+
+
+def test_sd_export_with_a_tiny_decoder(tiny_sd, taesd_random, tmp_path):
+    """--tiny-decoder ships a TAESD decoder fed with raw latents (scaled inside the graph)."""
+    from sdc_export.cli import main
+    from sdc_export.tae import load_tae_decoder
+
+    out = str(tmp_path / "set")
+    assert main(["--model", tiny_sd, "--out", out, "--quiet", "--tiny-decoder", taesd_random]) == 0
+    manifest = load_manifest(out)
+    assert manifest.graphs["tiny_decoder"].image_range == (0.0, 1.0)
+    decoder, _ = load_tae_decoder(taesd_random)
+    latent = np.random.default_rng(0).normal(0, 3, (1, 4, 6, 10)).astype(np.float32)
+    session = ort.InferenceSession(os.path.join(out, "tiny_decoder.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = decoder(torch.from_numpy(latent) * manifest.scaling_factor).numpy()
+    np.testing.assert_allclose(session.run(None, {"latent": latent})[0], expected, atol=1e-4)
+    codec = SdcCodec(out)
+    data = codec.encode(make_image(40, 24))
+    assert codec.decode(data, decoder="tiny_decoder", denoise_steps=0).size == (40, 24)
+    result = run_cli("sdc-export", "--model", taesd_random, "--out", str(tmp_path / "x"), "--tiny-decoder",
+                     taesd_random, "--quiet")
+    assert_one_line_error(result, "Stable Diffusion exports only")
+
+
+def test_tiny_decoder_folder_needs_no_encoder(taesd_random, tmp_path):
+    from sdc_export.tae import load_tae_decoder
+
+    only = tmp_path / "decoder-only"
+    only.mkdir()
+    os.link(os.path.join(taesd_random, "taesd_decoder.pth"), only / "taesd_decoder.pth")
+    assert load_tae_decoder(str(only))[1] == 4
+
+
+@needs_shared
+def test_taef2_graphs_agree_with_the_torch_modules(taef2_set):
+    encoder, decoder, _, _ = load_tae_pair(TAEF2)
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1, (1, 3, 48, 80)).astype(np.float32)
+    latent = rng.normal(0, 2, (1, 32, 6, 10)).astype(np.float32)
+    for role, module, x, name in (("vae_encoder", encoder, image, "image"), ("vae_decoder", decoder, latent, "latent")):
+        session = ort.InferenceSession(os.path.join(taef2_set, f"{role}.onnx"), providers=["CPUExecutionProvider"])
+        with torch.no_grad():
+            expected = module(torch.from_numpy(x)).numpy()
+        assert np.abs(session.run(None, {name: x})[0] - expected).max() < 1e-3, role

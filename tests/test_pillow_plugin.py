@@ -32,10 +32,16 @@ def test_save_checks_options_and_writes_a_valid_file(registered, codec):
     data = buffer.getvalue()
     assert data[:4] == b"\x89SDC"
     assert Image.open(io.BytesIO(data)).info["sdc"]["mode"] == "u8"
-    with pytest.raises(SdcInputError, match="unknown .sdc save option"):
+    with pytest.raises(SdcInputError, match="unknown encoder option"):
         make_image(8, 8).save(io.BytesIO(), format="SDC", quality=90)
     with pytest.raises(SdcInputError, match="2..4096"):
         make_image(8, 8).save(io.BytesIO(), format="SDC", colors=1)
+    with pytest.raises(SdcInputError, match="u8 mode only"):
+        make_image(8, 8).save(io.BytesIO(), format="SDC", quant_step=0.5)
+    buffer = io.BytesIO()
+    make_image(40, 24).save(buffer, format="SDC", mode="palette", colors=8, denoise_steps=1)
+    details = Image.open(io.BytesIO(buffer.getvalue())).info["sdc"]
+    assert details["colors"] <= 8 and details["denoise_steps"] == 1
 
 
 def test_a_corrupt_file_raises_the_codecs_error(registered, codec):

@@ -14,11 +14,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FINGERPRINT = bytes(range(16))
 
 
-def header(mode, palette_size, width, height, channels, group_channels=0):
+def header(mode, colors, width, height, channels, group_channels=0):
     return Header(width=width, height=height, latent_channels=channels, latent_height=-(-height // 8),
-                  latent_width=-(-width // 8), downscale=8, mode=mode, palette_size=palette_size,
+                  latent_width=-(-width // 8), downscale=8, mode=mode, colors=colors,
                   group_channels=group_channels,
-                  denoise_steps=3, step_stride=15, eta=0.5, seed=1234, fingerprint=FINGERPRINT,
+                  denoise_steps=3, denoise_stride=15, eta=0.5, seed=1234, fingerprint=FINGERPRINT,
                   quant_scale=(0.18215,) * channels, quant_zero=(127.5,) * channels)
 
 

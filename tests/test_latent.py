@@ -1,4 +1,5 @@
-"""The Cython kernels against their slow references: identical indices, bounds checked."""
+"""Latent coding: the Cython kernels against their slow references (identical indices, bounds
+checked), palettes, and the 8-bit mapping."""
 import numpy as np
 import pytest
 
@@ -124,3 +125,19 @@ def test_quantization_is_the_original_mapping():
     back = latent.dequantize_u8(q, scale, zero)
     inside = np.abs(z) < 23.0
     assert np.abs(back - z)[inside].max() <= 0.18215 / 2 + 1e-5
+
+
+def test_fit_quant_mapping_fixed_adaptive_and_stepped():
+    rng = np.random.default_rng(2)
+    z = rng.normal(0, 1, (3, 6, 7)) * np.array([1.0, 2.0, 0.5])[:, None, None]
+    base_scale, base_zero = (12 / 255,) * 3, (127.5,) * 3
+    assert latent.fit_quant_mapping(z, base_scale, base_zero, adaptive=False) == (base_scale, base_zero)
+    scale, zero = latent.fit_quant_mapping(z, base_scale, base_zero, adaptive=True)
+    levels = latent.to_level_space(z, scale, zero)
+    assert levels.min() >= 0 and levels.max() <= 255 + 1e-3  # each channel's own range fills 8 bits
+    assert np.all(np.ptp(levels.reshape(-1, 3), axis=0) > 254)
+    weights = (4.0, 1.0, 0.25)
+    scale, zero = latent.fit_quant_mapping(z * 0.01, base_scale, base_zero, adaptive=True, channel_weights=weights,
+                                           quant_step=0.2)
+    np.testing.assert_allclose(scale, 0.2 / np.sqrt(weights), rtol=1e-6)  # finer where the decoder is sensitive
+    assert all(float(v).is_integer() for v in zero)  # integer zero points: 0 is exact

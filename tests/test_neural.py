@@ -1,0 +1,62 @@
+"""Neural stages: the numpy DDIM step against diffusers, the schedule and noise, providers,
+and the UNet loop against diffusers' scheduler driving the same graph."""
+import numpy as np
+import pytest
+
+from sdc_runtime import SdcModelError, SdcProviderError
+from sdc_runtime.neural import NeuralStages, ddim_step, denoise_timesteps, provider_chain, step_noise
+from sdc_runtime.options import Denoising
+
+
+def test_numpy_ddim_step_equals_diffusers():
+    import torch
+    from diffusers import DDIMScheduler
+
+    from sdc_export.modelset import scheduler_constants
+    from sdc_export.tiny import SD15_SCHEDULER
+
+    rng = np.random.default_rng(0)
+    for prediction in ("epsilon", "v_prediction"):
+        config = dict(SD15_SCHEDULER, prediction_type=prediction)
+        reference = DDIMScheduler.from_config(config)
+        reference.set_timesteps(1000 // 15)
+        constants = scheduler_constants(config)
+        for eta in (0.0, 0.9):
+            for t in (30, 15, 0, 975):
+                sample = rng.normal(0, 1, (1, 4, 6, 5)).astype(np.float32)
+                output = rng.normal(0, 1, (1, 4, 6, 5)).astype(np.float32)
+                noise = rng.normal(0, 1, (1, 4, 6, 5)).astype(np.float32)
+                expected = reference.step(torch.from_numpy(output), t, torch.from_numpy(sample), eta=eta,
+                                          variance_noise=torch.from_numpy(noise)).prev_sample.numpy()
+                ours = ddim_step(output, t, t - 15, sample, constants, eta=eta, noise=noise)
+                np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
+
+
+def test_schedule_and_noise_are_fixed_by_the_header():
+    assert denoise_timesteps(3, 15) == [30, 15, 0]
+    assert denoise_timesteps(1, 40) == [0]
+    a, b = step_noise(7, (1, 4, 3, 2), 3), step_noise(7, (1, 4, 3, 2), 3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], a[1])
+
+
+def test_denoise_pads_to_the_unet_multiple_and_crops_back(model_set):
+    stages = NeuralStages(model_set)
+    latent = np.random.default_rng(0).normal(0, 1, (1, 4, 5, 7)).astype(np.float32)  # odd sides, multiple 2
+    out = stages.denoise(latent, Denoising(2, 15, 0.5, 3))
+    assert out.shape == latent.shape and out.dtype == np.float32 and np.all(np.isfinite(out))
+    np.testing.assert_array_equal(out, stages.denoise(latent, Denoising(2, 15, 0.5, 3)))
+    assert stages.denoise(latent, Denoising(0, 0, 0.0, 0)) is latent
+
+
+def test_providers():
+    assert provider_chain("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(SdcProviderError, match="unknown provider"):
+        provider_chain("tpu")
+    with pytest.raises(SdcProviderError, match="onnxruntime-gpu"):
+        provider_chain("cuda")
+
+
+def test_a_missing_graph_is_a_model_error(tae_set):
+    with pytest.raises(SdcModelError, match="no unet graph"):
+        NeuralStages(tae_set).predict(np.zeros((1, 4, 2, 2), np.float32), np.zeros(1, np.float32))
