@@ -28,14 +28,14 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     from sdc_runtime import SdcCodec, sdc_decode, sdc_info
-    from sdc_runtime.image import to_array
+    from sdc_runtime.image import to_graph_input, to_pixels
     from sdc_runtime.latent import build_palette, lookup, nearest, to_level_space
     from sdc_runtime.neural import denoise_timesteps
 
     codec = SdcCodec(args.models, provider=args.provider, threads=args.threads)
     m = codec.manifest
     image = _image(args.image, args.size)
-    pixels, size = to_array(image, m.downscale, m.graphs["vae_encoder"].image_range)
+    pixels, size = to_pixels(image, m.downscale)
     rows: dict[str, dict] = {}
     # The UNet timesteps a default decode of this model set runs.
     timesteps = denoise_timesteps(m.defaults.denoise_steps, m.defaults.denoise_stride) if "unet" in m.graphs else []
@@ -74,7 +74,7 @@ def run(args) -> dict:
         step = np.array([t], np.float32)
         record(f"unet step t={t}", median_seconds(lambda step=step: codec.stages.predict(scaled, step), args.repeat))
     if args.torch_src:
-        _time_torch(args, pixels, raw, m, rows, bar, timesteps)
+        _time_torch(args, to_graph_input(pixels, m.graphs["vae_encoder"].image_range), raw, m, rows, bar, timesteps)
     bar.close()
     return {
         "machine": machine(), "provider": args.provider, "size": args.size, "models": os.path.abspath(args.models),

@@ -62,6 +62,20 @@ class GraphSpec:
     input_names: list[str]
     output_name: str
     example: tuple  # example inputs at the parity size, batch 1
+    # For an nn.Sequential whose layers at latent resolution need the whole image (GroupNorm
+    # statistics): the layer index that splits it into the part at latent resolution, run
+    # whole, and the spatially local part the runtime may run in tiles.
+    split: int | None = None
+
+    def parts(self) -> list[GraphSpec]:
+        """The split graph's two parts, in data-flow order, named '<role>.whole' and
+        '<role>.tiled': an encoder is local up to the latent resolution, a decoder from it."""
+        first, second = self.module[:self.split].eval(), self.module[self.split:].eval()
+        with torch.no_grad():
+            middle = first(*self.example)
+        names = ("tiled", "whole") if self.role == "vae_encoder" else ("whole", "tiled")
+        return [GraphSpec(f"{self.role}.{names[0]}", first, self.input_names, "features", self.example),
+                GraphSpec(f"{self.role}.{names[1]}", second, ["features"], self.output_name, (middle,))]
 
 
 def export_graph(spec: GraphSpec, path: str, opset: int) -> None:
@@ -157,7 +171,7 @@ def check_parity(spec: GraphSpec, path: str, precision: str, *, batch: int = 2) 
         shape = (batch,) + tuple(example.shape[1:])
         if example.ndim == 1:  # timestep: a mid-schedule value for every batch item
             inputs.append(torch.full(shape, 15.0))
-        elif spec.role == "vae_encoder":
+        elif spec.role in ("vae_encoder", "vae_encoder.tiled"):
             inputs.append(torch.rand(shape, generator=generator) * 2 - 1)
         else:
             inputs.append(torch.randn(shape, generator=generator))

@@ -32,6 +32,15 @@ TAE_DEFAULTS = EncoderDefaults(mode="palette", colors=256, group_channels=4, dit
                                denoise_steps=0, denoise_stride=0, eta=0.0)
 
 
+# Working memory per image pixel of each graph on the CPU EP, in bytes: the slope of peak RSS
+# between two image sizes (/usr/bin/time -v, BENCHMARKS.md "Tiled neural stages"), rounded up.
+# The runtime sizes its tiles from these; the UNet's is per image pixel too (latent cell / 64).
+MEMORY_PER_PIXEL = {
+    "sd": {"vae_encoder": 3000, "vae_decoder": 3000, "unet": 400, "tiny_decoder": 1100},
+    "tae": {"vae_encoder": 1100, "vae_decoder": 1100},
+}
+
+
 @dataclass
 class ExportReport:
     manifest: Manifest
@@ -123,22 +132,26 @@ def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, o
     precision = "fp16" if fp16 else "fp32"
     parity: list[Parity] = []
     try:
+        parts: dict[str, dict[str, str]] = {}
         for spec in specs:
-            path = os.path.join(scratch, f"{spec.role}.onnx")
-            _step(progress, f"export {spec.role}")
-            export_graph(spec, path, opset)
-            if fp16:
-                _step(progress, f"fp16 {spec.role}")
-                convert_fp16(path)
-            _step(progress, f"parity {spec.role}")
-            parity.append(check_parity(spec, path, precision))
+            for graph in [spec] + (spec.parts() if spec.split is not None else []):
+                path = os.path.join(scratch, f"{graph.role}.onnx")
+                _step(progress, f"export {graph.role}")
+                export_graph(graph, path, opset)
+                if fp16:
+                    _step(progress, f"fp16 {graph.role}")
+                    convert_fp16(path)
+                _step(progress, f"parity {graph.role}")
+                parity.append(check_parity(graph, path, precision))
+                if graph is not spec:
+                    parts.setdefault(spec.role, {})[graph.role.rsplit(".", 1)[1]] = f"{graph.role}.onnx"
         failed = [p for p in parity if not p.passed]
         if failed:
             raise ExportError("parity check failed: " + "; ".join(p.line() for p in failed))
         _step(progress, "hash files")
         files = {name: sha256_file(os.path.join(scratch, name)) for name in sorted(os.listdir(scratch))}
-        graphs = {spec.role: f"{spec.role}.onnx" for spec in specs}
-        manifest = describe({role: (file, precision) for role, file in graphs.items()}, files, opset)
+        graphs = {spec.role: (f"{spec.role}.onnx", precision, parts.get(spec.role, {})) for spec in specs}
+        manifest = describe(graphs, files, opset)
         manifest.validate()
         with open(os.path.join(scratch, MANIFEST_NAME), "w", encoding="utf-8") as fh:
             fh.write(manifest.to_json())
@@ -201,8 +214,9 @@ def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool
         return Manifest(
             family="sd", latent_channels=channels, downscale=downscale, scaling_factor=scaling,
             quant_scale=scale, quant_zero=zero,
-            graphs={role: Graph(file, prec, (0.0, 1.0) if role == "tiny_decoder" else (-1.0, 1.0))
-                    for role, (file, prec) in graphs.items()}, defaults=SD_DEFAULTS,
+            graphs={role: Graph(file, prec, (0.0, 1.0) if role == "tiny_decoder" else (-1.0, 1.0),
+                                MEMORY_PER_PIXEL["sd"][role], **parts)
+                    for role, (file, prec, parts) in graphs.items()}, defaults=SD_DEFAULTS,
             files=files, fingerprint=fingerprint, opset=opset_used, source=parts.source,
             scheduler=scheduler, unet_latent_multiple=multiple, channel_weights=weights)
 
@@ -216,13 +230,16 @@ TAE_LATENT_RANGE = 6.0
 def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAULT_OPSET, force: bool = False,
                progress=None) -> ExportReport:
     """A TAESD-format pair -> model set: image in [0, 1], latent scale 1, no UNet."""
-    from .tae import load_tae_pair
+    from .tae import load_tae_pair, tae_splits
 
     encoder, decoder, channels, variant = load_tae_pair(folder)
     lh, lw = parity_latent_size(1)
+    # Pooled (TAEF2) blocks hold GroupNorms, whose statistics span the whole latent: those
+    # layers, all at latent resolution, run whole; the rest may run in tiles.
+    encoder_split, decoder_split = tae_splits(encoder, decoder)
     specs = [
-        GraphSpec("vae_encoder", encoder, ["image"], "latent", (torch.zeros(1, 3, lh * 8, lw * 8),)),
-        GraphSpec("vae_decoder", decoder, ["latent"], "image", (torch.zeros(1, channels, lh, lw),)),
+        GraphSpec("vae_encoder", encoder, ["image"], "latent", (torch.zeros(1, 3, lh * 8, lw * 8),), encoder_split),
+        GraphSpec("vae_decoder", decoder, ["latent"], "image", (torch.zeros(1, channels, lh, lw),), decoder_split),
     ]
     _step(progress, "fingerprint weights")
     weights = decoder_sensitivity(decoder, channels, 1.5)
@@ -235,7 +252,8 @@ def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAUL
             family="tae", latent_channels=channels, downscale=8, scaling_factor=1.0,
             quant_scale=(step,) * channels, quant_zero=(127.5,) * channels, quant_adaptive=True,
             channel_weights=weights,
-            graphs={role: Graph(file, prec, (0.0, 1.0)) for role, (file, prec) in graphs.items()},
+            graphs={role: Graph(file, prec, (0.0, 1.0), MEMORY_PER_PIXEL["tae"][role], **parts)
+                    for role, (file, prec, parts) in graphs.items()},
             defaults=TAE_DEFAULTS,
             files=files, fingerprint=fingerprint, opset=opset_used,
             source={"model": os.path.abspath(folder), "kind": "tae", "variant": variant})

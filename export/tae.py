@@ -63,6 +63,18 @@ def make_decoder(latent_channels: int, pooled: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def tae_splits(encoder: nn.Sequential, decoder: nn.Sequential) -> tuple[int | None, int | None]:
+    """Where the graphs split between spatially local layers and the pooled blocks (whose
+    GroupNorm needs the whole latent): the encoder before its first pooled block, the decoder
+    after its last.  None for plain TAESD, which is local throughout."""
+    def pooled(module):
+        return isinstance(module, Block) and hasattr(module, "pool")
+
+    encoder_pooled = [i for i, m in enumerate(encoder) if pooled(m)]
+    decoder_pooled = [i for i, m in enumerate(decoder) if pooled(m)]
+    return (encoder_pooled[0] if encoder_pooled else None, decoder_pooled[-1] + 1 if decoder_pooled else None)
+
+
 def find_pair(folder: str) -> tuple[str, str] | None:
     """The (encoder, decoder) .pth files of a TAESD-format folder, or None if it is not one."""
     if not os.path.isdir(folder):

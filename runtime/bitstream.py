@@ -8,7 +8,8 @@
 It ties the container (header, sections, CRC), the entropy coders and the latent coding
 (palettes, indices, lookup); no model set is involved, and decoding is bit-exact everywhere
 (docs/FORMAT.md).  Every error is an SdcError: SdcFormatError and its subclasses for bad
-bytes, SdcLimitError for sizes over ``max_pixels``, SdcInputError for bad arguments.
+bytes, SdcLimitError when ``sdc_decode`` meets an image over ``max_pixels``, SdcInputError
+for bad arguments.
 """
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ def sdc_check(data, /) -> bool:
     return container.check(data)
 
 
-def sdc_info(data, /, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
-    """What a .sdc file holds, without a model set.  The whole container is checked."""
-    header, sections = container.unpack(data, max_pixels=max_pixels)
+def sdc_info(data, /) -> dict:
+    """What a .sdc file holds, without a model set.  The whole container is checked; nothing
+    is decoded or allocated, so a well-formed file is never refused for its size."""
+    header, sections = container.unpack(data, max_pixels=None)
     return {
         "format_version": container.VERSION,
         "width": header.width,

@@ -13,7 +13,7 @@ from .container import DEFAULT_MAX_PIXELS
 from .errors import SdcError, SdcInputError
 from .files import write_atomic
 from .image import image_bytes, image_format_for, load_image
-from .neural import PROVIDERS
+from .neural import DEFAULT_MEMORY_LIMIT, PROVIDERS
 from .options import MODES
 
 PROG = "sdc-runtime"
@@ -46,43 +46,51 @@ def _write(path: str, data: bytes) -> None:
         raise SdcInputError(f"cannot write {path}: {exc.strerror}") from None
 
 
-class _StepBar:
-    """A tqdm bar on stderr, opened at the first reported step (when the total is known);
-    nothing when it is not wanted or tqdm is not installed."""
+class _Progress:
+    """tqdm bars on stderr, one per stage (tiles of the encoder, denoising steps, decoder
+    tiles), each opened at its first report; nothing when not wanted or tqdm is missing."""
 
-    def __init__(self, enabled: bool, desc: str):
-        self.enabled, self.desc, self.bar = enabled, desc, None
+    def __init__(self, enabled: bool):
+        self.enabled, self.stage, self.bar = enabled, None, None
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
             return
-        if self.bar is None:
+        if stage != self.stage:
+            self.close()
             try:
                 from tqdm import tqdm
             except ImportError:
                 self.enabled = False
                 return
-            self.bar = tqdm(total=total, desc=self.desc, unit="step", leave=False, file=sys.stderr)
+            unit = "step" if stage == "denoise" and total <= 64 else "tile"
+            self.stage, self.bar = stage, tqdm(total=total, desc=stage, unit=unit, leave=False, file=sys.stderr)
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def _codec(args) -> SdcCodec:
     models = args.models or os.environ.get("SDC_MODELS")
     if not models:
         raise SdcInputError("no model set: pass --models DIR or set SDC_MODELS")
-    return SdcCodec(models, provider=args.provider, max_pixels=args.max_pixels, threads=args.threads)
+    return SdcCodec(models, provider=args.provider, max_pixels=args.max_pixels, threads=args.threads,
+                    memory_limit=args.memory_limit, tile_size=args.tile_size)
 
 
 def _cmd_encode(args) -> None:
     codec = _codec(args)
     image = load_image(sys.stdin.buffer.read() if args.input == "-" else args.input, max_pixels=args.max_pixels)
-    data = codec.encode(image, mode=args.mode, colors=args.colors, group_channels=args.group_channels,
-                        dither=args.dither, quant_step=args.quant_step, denoise_steps=args.denoise_steps,
-                        seed=args.seed)
+    bar = _Progress(sys.stderr.isatty() or args.verbose)
+    try:
+        data = codec.encode(image, mode=args.mode, colors=args.colors, group_channels=args.group_channels,
+                            dither=args.dither, quant_step=args.quant_step, denoise_steps=args.denoise_steps,
+                            seed=args.seed, progress=bar)
+    finally:
+        bar.close()
     _write(args.output, data)
     if args.verbose:
         print(f"{args.output}: {len(data)} bytes, {8 * len(data) / (image.width * image.height):.4f} bpp",
@@ -93,7 +101,7 @@ def _cmd_decode(args) -> None:
     fmt = image_format_for(args.output)
     data = _read(args.input)
     codec = _codec(args)
-    bar = _StepBar(sys.stderr.isatty() or args.verbose, "denoise")
+    bar = _Progress(sys.stderr.isatty() or args.verbose)
     try:
         image = codec.decode(data, denoise_steps=args.denoise_steps, decoder=args.decoder, progress=bar)
     finally:
@@ -102,7 +110,7 @@ def _cmd_decode(args) -> None:
 
 
 def _cmd_info(args) -> None:
-    details = sdc_info(_read(args.input), max_pixels=args.max_pixels)
+    details = sdc_info(_read(args.input))
     if args.json:
         print(json.dumps(details, indent=1))
         return
@@ -125,6 +133,16 @@ def _cmd_verify(args) -> None:
     print(f"{args.models}: {len(manifest.files)} files match the manifest; fingerprint {manifest.fingerprint[:32]}")
 
 
+def _size(text: str) -> int:
+    """'2G', '512M', '1500000000' -> bytes (binary multiples)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    try:
+        value = text.strip().upper().removesuffix("B").removesuffix("I")
+        return int(float(value[:-1]) * units[value[-1]]) if value[-1:] in units else int(value)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 2G, 512M)") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Encode and decode .sdc images with ONNX Runtime.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -134,7 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--models", metavar="DIR", help="model set folder (sdc-export output; default $SDC_MODELS)")
         p.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS), help="ONNX Runtime provider")
         p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
-        p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
+        p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                       help=f"refuse larger images (default {DEFAULT_MAX_PIXELS})")
+        p.add_argument("--memory-limit", type=_size, default=DEFAULT_MEMORY_LIMIT, metavar="BYTES",
+                       help="working memory of the neural stages, besides the model weights; larger images "
+                            "run in tiles that fit it (suffixes K, M, G; default 2G)")
+        p.add_argument("--tile-size", type=int, default=None, metavar="PIXELS",
+                       help="tile side in pixels instead of one from --memory-limit; 0: never tile")
         p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("encode", help="image -> .sdc")
@@ -168,7 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a .sdc file (no model needed)")
     p.add_argument("input", help=".sdc file, or - for stdin")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.set_defaults(run=_cmd_info)
 
     p = sub.add_parser("verify", help="check a model set's files against the sha256 in its manifest")

@@ -17,19 +17,30 @@ from . import container, latent as latent_coding
 from .bitstream import sdc_decode, sdc_encode
 from .container import DEFAULT_MAX_PIXELS, Header
 from .errors import SdcInputError, SdcModelError
-from .image import from_array, to_array
-from .neural import NeuralStages
+from .image import check_pixel_limit, to_pixels
+from .neural import DEFAULT_MEMORY_LIMIT, NeuralStages
 from .options import MODES, EncodeOptions, resolve_denoising, resolve_encode_options
 
 DECODERS = ("vae_decoder", "tiny_decoder")
 
 
 class SdcCodec:
-    """Encoder and decoder for one model set; build once, call many times (thread-safe sessions)."""
+    """Encoder and decoder for one model set; build once, call many times (thread-safe sessions).
+
+    ``max_pixels`` bounds the images it reads and writes; ``memory_limit`` (bytes) is the
+    budget the neural stages size their tiles for, and ``tile_size`` (pixels per side; 0:
+    never tile) overrides it.  Tiles depend only on the image and tile sizes.
+    """
 
     def __init__(self, models: str | os.PathLike, /, *, provider: str = "cpu",
-                 max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None):
-        self.stages = NeuralStages(models, provider=provider, threads=threads)
+                 max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None,
+                 memory_limit: int = DEFAULT_MEMORY_LIMIT, tile_size: int | None = None):
+        if not isinstance(memory_limit, int) or memory_limit < 1 << 20:
+            raise SdcInputError(f"memory_limit must be at least 1 MiB, not {memory_limit!r}")
+        if tile_size is not None and (not isinstance(tile_size, int) or not (tile_size == 0 or tile_size >= 64)):
+            raise SdcInputError(f"tile_size must be 0 (untiled) or at least 64 pixels, not {tile_size!r}")
+        self.stages = NeuralStages(models, provider=provider, threads=threads, memory_limit=memory_limit,
+                                   tile_size=tile_size)
         self.manifest = self.stages.manifest
         self.max_pixels = max_pixels
 
@@ -43,19 +54,18 @@ class SdcCodec:
 
     # --- encode ---
 
-    def encode(self, image, /, **options) -> bytes:
+    def encode(self, image, /, *, progress=None, **options) -> bytes:
         """PIL image or (H, W, 3) uint8 array -> .sdc bytes.  ``options``: the fields of
         ``EncodeOptions`` (mode, colors, group_channels, dither, quant_step, denoise_steps,
         denoise_stride, eta, seed); what is not given comes from the model set's defaults."""
         resolved = self.options(**options)  # before any neural work
-        latent, size = self.image_to_latent(image)
+        latent, size = self.image_to_latent(image, progress=progress)
         return self._code_latent(latent, size, resolved)
 
-    def image_to_latent(self, image, /) -> tuple[np.ndarray, tuple[int, int]]:
+    def image_to_latent(self, image, /, *, progress=None) -> tuple[np.ndarray, tuple[int, int]]:
         """PIL image or (H, W, 3) uint8 array -> ((C, h, w) float32 raw latent, (width, height))."""
-        m = self.manifest
-        pixels, size = to_array(image, m.downscale, m.graphs["vae_encoder"].image_range, max_pixels=self.max_pixels)
-        return self.stages.encode(pixels)[0], size
+        pixels, size = to_pixels(image, self.manifest.downscale, max_pixels=self.max_pixels)
+        return self.stages.encode(pixels, progress=progress)[0], size
 
     def quant_mapping(self, latent: np.ndarray, /, quant_step: float | None = None):
         """(scale, zero) per channel: the 8-bit mapping this set's encoder uses for ``latent``."""
@@ -111,7 +121,7 @@ class SdcCodec:
                         decoder: str = "vae_decoder", progress=None) -> Image.Image:
         """(C, h, w) raw latent -> RGB PIL image of ``size`` = (width, height): the DDIM steps
         (none by default; stride and eta default to the model set's), then the decoder.
-        ``progress(done, total)`` is called after each step."""
+        ``progress(stage, done, total)`` is called after each step and tile."""
         m = self.manifest
         denoising = resolve_denoising(m.defaults, m.limits, denoise_steps=denoise_steps,
                                       denoise_stride=denoise_stride, eta=eta, seed=seed)
@@ -119,8 +129,11 @@ class SdcCodec:
             raise SdcInputError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
         if decoder not in m.graphs:
             raise SdcModelError(f"the model set has no {decoder.replace('_', ' ')} graph")
+        width, height = size
+        check_pixel_limit(width, height, self.max_pixels)  # the output buffer is the one allocation that scales
         latent = self.stages.denoise(np.asarray(latent, np.float32)[None], denoising, progress=progress)
-        return from_array(self.stages.decode(latent, decoder=decoder), m.graphs[decoder].image_range, size)
+        pixels = self.stages.decode(latent, decoder=decoder, progress=progress)
+        return Image.fromarray(np.ascontiguousarray(pixels[:height, :width]), "RGB")
 
     def decode(self, data, /, *, denoise_steps: int | None = None, decoder: str = "vae_decoder",
                progress=None) -> Image.Image:

@@ -28,9 +28,9 @@ SECTION_INDICES = 2  # per channel group, latent_h x latent_w indices, 1 byte (K
 SECTION_LATENT = 3  # C x latent_h x latent_w uint8 latent, planar
 SECTION_NAMES = {SECTION_PALETTE: "palette", SECTION_INDICES: "indices", SECTION_LATENT: "latent"}
 
-# 4 megapixels: the SD VAE's mid-block attention needs memory quadratic in the pixel count
-# (about 17 GB at 2048x2048), so a larger default would let a file ask for absurd allocations.
-DEFAULT_MAX_PIXELS = 1 << 22
+# 100 megapixels: the neural stages run in tiles, so this guards only the decoded image
+# itself (300 MB of RGB), the one buffer that grows with the size a file claims.
+DEFAULT_MAX_PIXELS = 100_000_000
 MAX_CHANNELS = 256
 MAX_COLORS = 4096
 MAX_GROUP_CHANNELS = 255  # G is one byte
@@ -86,11 +86,12 @@ def expected_raw_lengths(header: Header) -> dict[int, int]:
     return {SECTION_PALETTE: header.colors * header.latent_channels, SECTION_INDICES: groups * cells * index_bytes}
 
 
-def _validate_header(h: Header, max_pixels: int) -> None:
+def _validate_header(h: Header, max_pixels: int | None) -> None:
     if h.width < 1 or h.height < 1:
         raise SdcFormatError("image size must be at least 1x1")
-    if h.width * h.height > max_pixels:
-        raise SdcLimitError(f"image is {h.width}x{h.height} = {h.width * h.height} pixels, over the limit of {max_pixels}")
+    if max_pixels is not None and h.width * h.height > max_pixels:
+        raise SdcLimitError(f"image is {h.width}x{h.height} = {h.width * h.height} pixels, over the limit of "
+                            f"{max_pixels} (raise it with max_pixels= or --max-pixels)")
     if h.downscale not in (1, 2, 4, 8, 16, 32, 64):
         raise SdcFormatError(f"latent downscale {h.downscale} is not a power of two up to 64")
     if not 1 <= h.latent_channels <= MAX_CHANNELS:
@@ -134,7 +135,7 @@ def check_writable(header: Header) -> None:
         if not isinstance(value, (int, np.integer)) or not 0 <= value < 1 << bits:
             raise SdcInputError(f"header field {name} must be an integer in 0..{(1 << bits) - 1}, not {value!r}")
     try:
-        _validate_header(header, max_pixels=1 << 62)
+        _validate_header(header, max_pixels=None)
     except (SdcFormatError, SdcLimitError) as exc:
         raise SdcInputError(f"cannot write this header: {exc}") from None
     if len(header.fingerprint) != FINGERPRINT_BYTES:
@@ -165,8 +166,9 @@ def pack(header: Header, sections: list[Section]) -> bytes:
     return body + _CRC.pack(zlib.crc32(body))
 
 
-def unpack(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header, list[Section]]:
-    """Parse and check a .sdc bitstream.  Raises an SdcFormatError subclass or SdcLimitError."""
+def unpack(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[Header, list[Section]]:
+    """Parse and check a .sdc bitstream (None: no pixel limit; parsing allocates nothing that
+    grows with the image).  Raises an SdcFormatError subclass or SdcLimitError."""
     data = memoryview(data).cast("B")
     n = len(data)
     if n < len(MAGIC):

@@ -13,7 +13,8 @@ from .errors import SdcInputError
 
 def check_pixel_limit(width: int, height: int, max_pixels: int | None) -> None:
     if max_pixels is not None and width * height > max_pixels:
-        raise SdcInputError(f"image of {width}x{height} is over the pixel limit of {max_pixels}")
+        raise SdcInputError(f"image of {width}x{height} is over the pixel limit of {max_pixels}"
+                            " (raise it with max_pixels= or --max-pixels)")
 
 
 def load_image(source, *, max_pixels: int | None = None) -> Image.Image:
@@ -32,9 +33,8 @@ def load_image(source, *, max_pixels: int | None = None) -> Image.Image:
         raise SdcInputError(f"cannot read the input image: {exc}") from None
 
 
-def to_array(image, downscale: int, value_range: tuple[float, float], *,
-             max_pixels: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """RGB image -> (1, 3, H', W') float32 padded by edge replication to multiples of downscale.
+def to_pixels(image, downscale: int, *, max_pixels: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """RGB image -> (H', W', 3) uint8 padded by edge replication to multiples of downscale.
 
     Returns the array and the true (width, height) to crop back to after decoding.  The size
     is checked against ``max_pixels`` before anything is converted or allocated.
@@ -53,17 +53,24 @@ def to_array(image, downscale: int, value_range: tuple[float, float], *,
     if width < 1 or height < 1:
         raise SdcInputError("the image is empty")
     padded = np.pad(pixels, ((0, -height % downscale), (0, -width % downscale), (0, 0)), mode="edge")
-    lo, hi = value_range
-    array = padded.astype(np.float32) / np.float32(255) * np.float32(hi - lo) + np.float32(lo)
-    return np.ascontiguousarray(array.transpose(2, 0, 1)[None]), (width, height)
+    return np.ascontiguousarray(padded), (width, height)
 
 
-def from_array(array: np.ndarray, value_range: tuple[float, float], size: tuple[int, int]) -> Image.Image:
-    """(1, 3, H', W') decoder output -> RGB PIL image cropped to size = (width, height)."""
+def to_graph_input(pixels: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
+    """(h, w, 3) uint8 -> (1, 3, h, w) float32 in a graph's value range."""
     lo, hi = value_range
-    width, height = size
-    unit = (array[0, :, :height, :width].transpose(1, 2, 0) - np.float32(lo)) / np.float32(hi - lo)
-    return Image.fromarray(np.rint(np.clip(unit, 0.0, 1.0) * 255).astype(np.uint8), "RGB")
+    array = pixels.astype(np.float32) / np.float32(255) * np.float32(hi - lo) + np.float32(lo)
+    return np.ascontiguousarray(array.transpose(2, 0, 1)[None])
+
+
+def graph_output_to_levels(array: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
+    """(1, 3, h, w) graph output -> (h, w, 3) float32 on the 0..255 scale, not yet clipped."""
+    lo, hi = value_range
+    return (array[0].transpose(1, 2, 0) - np.float32(lo)) * np.float32(255 / (hi - lo))
+
+
+def to_uint8(levels: np.ndarray) -> np.ndarray:
+    return np.rint(np.clip(levels, 0.0, 255.0)).astype(np.uint8)
 
 
 def image_format_for(path: str) -> str:

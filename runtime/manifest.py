@@ -32,7 +32,16 @@ class Graph:
     file: str
     precision: str
     # Value range of images on the graph's pixel side: [-1, 1] for SD VAEs, [0, 1] for TAE.
-    image_range: tuple[float, float] = (-1.0, 1.0)
+    image_range: tuple[float, float]
+    # Working memory (bytes) per pixel of the image side when the graph runs on the CPU EP,
+    # measured per family (BENCHMARKS.md): the runtime sizes its tiles from it.
+    memory_per_pixel: float
+    # The same graph in two files, for graphs with layers that need the whole latent
+    # (GroupNorm statistics) at latent resolution: ``whole`` runs on the whole latent, ``tiled``
+    # is spatially local and may run in tiles.  An encoder runs tiled then whole, a decoder
+    # whole then tiled.  Without them the whole graph runs in tiles, blended.
+    whole: str | None = None
+    tiled: str | None = None
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,8 @@ class Manifest:
                 raise ValueError(f"unsupported manifest format_version {version!r}")
             data["defaults"] = EncoderDefaults(**data["defaults"])
             data["graphs"] = {
-                role: Graph(g["file"], g["precision"], tuple(g["image_range"]))
+                role: Graph(g["file"], g["precision"], tuple(g["image_range"]), float(g["memory_per_pixel"]),
+                            g.get("whole"), g.get("tiled"))
                 for role, g in data["graphs"].items()
             }
             if data.get("scheduler") is not None:
@@ -137,8 +147,13 @@ class Manifest:
                 bad(f"unknown graph role {role!r}")
             if graph.precision not in PRECISIONS:
                 bad(f"unknown precision {graph.precision!r}")
-            if graph.file not in self.files or os.path.basename(graph.file) != graph.file:
-                bad(f"graph file {graph.file!r} not listed in files")
+            if not (math.isfinite(graph.memory_per_pixel) and graph.memory_per_pixel > 0):
+                bad(f"memory_per_pixel of {role} must be a positive number")
+            if (graph.whole is None) != (graph.tiled is None):
+                bad(f"{role} needs both parts, whole and tiled, or neither")
+            for file in (graph.file, graph.whole, graph.tiled):
+                if file is not None and (file not in self.files or os.path.basename(file) != file):
+                    bad(f"graph file {file!r} not listed in files")
         if "unet" in self.graphs and self.scheduler is None:
             bad("a set with a UNet needs scheduler constants")
         if self.scheduler is not None and len(self.scheduler.alphas_cumprod) != self.scheduler.num_train_timesteps:

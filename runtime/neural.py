@@ -5,6 +5,7 @@ Options reach this stage already resolved and checked (``options``); it checks o
 the model set itself can refuse (a missing graph, a failing session)."""
 from __future__ import annotations
 
+import math
 import os
 import threading
 
@@ -12,8 +13,13 @@ import numpy as np
 
 from .errors import SdcModelError, SdcProviderError
 from .extras import PROVIDER_INSTALL_HINTS
-from .manifest import Manifest, Scheduler, load_manifest
+from .image import graph_output_to_levels, to_graph_input, to_uint8
+from .manifest import Graph, Manifest, Scheduler, load_manifest
 from .options import Denoising
+from .tiles import grid, overlaps, ramp, spans
+
+# The working-memory budget of the neural stages when the caller names none (--memory-limit).
+DEFAULT_MEMORY_LIMIT = 2 << 30
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -75,39 +81,61 @@ def step_noise(seed: int, shape: tuple[int, ...], steps: int) -> list[np.ndarray
     return [rng.standard_normal(shape, dtype=np.float32) for _ in range(steps)]
 
 
-class NeuralStages:
-    """The ONNX sessions of one model set.  Sessions open lazily, once, and are reused."""
+# The memory limit covers the working memory of the neural stages, not the graphs' weights
+# (tiles cannot shrink those).  From it come: what the process needs anyway (Python, numpy,
+# onnxruntime, session buffers), and per image pixel the whole-image buffers the codec keeps
+# (uint8 in and out, the padded copy, the latent and its accumulators).
+BASE_BYTES = 160 << 20
+IMAGE_BYTES_PER_PIXEL = 12
+# Tiles are never smaller than this (pixels per side): below it the overlap is most of the work.
+MIN_TILE = 128
 
-    def __init__(self, model_dir: str | os.PathLike, *, provider: str = "cpu", threads: int | None = None):
+
+class NeuralStages:
+    """The ONNX sessions of one model set.  Sessions open lazily, once, and are reused.
+
+    Large images run in overlapping tiles (``tiles``) sized so that the graph's working memory
+    (the manifest's ``memory_per_pixel``) fits ``memory_limit`` (bytes, besides the weights);
+    ``tile_size`` (pixels per side) overrides that, 0 meaning never tiled.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, *, provider: str = "cpu", threads: int | None = None,
+                 memory_limit: int = DEFAULT_MEMORY_LIMIT, tile_size: int | None = None):
         self.model_dir = os.fspath(model_dir)
         self.manifest: Manifest = load_manifest(self.model_dir)
         self._providers = provider_chain(provider)
         self._threads = threads
+        self.memory_limit = memory_limit
+        self.tile_size = tile_size
         self._sessions: dict = {}
         self._lock = threading.Lock()
 
-    def session(self, role: str):
+    def session(self, file: str):
+        """The ONNX Runtime session of one graph file of the set, opened once."""
         import onnxruntime as ort
 
         with self._lock:
-            if role not in self._sessions:
-                graph = self.manifest.graphs.get(role)
-                if graph is None:
-                    raise SdcModelError(f"the model set has no {role.replace('_', ' ')} graph")
-                path = os.path.join(self.model_dir, graph.file)
+            if file not in self._sessions:
+                path = os.path.join(self.model_dir, file)
                 if not os.path.isfile(path):
                     raise SdcModelError(f"model set file missing: {path}")
                 options = ort.SessionOptions()
                 if self._threads:
                     options.intra_op_num_threads = self._threads
                 try:
-                    self._sessions[role] = ort.InferenceSession(path, options, providers=self._providers)
+                    self._sessions[file] = ort.InferenceSession(path, options, providers=self._providers)
                 except Exception as exc:  # onnxruntime raises its own untyped errors
-                    raise SdcModelError(f"cannot load {graph.file}: {str(exc).splitlines()[0]}") from None
-            return self._sessions[role]
+                    raise SdcModelError(f"cannot load {file}: {str(exc).splitlines()[0]}") from None
+            return self._sessions[file]
 
-    def _run(self, role: str, *arrays: np.ndarray) -> np.ndarray:
-        session = self.session(role)
+    def graph(self, role: str) -> Graph:
+        graph = self.manifest.graphs.get(role)
+        if graph is None:
+            raise SdcModelError(f"the model set has no {role.replace('_', ' ')} graph")
+        return graph
+
+    def _run(self, file: str, *arrays: np.ndarray) -> np.ndarray:
+        session = self.session(file)
         feeds = {}
         for spec, array in zip(session.get_inputs(), arrays, strict=True):
             dtype = np.float16 if spec.type == "tensor(float16)" else np.float32
@@ -115,40 +143,136 @@ class NeuralStages:
         try:
             return session.run(None, feeds)[0].astype(np.float32)
         except Exception as exc:  # onnxruntime's errors are untyped (allocation failures among them)
-            raise SdcModelError(f"{role} failed: {str(exc).splitlines()[0][:300]}") from None
+            raise SdcModelError(f"{file} failed: {str(exc).splitlines()[0][:300]}") from None
 
-    def encode(self, image: np.ndarray) -> np.ndarray:
-        """(1, 3, H, W) image in the encoder's range -> (1, C, H/f, W/f) raw latent."""
-        return self._run("vae_encoder", image)
+    def tile_for(self, role: str, height: int, width: int) -> int:
+        """Tile side in image pixels for running ``role`` on a ``height`` x ``width`` image:
+        0 when the whole image fits the memory budget (or tiling is off)."""
+        if self.tile_size is not None:
+            return self.tile_size
+        graph = self.graph(role)
+        pixels = height * width
+        available = self.memory_limit - BASE_BYTES - IMAGE_BYTES_PER_PIXEL * pixels
+        if pixels * graph.memory_per_pixel <= available:
+            return 0
+        side = math.isqrt(max(available, 0) // max(int(graph.memory_per_pixel), 1))
+        return max(MIN_TILE, side - side % 64)
 
-    def decode(self, latent: np.ndarray, *, decoder: str = "vae_decoder") -> np.ndarray:
-        """(1, C, h, w) raw latent -> (1, 3, h*f, w*f) image in the decoder's range."""
-        return self._run(decoder, latent)
+    def encode(self, pixels: np.ndarray, *, progress=None) -> np.ndarray:
+        """(H, W, 3) uint8 image, sides multiples of the downscale -> (1, C, H/f, W/f) raw latent."""
+        m = self.manifest
+        graph = self.graph("vae_encoder")
+        f, value_range = m.downscale, graph.image_range
+        height, width = pixels.shape[:2]
+        tiles = list(grid(height, width, self.tile_for("vae_encoder", height, width), align=f))
+        if len(tiles) == 1:
+            return self._run(graph.file, to_graph_input(pixels, value_range))
+        local = graph.tiled or graph.file
+        features = weight = None
+        for done, ((y0, y1), (x0, x1), rows, cols) in enumerate(tiles, start=1):
+            part = self._run(local, to_graph_input(pixels[y0:y1, x0:x1], value_range))
+            if features is None:
+                features = np.zeros((1, part.shape[1], height // f, width // f), np.float32)
+                weight = np.zeros((height // f, width // f), np.float32)
+            w = (ramp((y0 // f, y1 // f), height // f, (rows[0] // f, rows[1] // f))[:, None]
+                 * ramp((x0 // f, x1 // f), width // f, (cols[0] // f, cols[1] // f))[None, :])
+            features[:, :, y0 // f:y1 // f, x0 // f:x1 // f] += part * w
+            weight[y0 // f:y1 // f, x0 // f:x1 // f] += w
+            _report(progress, "encode", done, len(tiles))
+        features /= weight
+        return self._run(graph.whole, features) if graph.whole else features
+
+    def decode(self, latent: np.ndarray, *, decoder: str = "vae_decoder", progress=None) -> np.ndarray:
+        """(1, C, h, w) raw latent -> (h*f, w*f, 3) uint8 image.
+
+        Tiles are blended in pixel space one row band at a time, straight into the uint8
+        output, so no float copy of the whole image is ever held."""
+        m = self.manifest
+        graph = self.graph(decoder)
+        f, value_range = m.downscale, graph.image_range
+        h, w = latent.shape[2:]
+        tile = self.tile_for(decoder, h * f, w * f) // f
+        rows, cols = spans(h, tile), spans(w, tile)
+        if len(rows) == len(cols) == 1:
+            return to_uint8(graph_output_to_levels(self._run(graph.file, latent), value_range))
+        if graph.whole:
+            latent = self._run(graph.whole, latent)
+        local = graph.tiled or graph.file
+        out = np.empty((h * f, w * f, 3), np.uint8)
+        col_ramps = [ramp(col, w * f, gap, f)[None, :] for col, gap in zip(cols, overlaps(cols))]
+        band_start = 0  # the first output row not yet final
+        levels = np.zeros((0, w * f, 3), np.float32)
+        weights = np.zeros((0, w * f), np.float32)
+        total, done = len(rows) * len(cols), 0
+        for i, (row, row_gap) in enumerate(zip(rows, overlaps(rows))):
+            y0, y1 = row[0] * f, row[1] * f
+            grow = y1 - band_start - len(levels)  # extend the band down to this row's end
+            levels = np.concatenate([levels, np.zeros((grow, w * f, 3), np.float32)])
+            weights = np.concatenate([weights, np.zeros((grow, w * f), np.float32)])
+            row_ramp = ramp(row, h * f, row_gap, f)[:, None]
+            for (x0, x1), col_ramp in zip(cols, col_ramps):
+                part = self._run(local, latent[:, :, row[0]:row[1], x0:x1])
+                weight = row_ramp * col_ramp
+                levels[y0 - band_start:y1 - band_start, x0 * f:x1 * f] += (
+                    graph_output_to_levels(part, value_range) * weight[:, :, None])
+                weights[y0 - band_start:y1 - band_start, x0 * f:x1 * f] += weight
+                done += 1
+                _report(progress, "decode", done, total)
+            final = (rows[i + 1][0] * f if i + 1 < len(rows) else h * f) - band_start
+            out[band_start:band_start + final] = to_uint8(levels[:final] / weights[:final, :, None])
+            levels, weights, band_start = levels[final:], weights[final:], band_start + final
+        return out
 
     def predict(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
         """The UNet: (1, C, h, w) scaled latent at a (1,) timestep -> its noise (or v) prediction.
-        Latent sides must be multiples of the manifest's ``unet_latent_multiple``."""
-        return self._run("unet", sample, timestep)
+        Latent sides that are not multiples of the manifest's ``unet_latent_multiple`` are
+        edge-padded for the graph and cropped back."""
+        mult = self.manifest.unet_latent_multiple
+        h, w = sample.shape[2:]
+        padded = np.pad(sample, ((0, 0), (0, 0), (0, -h % mult), (0, -w % mult)), mode="edge")
+        return self._run(self.graph("unet").file, padded, timestep)[:, :, :h, :w]
 
     def denoise(self, latent: np.ndarray, denoising: Denoising, *, progress=None) -> np.ndarray:
         """Run the DDIM steps on a (1, C, h, w) raw latent treated as x_t at
-        t = (denoise_steps-1) * denoise_stride.
+        t = (denoise_steps-1) * denoise_stride; in tiles, the UNet's predictions are blended.
 
-        ``progress(done, total)`` is called after each step."""
+        ``progress(stage, done, total)`` is called after each UNet run."""
         m = self.manifest
         steps, stride, eta = denoising.denoise_steps, denoising.denoise_stride, denoising.eta
         if steps == 0:
             return latent
-        h, w = latent.shape[2:]
-        mult = m.unet_latent_multiple
-        pad_h, pad_w = -h % mult, -w % mult
-        # The UNet needs sides that are multiples of its down-sampling; edge-pad, crop after.
-        sample = np.pad(latent, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode="edge") * np.float32(m.scaling_factor)
+        f, mult = m.downscale, m.unet_latent_multiple
+        height, width = latent.shape[2:]
+        # The UNet needs sides that are multiples of its down-sampling: edge-pad once, run the
+        # whole loop (and draw its noise) at the padded size, crop after, as the format defines.
+        sample = np.pad(latent, ((0, 0), (0, 0), (0, -height % mult), (0, -width % mult)),
+                        mode="edge") * np.float32(m.scaling_factor)
+        h, w = sample.shape[2:]
+        tiles = list(grid(h, w, self.tile_for("unet", h * f, w * f) // f, align=mult))
+        unet = self.graph("unet").file
         timesteps = denoise_timesteps(steps, stride)
         noises = step_noise(denoising.seed, sample.shape, steps) if eta > 0 else [None] * steps
-        for done, (t, noise) in enumerate(zip(timesteps, noises), start=1):
-            prediction = self.predict(sample, np.full((1,), t, np.float32))
+        done = 0
+        for t, noise in zip(timesteps, noises):
+            timestep = np.full((1,), t, np.float32)
+            if len(tiles) == 1:
+                prediction = self._run(unet, sample, timestep)
+                done += 1
+                _report(progress, "denoise", done, steps)
+            else:
+                prediction = np.zeros_like(sample)
+                weight = np.zeros((h, w), np.float32)
+                for (y0, y1), (x0, x1), rows, cols in tiles:
+                    tile_weight = ramp((y0, y1), h, rows)[:, None] * ramp((x0, x1), w, cols)[None, :]
+                    prediction[:, :, y0:y1, x0:x1] += self._run(unet, sample[:, :, y0:y1, x0:x1], timestep) * tile_weight
+                    weight[y0:y1, x0:x1] += tile_weight
+                    done += 1
+                    _report(progress, "denoise", done, steps * len(tiles))
+                prediction /= weight
             sample = ddim_step(prediction, t, t - stride, sample, m.scheduler, eta=eta, noise=noise)
-            if progress is not None:
-                progress(done, steps)
-        return (sample[:, :, :h, :w] / np.float32(m.scaling_factor)).astype(np.float32)
+        return (sample[:, :, :height, :width] / np.float32(m.scaling_factor)).astype(np.float32)
+
+
+def _report(progress, stage: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(stage, done, total)

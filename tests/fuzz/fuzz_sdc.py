@@ -42,7 +42,7 @@ def check(data: bytes) -> None:
     is_sdc = sdc_check(data)
     details = None
     try:
-        details = sdc_info(data, max_pixels=MAX_PIXELS)
+        details = sdc_info(data)
         header, levels = sdc_decode(data, max_pixels=MAX_PIXELS)
         assert is_sdc
         assert levels.shape == (header.latent_channels, header.latent_height, header.latent_width)
@@ -51,8 +51,7 @@ def check(data: bytes) -> None:
         pass
     try:  # Pillow's open: magic check, then the plugin reads the header (no model needed)
         with Image.open(io.BytesIO(data), formats=["SDC"]) as image:
-            # The plugin's pixel limit is the codec's default, above MAX_PIXELS.
-            assert details is None or image.size == (details["width"], details["height"])
+            assert image.size == (details["width"], details["height"])
     except SdcError:
         pass
     except UnidentifiedImageError:

@@ -1,0 +1,68 @@
+"""Overlapping tiles for the neural stages, and the weights that blend them.
+
+A large image runs through a graph in overlapping tiles so that memory is bounded by the
+tile, not the image.  The tiling depends only on the array's size and the tile size (never
+on the provider, the thread count or the data), so a file decodes the same everywhere.
+Overlaps are blended with linear ramps: each output sample is the weighted mean of the
+tiles that cover it, and a tile's weight falls towards its inner edges, where its graph saw
+the least context.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# Neighbouring tiles share a quarter of a tile: enough context that the decoders' edge
+# effects fall inside the ramp (measured: docs/bench/tiling, BENCHMARKS.md).
+OVERLAP_FRACTION = 0.25
+
+
+def spans(length: int, tile: int, align: int = 1) -> list[tuple[int, int]]:
+    """(start, stop) of the tiles along one axis of ``length`` samples: one span if it fits,
+    else tiles of ``tile`` samples (the last may be up to ``align`` - 1 longer) whose starts
+    are multiples of ``align``, spread evenly so that neighbours overlap by at least a
+    quarter of a tile."""
+    if tile <= 0 or length <= tile:
+        return [(0, length)]
+    tile = max(align, tile - tile % align)
+    overlap = max(align, int(tile * OVERLAP_FRACTION))
+    count = max(2, math.ceil((length - overlap) / (tile - overlap)))
+    last = length - tile
+    starts = [(i * last // (count - 1)) // align * align for i in range(count)]
+    return [(start, start + tile) for start in starts[:-1]] + [(starts[-1], length)]
+
+
+def ramp(span: tuple[int, int], length: int, neighbours: tuple[int, int], scale: int = 1) -> np.ndarray:
+    """Weights along one axis for the samples of ``span`` (in units of ``scale`` samples):
+    1 inside, falling linearly over the overlap with each neighbour towards that side.
+    ``neighbours`` = (overlap before, overlap after) in span units; 0 at the array's edges."""
+    start, stop = span[0] * scale, min(span[1] * scale, length)
+    position = np.arange(start, stop, dtype=np.float64)
+    weight = np.ones(stop - start)
+    before, after = neighbours[0] * scale, neighbours[1] * scale
+    if before:
+        weight = np.minimum(weight, (position - start + 1) / (before + 1))
+    if after:
+        weight = np.minimum(weight, (stop - position) / (after + 1))
+    return weight.astype(np.float32)
+
+
+def overlaps(axis_spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """For each span: how far it overlaps the previous and the next one."""
+    result = []
+    for i, (start, stop) in enumerate(axis_spans):
+        before = axis_spans[i - 1][1] - start if i > 0 else 0
+        after = stop - axis_spans[i + 1][0] if i + 1 < len(axis_spans) else 0
+        result.append((max(before, 0), max(after, 0)))
+    return result
+
+
+def grid(height: int, width: int, tile: int, align: int = 1):
+    """Every tile of a ``height`` x ``width`` array in raster order, as
+    ((y0, y1), (x0, x1), (overlap above, below), (overlap left, right))."""
+    rows, cols = spans(height, tile, align), spans(width, tile, align)
+    row_overlaps, col_overlaps = overlaps(rows), overlaps(cols)
+    for row, row_overlap in zip(rows, row_overlaps):
+        for col, col_overlap in zip(cols, col_overlaps):
+            yield row, col, row_overlap, col_overlap
