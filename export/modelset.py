@@ -36,7 +36,7 @@ TAE_DEFAULTS = EncoderDefaults(mode="palette", colors=256, group_channels=4, dit
 # between two image sizes (/usr/bin/time -v, BENCHMARKS.md "Tiled neural stages"), rounded up.
 # The runtime sizes its tiles from these; the UNet's is per image pixel too (latent cell / 64).
 MEMORY_PER_PIXEL = {
-    "sd": {"vae_encoder": 3000, "vae_decoder": 3000, "unet": 400, "tiny_decoder": 1100},
+    "sd": {"vae_encoder": 2100, "vae_decoder": 4200, "unet": 5400, "tiny_decoder": 1100},
     "tae": {"vae_encoder": 1100, "vae_decoder": 1100},
 }
 

@@ -16,7 +16,7 @@ from .extras import PROVIDER_INSTALL_HINTS
 from .image import graph_output_to_levels, to_graph_input, to_uint8
 from .manifest import Graph, Manifest, Scheduler, load_manifest
 from .options import Denoising
-from .tiles import grid, overlaps, ramp, spans
+from .tiles import MAX_OVERLAP_PIXELS, grid, overlaps, ramp, spans
 
 # The working-memory budget of the neural stages when the caller names none (--memory-limit).
 DEFAULT_MEMORY_LIMIT = 2 << 30
@@ -120,6 +120,10 @@ class NeuralStages:
                 if not os.path.isfile(path):
                     raise SdcModelError(f"model set file missing: {path}")
                 options = ort.SessionOptions()
+                # No memory arena: it grows in powers of two and never shrinks, which would
+                # double the working memory that tiles are sized to bound (measured:
+                # BENCHMARKS.md); the graphs' large buffers gain nothing from pooling.
+                options.enable_cpu_mem_arena = False
                 if self._threads:
                     options.intra_op_num_threads = self._threads
                 try:
@@ -164,7 +168,8 @@ class NeuralStages:
         graph = self.graph("vae_encoder")
         f, value_range = m.downscale, graph.image_range
         height, width = pixels.shape[:2]
-        tiles = list(grid(height, width, self.tile_for("vae_encoder", height, width), align=f))
+        tiles = list(grid(height, width, self.tile_for("vae_encoder", height, width), align=f,
+                          max_overlap=MAX_OVERLAP_PIXELS))
         if len(tiles) == 1:
             return self._run(graph.file, to_graph_input(pixels, value_range))
         local = graph.tiled or graph.file
@@ -191,8 +196,8 @@ class NeuralStages:
         graph = self.graph(decoder)
         f, value_range = m.downscale, graph.image_range
         h, w = latent.shape[2:]
-        tile = self.tile_for(decoder, h * f, w * f) // f
-        rows, cols = spans(h, tile), spans(w, tile)
+        tile, overlap = self.tile_for(decoder, h * f, w * f) // f, MAX_OVERLAP_PIXELS // f
+        rows, cols = spans(h, tile, max_overlap=overlap), spans(w, tile, max_overlap=overlap)
         if len(rows) == len(cols) == 1:
             return to_uint8(graph_output_to_levels(self._run(graph.file, latent), value_range))
         if graph.whole:
@@ -248,7 +253,8 @@ class NeuralStages:
         sample = np.pad(latent, ((0, 0), (0, 0), (0, -height % mult), (0, -width % mult)),
                         mode="edge") * np.float32(m.scaling_factor)
         h, w = sample.shape[2:]
-        tiles = list(grid(h, w, self.tile_for("unet", h * f, w * f) // f, align=mult))
+        tiles = list(grid(h, w, self.tile_for("unet", h * f, w * f) // f, align=mult,
+                          max_overlap=MAX_OVERLAP_PIXELS // f))
         unet = self.graph("unet").file
         timesteps = denoise_timesteps(steps, stride)
         noises = step_noise(denoising.seed, sample.shape, steps) if eta > 0 else [None] * steps

@@ -13,21 +13,25 @@ import math
 
 import numpy as np
 
-# Neighbouring tiles share a quarter of a tile: enough context that the decoders' edge
-# effects fall inside the ramp (measured: docs/bench/tiling, BENCHMARKS.md).
-OVERLAP_FRACTION = 0.25
+# Neighbouring tiles share a quarter of a tile, at most this many pixels: more than the
+# receptive field of the tiled graphs' edge effects that matter (measured: BENCHMARKS.md).
+MAX_OVERLAP_PIXELS = 128
 
 
-def spans(length: int, tile: int, align: int = 1) -> list[tuple[int, int]]:
+def spans(length: int, tile: int, align: int = 1, max_overlap: int | None = None) -> list[tuple[int, int]]:
     """(start, stop) of the tiles along one axis of ``length`` samples: one span if it fits,
-    else tiles of ``tile`` samples (the last may be up to ``align`` - 1 longer) whose starts
-    are multiples of ``align``, spread evenly so that neighbours overlap by at least a
-    quarter of a tile."""
+    else the fewest tiles of at most ``tile`` samples (the last may be up to ``align`` - 1
+    longer), starts multiples of ``align``, spread evenly, neighbours overlapping by at least
+    a quarter of a tile or ``max_overlap`` samples, whichever is less."""
     if tile <= 0 or length <= tile:
         return [(0, length)]
     tile = max(align, tile - tile % align)
-    overlap = max(align, int(tile * OVERLAP_FRACTION))
+    overlap = tile // 4 if max_overlap is None else min(tile // 4, max_overlap)
+    overlap = max(align, -(-overlap // align) * align)
     count = max(2, math.ceil((length - overlap) / (tile - overlap)))
+    # The smallest tile that still covers the length in that many tiles: no wasted work.
+    needed = -(-(length + (count - 1) * overlap) // count)
+    tile = min(tile, -(-needed // align) * align)
     last = length - tile
     starts = [(i * last // (count - 1)) // align * align for i in range(count)]
     return [(start, start + tile) for start in starts[:-1]] + [(starts[-1], length)]
@@ -58,10 +62,10 @@ def overlaps(axis_spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return result
 
 
-def grid(height: int, width: int, tile: int, align: int = 1):
+def grid(height: int, width: int, tile: int, align: int = 1, max_overlap: int | None = None):
     """Every tile of a ``height`` x ``width`` array in raster order, as
     ((y0, y1), (x0, x1), (overlap above, below), (overlap left, right))."""
-    rows, cols = spans(height, tile, align), spans(width, tile, align)
+    rows, cols = spans(height, tile, align, max_overlap), spans(width, tile, align, max_overlap)
     row_overlaps, col_overlaps = overlaps(rows), overlaps(cols)
     for row, row_overlap in zip(rows, row_overlaps):
         for col, col_overlap in zip(cols, col_overlaps):
