@@ -28,14 +28,15 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     from sdc_runtime import SdcCodec, sdc_decode, sdc_info
-    from sdc_runtime.image import to_graph_input, to_pixels
+    from sdc_runtime.image import pad_to, to_graph_input, to_picture
     from sdc_runtime.latent import build_palette, lookup, nearest, to_level_space
     from sdc_runtime.neural import denoise_timesteps
 
     codec = SdcCodec(args.models, provider=args.provider, threads=args.threads)
     m = codec.manifest
     image = _image(args.image, args.size)
-    pixels, size = to_pixels(image, m.downscale)
+    rgb = to_picture(image).rgb
+    pixels, size = pad_to(rgb, m.downscale), (rgb.shape[1], rgb.shape[0])
     rows: dict[str, dict] = {}
     # The UNet timesteps a default decode of this model set runs.
     timesteps = denoise_timesteps(m.defaults.denoise_steps, m.defaults.denoise_stride) if "unet" in m.graphs else []

@@ -8,18 +8,20 @@ dithering, lookup) -> ``neural`` (ONNX sessions, DDIM loop) -> ``image`` (PIL co
 options once; ``codec`` (``SdcCodec``) ties everything for one model set;
 ``pillow_plugin`` registers the format with Pillow; ``cli`` is ``sdc-runtime``.
 """
-from .bitstream import sdc_check, sdc_decode, sdc_encode, sdc_info
+from .bitstream import SdcContents, sdc_check, sdc_decode, sdc_decode_all, sdc_encode, sdc_info
 from .codec import SdcCodec
 from .container import Header
 from .errors import (
     SdcChecksumError, SdcError, SdcFormatError, SdcInputError, SdcLimitError, SdcModelError,
     SdcProviderError, SdcTruncatedError, SdcVersionError,
 )
+from .image import SdcWarning
 from .options import EncodeOptions
 
 __version__ = "0.1.0"
 __all__ = [
-    "SdcCodec", "EncodeOptions", "Header", "sdc_check", "sdc_info", "sdc_decode", "sdc_encode",
+    "SdcCodec", "EncodeOptions", "Header", "SdcContents", "SdcWarning",
+    "sdc_check", "sdc_info", "sdc_decode", "sdc_decode_all", "sdc_encode",
     "SdcError", "SdcFormatError", "SdcTruncatedError", "SdcChecksumError", "SdcVersionError",
     "SdcLimitError", "SdcModelError", "SdcProviderError", "SdcInputError",
 ]

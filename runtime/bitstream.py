@@ -3,7 +3,8 @@
     sdc_check(data)                          -> bool: starts with the .sdc magic
     sdc_info(data)                           -> dict: what the file holds (validates it all)
     sdc_decode(data)                         -> (Header, (C, h, w) uint8 levels)
-    sdc_encode(levels, header, dither=...)   -> bytes
+    sdc_decode_all(data)                     -> SdcContents: the levels, alpha and metadata
+    sdc_encode(levels, header, dither=..., alpha=..., metadata=...) -> bytes
 
 It ties the container (header, sections, CRC), the entropy coders and the latent coding
 (palettes, indices, lookup); no model set is involved, and decoding is bit-exact everywhere
@@ -15,13 +16,55 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import struct
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import container, entropy, latent as latent_coding
 from .container import DEFAULT_MAX_PIXELS, MODE_U8, Header, Section
-from .errors import SdcInputError
+from .errors import SdcFormatError, SdcInputError
+
+# Metadata entries by tag, in the order they are written (FORMAT.md).
+METADATA_TAGS = {1: "icc_profile", 2: "exif", 3: "xmp"}
+_ENTRY = struct.Struct("<BI")
+
+
+@dataclass
+class SdcContents:
+    """Everything a .sdc file holds, decoded exactly: the header, the (C, h, w) uint8 latent
+    levels, the (height, width) uint8 alpha (None: opaque) and the metadata by name."""
+
+    header: Header
+    levels: np.ndarray
+    alpha: np.ndarray | None = None
+    metadata: dict[str, bytes] = field(default_factory=dict)
+
+
+def pack_metadata(metadata: dict[str, bytes]) -> bytes:
+    names = {name: tag for tag, name in METADATA_TAGS.items()}
+    unknown = sorted(set(metadata) - set(names))
+    if unknown:
+        raise SdcInputError(f"unknown metadata {', '.join(unknown)}; known: {', '.join(names)}")
+    return b"".join(_ENTRY.pack(names[name], len(value)) + bytes(value)
+                    for name, value in sorted(metadata.items(), key=lambda item: names[item[0]]) if value)
+
+
+def unpack_metadata(raw: bytes) -> dict[str, bytes]:
+    metadata, offset, last = {}, 0, 0
+    while offset < len(raw):
+        if offset + _ENTRY.size > len(raw):
+            raise SdcFormatError("truncated metadata entry")
+        tag, length = _ENTRY.unpack_from(raw, offset)
+        offset += _ENTRY.size
+        if tag not in METADATA_TAGS or tag <= last:
+            raise SdcFormatError(f"metadata tag {tag} is unknown or out of order")
+        if offset + length > len(raw):
+            raise SdcFormatError("metadata entry longer than its section")
+        metadata[METADATA_TAGS[tag]] = bytes(raw[offset:offset + length])
+        offset, last = offset + length, tag
+    return metadata
 
 
 def sdc_check(data, /) -> bool:
@@ -61,23 +104,40 @@ def sdc_info(data, /) -> dict:
 
 def sdc_decode(data, /, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header, np.ndarray]:
     """Parse a .sdc bitstream into its header and the (C, h, w) uint8 latent levels.  Exact."""
+    contents = sdc_decode_all(data, max_pixels=max_pixels, extras=False)
+    return contents.header, contents.levels
+
+
+def sdc_decode_all(data, /, *, max_pixels: int = DEFAULT_MAX_PIXELS, extras: bool = True) -> SdcContents:
+    """Parse a .sdc bitstream into everything it holds (``extras``: the alpha and metadata too)."""
     header, sections = container.unpack(data, max_pixels=max_pixels)
     by_kind = {s.kind: s for s in sections}
+
+    def symbols(kind: int, count: int, alphabet_size: int = 256) -> np.ndarray:
+        s = by_kind[kind]
+        return entropy.decode(s.payload, coder=s.coder, count=count, alphabet_size=alphabet_size)
+
     lh, lw, c = header.latent_height, header.latent_width, header.latent_channels
     if header.mode == MODE_U8:
-        s = by_kind[container.SECTION_LATENT]
-        levels = entropy.decode(s.payload, coder=s.coder, count=c * lh * lw, alphabet_size=256)
-        return header, levels.reshape(c, lh, lw)
-    k, size = header.colors, header.group_channels
-    groups = c // size
-    s = by_kind[container.SECTION_PALETTE]
-    palettes = entropy.decode(s.payload, coder=s.coder, count=k * c, alphabet_size=256).reshape(groups, k, size)
-    s = by_kind[container.SECTION_INDICES]
-    indices = entropy.decode(s.payload, coder=s.coder, count=groups * lh * lw, alphabet_size=k).reshape(groups, lh, lw)
-    return header, np.concatenate([latent_coding.lookup(i, p) for i, p in zip(indices, palettes)], axis=0)
+        levels = symbols(container.SECTION_LATENT, c * lh * lw).reshape(c, lh, lw)
+    else:
+        k, size = header.colors, header.group_channels
+        groups = c // size
+        palettes = symbols(container.SECTION_PALETTE, k * c).reshape(groups, k, size)
+        indices = symbols(container.SECTION_INDICES, groups * lh * lw, k).reshape(groups, lh, lw)
+        levels = np.concatenate([latent_coding.lookup(i, p) for i, p in zip(indices, palettes)], axis=0)
+    contents = SdcContents(header, levels)
+    if extras and container.SECTION_ALPHA in by_kind:
+        contents.alpha = symbols(container.SECTION_ALPHA, header.width * header.height).reshape(
+            header.height, header.width)
+    if extras and container.SECTION_METADATA in by_kind:
+        raw_length = by_kind[container.SECTION_METADATA].raw_length
+        contents.metadata = unpack_metadata(symbols(container.SECTION_METADATA, raw_length).tobytes())
+    return contents
 
 
-def sdc_encode(levels, header: Header, /, *, dither: bool = False, weights=None) -> bytes:
+def sdc_encode(levels, header: Header, /, *, dither: bool = False, weights=None, alpha=None,
+               metadata: dict[str, bytes] | None = None) -> bytes:
     """Code (C, h, w) latent levels (floats or integers in [0, 255]) into a .sdc bitstream.
 
     ``header`` gives the geometry and every stored parameter; its mode picks the coding.  In
@@ -85,9 +145,26 @@ def sdc_encode(levels, header: Header, /, *, dither: bool = False, weights=None)
     many were used) and ``header.group_channels`` splits the channels into groups with a
     palette each; ``weights`` (per channel) weight the squared error the palette search
     minimizes, and ``dither`` picks Floyd–Steinberg error diffusion over nearest colour.
-    Unrounded levels let the palette search see the latent's real values.
+    Unrounded levels let the palette search see the latent's real values.  ``alpha``
+    ((height, width) uint8) is stored losslessly unless fully opaque; ``metadata`` maps
+    icc_profile / exif / xmp to bytes.
     """
     container.check_writable(header)
+    extras = []
+    if alpha is not None:
+        alpha = np.asarray(alpha)
+        if alpha.shape != (header.height, header.width) or alpha.dtype != np.uint8:
+            raise SdcInputError(f"alpha must be ({header.height}, {header.width}) uint8")
+        if alpha.size and alpha.min() < 255:  # a fully opaque alpha costs nothing
+            coder, payload = entropy.encode(alpha, alphabet_size=256)
+            extras.append(Section(container.SECTION_ALPHA, coder, alpha.size, payload))
+    if metadata:
+        raw = pack_metadata(metadata)
+        if len(raw) > container.MAX_METADATA_BYTES:
+            raise SdcInputError(f"metadata of {len(raw)} bytes is over the limit of {container.MAX_METADATA_BYTES}")
+        if raw:
+            coder, payload = entropy.encode(np.frombuffer(raw, np.uint8), alphabet_size=256)
+            extras.append(Section(container.SECTION_METADATA, coder, len(raw), payload))
     levels = np.asarray(levels)
     expected = (header.latent_channels, header.latent_height, header.latent_width)
     if levels.shape != expected:
@@ -102,7 +179,7 @@ def sdc_encode(levels, header: Header, /, *, dither: bool = False, weights=None)
     if header.mode == MODE_U8:
         symbols = np.rint(levels).astype(np.uint8)
         coder, payload = entropy.encode(symbols, alphabet_size=256)
-        return container.pack(header, [Section(container.SECTION_LATENT, coder, symbols.size, payload)])
+        return container.pack(header, [Section(container.SECTION_LATENT, coder, symbols.size, payload)] + extras)
     cells = np.ascontiguousarray(np.moveaxis(levels.astype(np.float64), 0, -1))  # (h, w, C) latent "pixels"
     size = header.group_channels
     assign = latent_coding.dither if dither else latent_coding.nearest
@@ -129,4 +206,4 @@ def sdc_encode(levels, header: Header, /, *, dither: bool = False, weights=None)
     return container.pack(dataclasses.replace(header, colors=k), [
         Section(container.SECTION_PALETTE, coder_p, palettes.size, payload_p),
         Section(container.SECTION_INDICES, coder_i, entropy.raw_length(indices.size, k), payload_i),
-    ])
+    ] + extras)

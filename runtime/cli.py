@@ -1,10 +1,16 @@
-"""sdc-runtime: encode, decode and inspect .sdc files.  Errors are one line on stderr."""
+"""sdc-runtime: encode, decode and inspect .sdc files.
+
+Errors are one line on stderr; exit 2 for usage errors (bad options or option values, an
+output that cannot be written), 1 for failures, 0 for success.  Warnings are one line too.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import warnings
 
 from . import __version__
 from .bitstream import sdc_info
@@ -25,6 +31,27 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class UsageError(Exception):
+    """A bad command line: exit 2."""
+
+
+def _check_output(output: str, source: str) -> None:
+    """Before any work: the output can be written, and it is not the input."""
+    if output == "-":
+        if sys.stdout.isatty():
+            raise UsageError("refusing to write binary data to a terminal: redirect stdout or name an output file")
+        return
+    if os.path.isdir(output):
+        raise UsageError(f"cannot write {output}: it is a directory")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise UsageError(f"cannot write {output}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {output}: the folder {folder} is not writable")
+    if source != "-" and os.path.exists(output) and os.path.exists(source) and os.path.samefile(source, output):
+        raise UsageError(f"refusing to overwrite the input {source} with the output")
+
+
 def _read(path: str) -> bytes:
     if path == "-":
         return sys.stdin.buffer.read()
@@ -43,7 +70,7 @@ def _write(path: str, data: bytes) -> None:
     try:
         write_atomic(path, data)
     except OSError as exc:
-        raise SdcInputError(f"cannot write {path}: {exc.strerror}") from None
+        raise SdcInputError(f"cannot write {path}: {exc.strerror}") from None  # e.g. the disk filled up
 
 
 class _Progress:
@@ -76,19 +103,27 @@ class _Progress:
 def _codec(args) -> SdcCodec:
     models = args.models or os.environ.get("SDC_MODELS")
     if not models:
-        raise SdcInputError("no model set: pass --models DIR or set SDC_MODELS")
-    return SdcCodec(models, provider=args.provider, max_pixels=args.max_pixels, threads=args.threads,
-                    memory_limit=args.memory_limit, tile_size=args.tile_size)
+        raise UsageError("no model set: pass --models DIR or set SDC_MODELS")
+    try:
+        return SdcCodec(models, provider=args.provider, max_pixels=args.max_pixels, threads=args.threads,
+                        memory_limit=args.memory_limit, tile_size=args.tile_size)
+    except SdcInputError as exc:  # the limits given on the command line
+        raise UsageError(str(exc)) from None
 
 
 def _cmd_encode(args) -> None:
+    _check_output(args.output, args.input)
     codec = _codec(args)
+    try:
+        options = codec.options(mode=args.mode, colors=args.colors, group_channels=args.group_channels,
+                                dither=args.dither, quant_step=args.quant_step, denoise_steps=args.denoise_steps,
+                                seed=args.seed, alpha=args.alpha, strip=args.strip)
+    except SdcInputError as exc:
+        raise UsageError(str(exc)) from None
     image = load_image(sys.stdin.buffer.read() if args.input == "-" else args.input, max_pixels=args.max_pixels)
     bar = _Progress(sys.stderr.isatty() or args.verbose)
     try:
-        data = codec.encode(image, mode=args.mode, colors=args.colors, group_channels=args.group_channels,
-                            dither=args.dither, quant_step=args.quant_step, denoise_steps=args.denoise_steps,
-                            seed=args.seed, progress=bar)
+        data = codec.encode(image, progress=bar, **dataclasses.asdict(options))
     finally:
         bar.close()
     _write(args.output, data)
@@ -98,15 +133,25 @@ def _cmd_encode(args) -> None:
 
 
 def _cmd_decode(args) -> None:
-    fmt = image_format_for(args.output)
-    data = _read(args.input)
+    _check_output(args.output, args.input)
+    try:
+        fmt = image_format_for(f".{args.format}" if args.format else args.output)
+    except SdcInputError as exc:
+        raise UsageError(str(exc)) from None
+    if args.output_quality is not None and not 1 <= args.output_quality <= 100:
+        raise UsageError(f"--output-quality must be in 1..100, not {args.output_quality}")
     codec = _codec(args)
+    data = _read(args.input)
     bar = _Progress(sys.stderr.isatty() or args.verbose)
     try:
         image = codec.decode(data, denoise_steps=args.denoise_steps, decoder=args.decoder, progress=bar)
+    except SdcInputError as exc:
+        if args.denoise_steps is not None and "denoise" in str(exc):
+            raise UsageError(str(exc)) from None
+        raise
     finally:
         bar.close()
-    _write(args.output, image_bytes(image, fmt))
+    _write(args.output, image_bytes(image, fmt, quality=args.output_quality))
 
 
 def _cmd_info(args) -> None:
@@ -177,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--denoise-steps", type=int, default=None,
                    help="UNet denoising steps the decoder runs by default (default: the set's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the palette and the DDIM noise")
+    p.add_argument("--alpha", choices=["keep", "drop"], default="keep",
+                   help="an alpha channel is stored losslessly (keep, the default) or ignored (drop)")
+    p.add_argument("--strip", action="store_true", help="drop the ICC profile, EXIF and XMP")
     p.set_defaults(run=_cmd_encode)
 
     p = sub.add_parser("decode", help=".sdc -> image (format from OUT's extension; PNG on stdout)")
@@ -185,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--denoise-steps", type=int, default=None,
                    help="UNet denoising steps (default: the file's; 0 skips the UNet)")
+    p.add_argument("--format", default=None, metavar="EXT",
+                   help="output image format (png, jpeg, webp, ...); default: OUT's extension, PNG on stdout")
+    p.add_argument("--output-quality", type=int, default=None, metavar="Q",
+                   help="quality 1..100 of a lossy output format (JPEG, WebP)")
     p.add_argument("--decoder", default="vae_decoder", choices=DECODERS,
                    help="which decoder graph of the set to use")
     p.set_defaults(run=_cmd_decode)
@@ -200,10 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warn(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(f"{PROG}: warning: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _warn
     try:
         args.run(args)
+    except UsageError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 2
     except SdcError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 1

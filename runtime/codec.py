@@ -14,10 +14,10 @@ import numpy as np
 from PIL import Image
 
 from . import container, latent as latent_coding
-from .bitstream import sdc_decode, sdc_encode
+from .bitstream import SdcContents, sdc_decode_all, sdc_encode
 from .container import DEFAULT_MAX_PIXELS, Header
 from .errors import SdcInputError, SdcModelError
-from .image import check_pixel_limit, to_pixels
+from .image import check_pixel_limit, pad_to, to_picture
 from .neural import DEFAULT_MEMORY_LIMIT, NeuralStages
 from .options import MODES, EncodeOptions, resolve_denoising, resolve_encode_options
 
@@ -55,17 +55,23 @@ class SdcCodec:
     # --- encode ---
 
     def encode(self, image, /, *, progress=None, **options) -> bytes:
-        """PIL image or (H, W, 3) uint8 array -> .sdc bytes.  ``options``: the fields of
-        ``EncodeOptions`` (mode, colors, group_channels, dither, quant_step, denoise_steps,
-        denoise_stride, eta, seed); what is not given comes from the model set's defaults."""
+        """PIL image (any mode; EXIF orientation applied) or (H, W, 3) uint8 array -> .sdc bytes.
+        ``options``: the fields of ``EncodeOptions`` (mode, colors, group_channels, dither,
+        quant_step, denoise_steps, denoise_stride, eta, seed, alpha, strip); what is not given
+        comes from the model set's defaults.  Alpha and metadata travel losslessly."""
         resolved = self.options(**options)  # before any neural work
-        latent, size = self.image_to_latent(image, progress=progress)
-        return self._code_latent(latent, size, resolved)
+        picture = to_picture(image, max_pixels=self.max_pixels)
+        latent, size = self._latent_of(picture.rgb, progress)
+        return self._code_latent(latent, size, resolved, alpha=picture.alpha if resolved.alpha == "keep" else None,
+                                 metadata={} if resolved.strip else picture.metadata)
 
     def image_to_latent(self, image, /, *, progress=None) -> tuple[np.ndarray, tuple[int, int]]:
         """PIL image or (H, W, 3) uint8 array -> ((C, h, w) float32 raw latent, (width, height))."""
-        pixels, size = to_pixels(image, self.manifest.downscale, max_pixels=self.max_pixels)
-        return self.stages.encode(pixels, progress=progress)[0], size
+        return self._latent_of(to_picture(image, max_pixels=self.max_pixels).rgb, progress)
+
+    def _latent_of(self, rgb: np.ndarray, progress) -> tuple[np.ndarray, tuple[int, int]]:
+        pixels = pad_to(rgb, self.manifest.downscale)
+        return self.stages.encode(pixels, progress=progress)[0], (rgb.shape[1], rgb.shape[0])
 
     def quant_mapping(self, latent: np.ndarray, /, quant_step: float | None = None):
         """(scale, zero) per channel: the 8-bit mapping this set's encoder uses for ``latent``."""
@@ -85,7 +91,8 @@ class SdcCodec:
             raise SdcInputError(f"a {latent.shape[1]}x{latent.shape[2]} latent does not fit a {width}x{height} image")
         return self._code_latent(latent, size, self.options(**options))
 
-    def _code_latent(self, latent: np.ndarray, size: tuple[int, int], options: EncodeOptions) -> bytes:
+    def _code_latent(self, latent: np.ndarray, size: tuple[int, int], options: EncodeOptions, *,
+                     alpha=None, metadata=None) -> bytes:
         m = self.manifest
         scale, zero = self.quant_mapping(latent, options.quant_step)
         header = Header(
@@ -100,21 +107,27 @@ class SdcCodec:
         weights = np.square(np.asarray(scale, np.float64))
         if m.channel_weights is not None:
             weights = weights * np.asarray(m.channel_weights, np.float64)
-        return sdc_encode(levels, header, dither=options.dither, weights=weights / weights.mean())
+        return sdc_encode(levels, header, dither=options.dither, weights=weights / weights.mean(), alpha=alpha,
+                          metadata=metadata)
 
     # --- decode ---
 
     def decode_latent(self, data, /) -> tuple[Header, np.ndarray]:
         """.sdc bytes -> (header, (C, h, w) dequantized raw latent), after the model-set checks."""
-        header, levels = sdc_decode(data, max_pixels=self.max_pixels)
-        m = self.manifest
+        contents = self._contents(data, extras=False)
+        return contents.header, latent_coding.dequantize_u8(contents.levels, contents.header.quant_scale,
+                                                             contents.header.quant_zero)
+
+    def _contents(self, data, *, extras: bool) -> SdcContents:
+        contents = sdc_decode_all(data, max_pixels=self.max_pixels, extras=extras)
+        header, m = contents.header, self.manifest
         if header.fingerprint != self.fingerprint:
             raise SdcModelError(
                 f"the file needs the model set with fingerprint {header.fingerprint.hex()}, "
                 f"but {self.stages.model_dir} has {self.fingerprint.hex()}")
         if header.latent_channels != m.latent_channels or header.downscale != m.downscale:
             raise SdcModelError("the file's latent shape does not fit this model set")
-        return header, latent_coding.dequantize_u8(levels, header.quant_scale, header.quant_zero)
+        return contents
 
     def latent_to_image(self, latent: np.ndarray, /, size: tuple[int, int], *, denoise_steps: int = 0,
                         denoise_stride: int | None = None, eta: float | None = None, seed: int = 0,

@@ -26,7 +26,13 @@ MODE_NAMES = {MODE_U8: "u8", MODE_PALETTE: "palette"}
 SECTION_PALETTE = 1  # per channel group, K x G uint8 entries
 SECTION_INDICES = 2  # per channel group, latent_h x latent_w indices, 1 byte (K <= 256) or 2 bytes LE
 SECTION_LATENT = 3  # C x latent_h x latent_w uint8 latent, planar
-SECTION_NAMES = {SECTION_PALETTE: "palette", SECTION_INDICES: "indices", SECTION_LATENT: "latent"}
+# Optional, in either mode, each at most once:
+SECTION_ALPHA = 4  # height x width uint8 alpha, row-major, lossless; absent when fully opaque
+SECTION_METADATA = 5  # ICC profile, EXIF, XMP: (tag u8, length u32 LE, bytes) entries, tags ascending
+SECTION_NAMES = {SECTION_PALETTE: "palette", SECTION_INDICES: "indices", SECTION_LATENT: "latent",
+                 SECTION_ALPHA: "alpha", SECTION_METADATA: "metadata"}
+OPTIONAL_SECTIONS = (SECTION_ALPHA, SECTION_METADATA)
+MAX_METADATA_BYTES = 4 << 20
 
 # 100 megapixels: the neural stages run in tiles, so this guards only the decoded image
 # itself (300 MB of RGB), the one buffer that grows with the size a file claims.
@@ -74,6 +80,22 @@ class Section:
 def check(data: bytes) -> bool:
     """True if ``data`` starts with the .sdc magic."""
     return bytes(data[: len(MAGIC)]) == MAGIC
+
+
+def check_optional_raw_length(header: Header, kind: int, raw_length: int) -> None:
+    if kind == SECTION_ALPHA and raw_length != header.width * header.height:
+        raise SdcFormatError(f"alpha section declares {raw_length} bytes, the image has {header.width * header.height} pixels")
+    if kind == SECTION_METADATA and not 0 < raw_length <= MAX_METADATA_BYTES:
+        raise SdcFormatError(f"metadata section of {raw_length} bytes is outside 1..{MAX_METADATA_BYTES}")
+
+
+def check_section_kinds(header: Header, kinds: list[int], error=SdcFormatError) -> None:
+    """The mode's sections exactly, plus optional sections at most once each."""
+    required = sorted(k for k in kinds if k not in OPTIONAL_SECTIONS)
+    optional = [k for k in kinds if k in OPTIONAL_SECTIONS]
+    if required != sorted(expected_raw_lengths(header)) or len(optional) != len(set(optional)):
+        names = ", ".join(SECTION_NAMES.get(k, f"#{k}") for k in kinds) or "none"
+        raise error(f"sections ({names}) do not match the {MODE_NAMES[header.mode]} coding mode")
 
 
 def expected_raw_lengths(header: Header) -> dict[int, int]:
@@ -148,8 +170,7 @@ def pack(header: Header, sections: list[Section]) -> bytes:
     """Serialize a header and its sections (SdcInputError for what the parser would reject)."""
     check_writable(header)
     expected = expected_raw_lengths(header)
-    if sorted(s.kind for s in sections) != sorted(expected):
-        raise SdcInputError("sections do not match the coding mode")
+    check_section_kinds(header, [s.kind for s in sections], SdcInputError)
     parts = [_FIXED.pack(
         MAGIC, VERSION, 0, header.width, header.height, header.latent_channels,
         header.latent_height, header.latent_width, header.downscale, header.mode,
@@ -158,7 +179,12 @@ def pack(header: Header, sections: list[Section]) -> bytes:
     parts += [_QUANT.pack(s, z) for s, z in zip(header.quant_scale, header.quant_zero, strict=True)]
     parts.append(struct.pack("<B", len(sections)))
     for section in sections:
-        if section.raw_length != expected[section.kind]:
+        if section.kind in OPTIONAL_SECTIONS:
+            try:
+                check_optional_raw_length(header, section.kind, section.raw_length)
+            except SdcFormatError as exc:
+                raise SdcInputError(str(exc)) from None
+        elif section.raw_length != expected[section.kind]:
             raise SdcInputError(f"{SECTION_NAMES[section.kind]} section has the wrong length")
         parts.append(_SECTION.pack(section.kind, section.coder, section.raw_length, len(section.payload)))
     parts += [s.payload for s in sections]
@@ -215,13 +241,12 @@ def unpack(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple
                     tuple(q[0] for q in quant), tuple(q[1] for q in quant))
     _validate_header(header, max_pixels)
     expected = expected_raw_lengths(header)
-    kinds = [t[0] for t in table]
-    if sorted(kinds) != sorted(expected):
-        names = ", ".join(SECTION_NAMES.get(k, f"#{k}") for k in kinds) or "none"
-        raise SdcFormatError(f"sections ({names}) do not match the {MODE_NAMES[mode]} coding mode")
+    check_section_kinds(header, [t[0] for t in table])
     sections = []
     for kind, coder, raw_length, stored_length in table:
-        if raw_length != expected[kind]:
+        if kind in OPTIONAL_SECTIONS:
+            check_optional_raw_length(header, kind, raw_length)
+        elif raw_length != expected[kind]:
             raise SdcFormatError(
                 f"{SECTION_NAMES[kind]} section declares {raw_length} bytes, the header implies {expected[kind]}")
         sections.append(Section(kind, coder, raw_length, bytes(data[offset: offset + stored_length])))

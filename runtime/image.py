@@ -1,14 +1,34 @@
-"""Image stage: reading input images, PIL images <-> padded float arrays in a graph's value
-range, and output image formats."""
+"""Image stage: input images of any Pillow mode -> RGB, alpha and metadata; pixels <-> a
+graph's value range; output images in the format asked for, with their metadata."""
 from __future__ import annotations
 
 import io
 import os
+import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .errors import SdcInputError
+
+# Output formats that carry each kind of metadata (Pillow's save options).
+METADATA_FORMATS = {"PNG", "JPEG", "WEBP"}
+ALPHA_FORMATS = {"PNG", "WEBP", "TIFF", "GIF", "BMP"}
+
+
+class SdcWarning(UserWarning):
+    """Something about an input the codec handled, but a user should know (extra frames)."""
+
+
+@dataclass
+class Picture:
+    """An input image as the codec codes it: (H, W, 3) uint8 RGB, (H, W) uint8 alpha or None
+    when opaque, and the metadata to carry (icc_profile, exif, xmp)."""
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None = None
+    metadata: dict[str, bytes] = field(default_factory=dict)
 
 
 def check_pixel_limit(width: int, height: int, max_pixels: int | None) -> None:
@@ -25,35 +45,84 @@ def load_image(source, *, max_pixels: int | None = None) -> Image.Image:
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
             source = io.BytesIO(source)
-        image = Image.open(source)
-        check_pixel_limit(image.width, image.height, max_pixels)
-        image.load()
+        with warnings.catch_warnings():
+            # The pixel limit is ours (max_pixels): Pillow's own bomb check would only repeat it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
+            check_pixel_limit(image.width, image.height, max_pixels)
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:
+                warnings.warn(f"the input has {frames} frames; only the first is encoded", SdcWarning, stacklevel=2)
+            image.load()
         return image
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as exc:
         raise SdcInputError(f"cannot read the input image: {exc}") from None
 
 
-def to_pixels(image, downscale: int, *, max_pixels: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """RGB image -> (H', W', 3) uint8 padded by edge replication to multiples of downscale.
+def _from_16bit(values: np.ndarray) -> np.ndarray:
+    """0..65535 -> 0..255, rounded (x / 257: 65535 -> 255 exactly)."""
+    return ((np.clip(values.astype(np.int64), 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
 
-    Returns the array and the true (width, height) to crop back to after decoding.  The size
-    is checked against ``max_pixels`` before anything is converted or allocated.
-    """
+
+def picture_of(image: Image.Image) -> Picture:
+    """Any Pillow image -> Picture.  EXIF orientation is applied (and reset in the EXIF
+    carried).  Grey scales use their full range: I;16* and I as 0..65535, F (float) as 0..1;
+    everything else goes through Pillow's own conversion."""
+    image = ImageOps.exif_transpose(image) or image
+    metadata = {}
+    if image.info.get("icc_profile"):
+        metadata["icc_profile"] = bytes(image.info["icc_profile"])
+    if image.info.get("exif"):
+        metadata["exif"] = bytes(image.info["exif"])
+    xmp = image.info.get("xmp") or image.info.get("XML:com.adobe.xmp")
+    if xmp:
+        metadata["xmp"] = xmp.encode() if isinstance(xmp, str) else bytes(xmp)
+    mode, alpha = image.mode, None
+    if mode.startswith("I;16") or mode == "I":
+        grey = _from_16bit(np.asarray(image))
+    elif mode == "F":
+        grey = np.rint(np.clip(np.nan_to_num(np.asarray(image, np.float64)), 0.0, 1.0) * 255).astype(np.uint8)
+    else:
+        grey = None
+    if grey is not None:
+        rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    else:
+        has_alpha = "A" in image.getbands() or (mode == "P" and "transparency" in image.info) or (
+            mode in ("L", "RGB") and "transparency" in image.info)
+        try:
+            converted = image.convert("RGBA" if has_alpha else "RGB")
+        except ValueError as exc:
+            raise SdcInputError(f"cannot convert an image of mode {mode} to RGB: {exc}") from None
+        array = np.asarray(converted)
+        rgb = np.ascontiguousarray(array[:, :, :3])
+        if has_alpha and array[:, :, 3].min() < 255:
+            alpha = np.ascontiguousarray(array[:, :, 3])
+    return Picture(rgb, alpha, metadata)
+
+
+def to_picture(image, *, max_pixels: int | None = None) -> Picture:
+    """A PIL image or an (H, W, 3) uint8 array -> Picture.  The size is checked against
+    ``max_pixels`` before anything is converted or allocated."""
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise SdcInputError("an array image must be (H, W, 3) uint8")
         check_pixel_limit(image.shape[1], image.shape[0], max_pixels)
-        pixels = image
+        picture = Picture(image)
     elif isinstance(image, Image.Image):
         check_pixel_limit(image.width, image.height, max_pixels)
-        pixels = np.asarray(image.convert("RGB"))
+        picture = picture_of(image)
     else:
         raise SdcInputError(f"expected a PIL image or an (H, W, 3) uint8 array, not {type(image).__name__}")
-    height, width = pixels.shape[:2]
-    if width < 1 or height < 1:
+    if picture.rgb.shape[0] < 1 or picture.rgb.shape[1] < 1:
         raise SdcInputError("the image is empty")
-    padded = np.pad(pixels, ((0, -height % downscale), (0, -width % downscale), (0, 0)), mode="edge")
-    return np.ascontiguousarray(padded), (width, height)
+    return picture
+
+
+def pad_to(pixels: np.ndarray, downscale: int) -> np.ndarray:
+    """(H, W, 3) -> edge-replicated to multiples of downscale (the decoder crops back)."""
+    height, width = pixels.shape[:2]
+    return np.ascontiguousarray(np.pad(pixels, ((0, -height % downscale), (0, -width % downscale), (0, 0)),
+                                       mode="edge"))
 
 
 def to_graph_input(pixels: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
@@ -77,6 +146,7 @@ def image_format_for(path: str) -> str:
     """Pillow format name for an output path's extension (PNG for '-' / stdout)."""
     if path == "-":
         return "PNG"
+    Image.init()  # all of Pillow's plugins: WebP, TIFF, ... are known by extension
     ext = os.path.splitext(path)[1].lower()
     fmt = Image.registered_extensions().get(ext)
     if fmt is None or fmt not in Image.SAVE:
@@ -84,7 +154,25 @@ def image_format_for(path: str) -> str:
     return fmt
 
 
-def image_bytes(image: Image.Image, fmt: str) -> bytes:
+def image_bytes(image: Image.Image, fmt: str, *, quality: int | None = None) -> bytes:
+    """Encode an output image, with the metadata it carries in ``info`` where the format holds
+    it, alpha where it holds alpha, and ``quality`` for lossy formats."""
+    options = {}
+    if fmt in METADATA_FORMATS:
+        for name in ("icc_profile", "exif"):
+            if image.info.get(name):
+                options[name] = image.info[name]
+        if image.info.get("xmp"):
+            if fmt == "PNG":  # Pillow writes PNG XMP only as this iTXt chunk
+                info = PngImagePlugin.PngInfo()
+                info.add_itxt("XML:com.adobe.xmp", image.info["xmp"].decode("utf-8", "replace"))
+                options["pnginfo"] = info
+            else:
+                options["xmp"] = image.info["xmp"]
+    if quality is not None and fmt in ("JPEG", "WEBP", "AVIF"):
+        options["quality"] = quality
+    if image.mode == "RGBA" and fmt not in ALPHA_FORMATS:
+        image = image.convert("RGB")
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
+    image.save(buffer, format=fmt, **options)
     return buffer.getvalue()

@@ -176,7 +176,12 @@ def load_manifest(model_dir: str | os.PathLike) -> Manifest:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
     except FileNotFoundError:
-        raise SdcModelError(f"{os.fspath(model_dir)!s} is not a model set: no {MANIFEST_NAME}") from None
+        folder = os.fspath(model_dir)
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+        if "model_index.json" in names or any(n.endswith((".pth", ".safetensors", ".ckpt")) for n in names):
+            raise SdcModelError(f"{folder} is a checkpoint, not a model set: run sdc-export --model {folder}"
+                                " --out DIR first, then use DIR") from None
+        raise SdcModelError(f"{folder} is not a model set: no {MANIFEST_NAME}") from None
     except OSError as exc:
         raise SdcModelError(f"cannot read {path}: {exc.strerror}") from None
     return Manifest.from_json(text)

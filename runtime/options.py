@@ -14,6 +14,7 @@ from .container import MAX_COLORS, MAX_DENOISE_STEPS, MAX_GROUP_CHANNELS, MODE_P
 from .errors import SdcInputError
 
 MODES = {"u8": MODE_U8, "palette": MODE_PALETTE}
+ALPHA_CHOICES = ("keep", "drop")
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ class EncodeOptions:
     ``quant_step`` (raw latent units, for a channel of average decoder sensitivity) trades
     quality for bytes; None is the finest mapping that fits 8 bits.  ``denoise_steps``,
     ``denoise_stride`` and ``eta`` are stored in the header as the decoder's defaults;
-    ``seed`` seeds the palette search and the DDIM noise.
+    ``seed`` seeds the palette search and the DDIM noise.  ``alpha`` "keep" stores an alpha
+    channel losslessly, "drop" ignores it; ``strip`` drops the ICC profile, EXIF and XMP.
     """
 
     mode: str
@@ -51,6 +53,8 @@ class EncodeOptions:
     denoise_stride: int
     eta: float
     seed: int
+    alpha: str = "keep"
+    strip: bool = False
 
 
 ENCODE_OPTION_NAMES = tuple(f.name for f in fields(EncodeOptions))
@@ -115,7 +119,7 @@ def resolve_encode_options(defaults: EncoderDefaults, limits: ModelLimits, **ove
     unknown = sorted(set(overrides) - set(ENCODE_OPTION_NAMES))
     if unknown:
         raise SdcInputError(f"unknown encoder option(s) {', '.join(unknown)}; known: {', '.join(ENCODE_OPTION_NAMES)}")
-    chosen = {**asdict(defaults), "quant_step": None, "seed": 0}
+    chosen = {**asdict(defaults), "quant_step": None, "seed": 0, "alpha": "keep", "strip": False}
     chosen.update({name: value for name, value in overrides.items() if value is not None})
     mode = chosen["mode"]
     if mode not in MODES:
@@ -126,7 +130,7 @@ def resolve_encode_options(defaults: EncoderDefaults, limits: ModelLimits, **ove
     channels = limits.latent_channels
     # The family default may be wider than a set with few channels: then one group of all.
     group_channels = overrides.get("group_channels")
-    if group_channels is None:
+    if group_channels is None or (mode == "u8" and group_channels == 0):  # 0: resolved for u8 mode
         group_channels = min(defaults.group_channels, channels)
     if (not _integer(group_channels) or not 1 <= group_channels <= min(channels, MAX_GROUP_CHANNELS)
             or channels % group_channels):
@@ -142,7 +146,12 @@ def resolve_encode_options(defaults: EncoderDefaults, limits: ModelLimits, **ove
         if not _number(quant_step) or not 0 < quant_step < 1e6:
             raise SdcInputError(f"quant_step must be a positive number, not {quant_step!r}")
         quant_step = float(quant_step)
+    if chosen["alpha"] not in ALPHA_CHOICES:
+        raise SdcInputError(f"alpha must be one of {', '.join(ALPHA_CHOICES)}, not {chosen['alpha']!r}")
+    if not isinstance(chosen["strip"], bool):
+        raise SdcInputError(f"strip must be True or False, not {chosen['strip']!r}")
     denoising = resolve_denoising(defaults, limits, denoise_steps=chosen["denoise_steps"],
                                   denoise_stride=chosen["denoise_stride"], eta=chosen["eta"], seed=chosen["seed"])
     return EncodeOptions(mode=mode, colors=colors, group_channels=group_channels if mode == "palette" else 0,
-                         dither=chosen["dither"], quant_step=quant_step, **asdict(denoising))
+                         dither=chosen["dither"], quant_step=quant_step, **asdict(denoising),
+                         alpha=chosen["alpha"], strip=chosen["strip"])
