@@ -70,9 +70,10 @@ def run(args) -> dict:
         if crop is None:
             y = border_lines(original.shape[0], args.tile_size, f)[0]
             x = border_lines(original.shape[1], args.tile_size, f)[0]
-            window = (slice(y - 96, y + 96), slice(x - 96, x + 96))
+            half = min(96, y, x, original.shape[0] - y, original.shape[1] - x)
+            window = (slice(y - half, y + half), slice(x - half, x + half))
             difference = np.clip(np.abs(a[window].astype(int) - b[window].astype(int)) * 8, 0, 255).astype(np.uint8)
-            crop = (a[window], b[window], difference, (x, y))
+            crop = (a[window], b[window], difference, (x, y), half)
     return {"machine": machine(), "models": os.path.abspath(args.models), "tile_size": args.tile_size,
             "mode": args.mode, "rows": rows, "crop": crop}
 
@@ -94,13 +95,13 @@ def picture(crop, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    untiled, tiled, difference, (x, y) = crop
+    untiled, tiled, difference, (x, y), half = crop
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
     for ax, image, title in zip(axes, (untiled, tiled, difference),
                                 (f"untiled (corner at x={x}, y={y} at centre)", "tiled", "|difference| x 8")):
         ax.imshow(image, interpolation="nearest")
-        ax.axhline(95.5, color="red", linewidth=0.6, alpha=0.6)
-        ax.axvline(95.5, color="red", linewidth=0.6, alpha=0.6)
+        ax.axhline(half - 0.5, color="red", linewidth=0.6, alpha=0.6)
+        ax.axvline(half - 0.5, color="red", linewidth=0.6, alpha=0.6)
         ax.set_title(title, fontsize=10)
         ax.axis("off")
     fig.tight_layout()

@@ -6,7 +6,7 @@
 2. where ../shared/models/taef2 exists: the trained TAEF2 pair -> sdc-export -> encode/decode
    of the same image, with PSNR: real quality.
 
-    python -m sdc_export.demo [--out models]
+    python -m sdc_export.demo [--out models/demo]
 """
 from __future__ import annotations
 
@@ -29,8 +29,11 @@ def main(argv=None) -> int:
     from .tiny import make_random_sd
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(REPO, "models"), help="where to write (default models/)")
+    # Its own folder: the README's next commands write models/taef2 and must find it free.
+    parser.add_argument("--out", default=os.path.join(REPO, "models", "demo"),
+                        help="where to write (default models/demo/)")
     args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
     source = make_random_sd(os.path.join(args.out, "tiny-random-diffusers"), preset="tiny")
     model_set = os.path.join(args.out, "tiny-random")
     print(f"1. random tiny SD pipeline written to {source}")

@@ -35,6 +35,13 @@ def check_source(src: str) -> str:
     if os.path.exists(src):
         raise ExportError(f"{src} is a file, not a diffusers folder")
     if _HUB_ID.match(src):
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        # Offline, a hub id not in the local cache can only fail: say so now, not after the
+        # loaders' retries.
+        if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(src, "model_index.json"), str):
+            raise ExportError(f"{src} is not found locally (offline: HF_HUB_OFFLINE is set); "
+                              "pass a local diffusers folder or go online once to cache it")
         return "hub"
     raise ExportError(f"{src} is neither a folder nor a hub id (owner/name)")
 

@@ -135,7 +135,7 @@ def _cmd_encode(args) -> None:
 def _cmd_decode(args) -> None:
     _check_output(args.output, args.input)
     try:
-        fmt = image_format_for(f".{args.format}" if args.format else args.output)
+        fmt = image_format_for(f"output.{args.format}" if args.format else args.output)
     except SdcInputError as exc:
         raise UsageError(str(exc)) from None
     if args.output_quality is not None and not 1 <= args.output_quality <= 100:

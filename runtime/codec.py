@@ -150,14 +150,20 @@ class SdcCodec:
 
     def decode(self, data, /, *, denoise_steps: int | None = None, decoder: str = "vae_decoder",
                progress=None) -> Image.Image:
-        """.sdc bytes -> RGB PIL image of the original size.  ``denoise_steps`` overrides the
-        file's; the stride, eta and seed are the file's (stride and eta the model set's defaults
-        where the file stored no steps)."""
-        header, latent = self.decode_latent(data)
+        """.sdc bytes -> PIL image of the original size: RGB, or RGBA where the file holds
+        alpha; its metadata (icc_profile, exif, xmp) in ``image.info``.  ``denoise_steps``
+        overrides the file's; the stride, eta and seed are the file's (stride and eta the model
+        set's defaults where the file stored no steps)."""
+        contents = self._contents(data, extras=True)
+        header = contents.header
+        latent = latent_coding.dequantize_u8(contents.levels, header.quant_scale, header.quant_zero)
         stored = header.denoise_steps > 0
-        return self.latent_to_image(
+        image = self.latent_to_image(
             latent, (header.width, header.height),
             denoise_steps=header.denoise_steps if denoise_steps is None else denoise_steps,
             denoise_stride=header.denoise_stride if stored else None, eta=header.eta if stored else None,
-            seed=header.seed,
-            decoder=decoder, progress=progress)
+            seed=header.seed, decoder=decoder, progress=progress)
+        if contents.alpha is not None:
+            image.putalpha(Image.fromarray(contents.alpha, "L"))
+        image.info.update(contents.metadata)
+        return image

@@ -60,3 +60,23 @@ def test_a_bad_operating_point_is_a_one_line_usage_error(model_set, points):
     result = run_cli("sdc-bench", "rd", "--models", model_set, "--images", ".", "--points", points)
     assert_one_line_error(result, "bad operating point")
     assert result.returncode == 2
+
+
+@pytest.mark.skipif(not (os.path.isdir(TAEF2) and os.path.isdir(KODAK)), reason="../shared is not present")
+def test_sdc_bench_tiles_measures_seams(tmp_path, request):
+    """Reduced: one mosaic of four 192x128 Kodak crops in 128-pixel tiles."""
+    taef2_set = request.getfixturevalue("taef2_set")
+    from PIL import Image
+
+    from sdc_bench.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("kodim01", "kodim05", "kodim13", "kodim23"):
+        Image.open(os.path.join(KODAK, f"{name}.png")).crop((200, 150, 392, 278)).save(images / f"{name}.png")
+    out = tmp_path / "out"
+    assert main(["tiles", "--models", taef2_set, "--images", str(images), "--tile-size", "128", "--out", str(out)]) == 0
+    row = json.loads((out / "tiles.json").read_text())["rows"][0]
+    assert row["psnr_between"] > 35 and abs(row["psnr_tiled"] - row["psnr_untiled"]) < 0.1
+    assert row["border_gradient_ratio_tiled"] <= 1.05 * row["border_gradient_ratio_untiled"]
+    assert (out / "corner.png").stat().st_size > 0

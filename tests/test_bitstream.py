@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from conftest import recrc
 from sdc_runtime import (
     Header, SdcChecksumError, SdcError, SdcFormatError, SdcInputError, SdcLimitError, SdcTruncatedError,
-    SdcVersionError, sdc_check, sdc_decode, sdc_encode, sdc_info,
+    SdcVersionError, sdc_check, sdc_decode, sdc_decode_all, sdc_encode, sdc_info,
 )
 from sdc_runtime import container, entropy
 
@@ -109,7 +109,45 @@ def test_hand_written_palette_file_decodes_to_the_stated_latent():
 # --- golden files written by the reference encoder of format version 1 ---
 
 def test_golden_files_exist():
-    assert len(GOLDEN_FILES) == 3
+    assert len(GOLDEN_FILES) == 4
+
+
+GOLDEN_METADATA = {"icc_profile": b"golden icc", "exif": b"Exif\0\0golden", "xmp": b"<x:xmpmeta>golden</x:xmpmeta>"}
+
+
+def test_golden_file_with_alpha_and_metadata():
+    path = os.path.join(GOLDEN, "u8_alpha_metadata_13x9.sdc")
+    contents = sdc_decode_all(_read(path))
+    np.testing.assert_array_equal(contents.alpha, np.load(path.replace(".sdc", ".alpha.npy")))
+    assert contents.metadata == GOLDEN_METADATA
+    assert set(sdc_info(_read(path))["sections"]) == {"latent", "alpha", "metadata"}
+
+
+def test_optional_sections_are_checked(u8_file):
+    header, sections = container.unpack(_read(os.path.join(GOLDEN, "u8_alpha_metadata_13x9.sdc")))
+    by_kind = {s.kind: s for s in sections}
+    alpha = by_kind[container.SECTION_ALPHA]
+    with pytest.raises(SdcInputError, match="do not match"):  # twice is refused by the writer
+        container.pack(header, sections + [alpha])
+    body = container.pack(header, sections)
+    twice = body[:-4]
+    # Hand-build a table with the alpha section twice: the reader refuses it too.
+    table_at = 58 + 8 * header.latent_channels
+    count = twice[table_at]
+    table_end = table_at + 1 + 10 * count
+    entry = twice[table_at + 1 + 10 * [s.kind for s in sections].index(container.SECTION_ALPHA):][:10]
+    payloads = twice[table_end:]
+    forged = twice[:table_at] + bytes([count + 1]) + twice[table_at + 1:table_end] + entry + payloads + alpha.payload
+    with pytest.raises(SdcFormatError, match="do not match"):
+        sdc_decode(recrc(forged + b"\0\0\0\0"))
+    bad_length = _set(body, "<I", table_at + 1 + 10 * [s.kind for s in sections].index(container.SECTION_ALPHA) + 2, 5)
+    with pytest.raises(SdcFormatError, match="alpha section declares 5 bytes"):
+        sdc_decode(recrc(bad_length))
+    with pytest.raises(SdcFormatError, match="metadata tag 9"):
+        from sdc_runtime.bitstream import unpack_metadata
+        unpack_metadata(b"\x09\x01\x00\x00\x00x")
+    with pytest.raises(SdcInputError, match="unknown metadata"):
+        sdc_encode(np.zeros((4, 5, 8), np.uint8), sdc_decode(u8_file)[0], metadata={"gps": b"x"})
 
 
 @pytest.mark.parametrize("path", GOLDEN_FILES, ids=os.path.basename)
@@ -174,6 +212,12 @@ def test_u8_round_trip_is_exact(case):
     decoded_header, decoded = sdc_decode(data, max_pixels=1 << 40)
     np.testing.assert_array_equal(decoded, levels)
     assert decoded_header == header
+    alpha = np.random.default_rng(width).integers(0, 256, (height, width)).astype(np.uint8)
+    alpha[0, 0] = 0  # never fully opaque
+    contents = sdc_decode_all(sdc_encode(levels, header, alpha=alpha, metadata={"exif": b"e" * width}),
+                              max_pixels=1 << 40)
+    np.testing.assert_array_equal(contents.alpha, alpha)
+    assert contents.metadata == {"exif": b"e" * width}
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

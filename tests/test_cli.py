@@ -6,6 +6,7 @@ import os
 import shutil
 import struct
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -129,6 +130,10 @@ def test_bad_files_are_one_line_errors_and_write_nothing(model_set, good_file, t
 
 @pytest.mark.parametrize("extra,needle", [
     (["--colors", "1"], "2..4096"),
+    (["--colors", "5000"], "2..4096"),
+    (["--memory-limit", "12"], "memory_limit"),
+    (["--memory-limit", "lots"], "not a size"),
+    (["--tile-size", "3"], "tile_size"),
     (["--group-channels", "256"], "group_channels"),
     (["--mode", "palette", "--quant-step", "0.3"], "u8 mode only"),
     (["--denoise-steps", "99"], "0..64"),
@@ -138,8 +143,9 @@ def test_bad_files_are_one_line_errors_and_write_nothing(model_set, good_file, t
 def test_bad_options_are_one_line_errors(model_set, tmp_path, extra, needle):
     src = tmp_path / "in.png"
     make_image(20, 20).save(src)
-    assert_one_line_error(run_cli("sdc-runtime", "encode", str(src), str(tmp_path / "x.sdc"), "--models", model_set,
-                                  *extra), needle)
+    result = run_cli("sdc-runtime", "encode", str(src), str(tmp_path / "x.sdc"), "--models", model_set, *extra)
+    assert_one_line_error(result, needle)
+    assert result.returncode == (1 if "cuda" in extra else 2)  # usage errors exit 2; a missing provider 1
     assert not (tmp_path / "x.sdc").exists()
 
 
@@ -229,3 +235,85 @@ sys.exit(main(args))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert_one_line_error(result, needle)
+
+
+def test_the_input_is_never_overwritten(model_set, tmp_path):
+    src = tmp_path / "a.png"
+    make_image(20, 20).save(src)
+    before = src.read_bytes()
+    os.link(src, tmp_path / "link.png")
+    for output in (src, tmp_path / "link.png"):  # the same file, by name or by another link
+        result = run_cli("sdc-runtime", "encode", str(src), str(output), "--models", model_set)
+        assert_one_line_error(result, "refusing to overwrite the input")
+        assert result.returncode == 2
+    assert src.read_bytes() == before
+
+
+def test_the_output_is_checked_before_any_model_work(tmp_path):
+    """A bad output is reported even with a model set that does not exist: it came first."""
+    src = tmp_path / "a.png"
+    make_image(20, 20).save(src)
+    (tmp_path / "out").mkdir()
+    for output, needle in ((tmp_path / "no" / "x.sdc", "does not exist"), (tmp_path / "out", "is a directory")):
+        result = run_cli("sdc-runtime", "encode", str(src), str(output), "--models", str(tmp_path / "nowhere"))
+        assert_one_line_error(result, needle)
+        assert result.returncode == 2
+
+
+def test_no_binary_on_a_terminal(model_set, tmp_path):
+    import pty
+    import subprocess
+    import sys
+
+    src = tmp_path / "a.png"
+    make_image(20, 20).save(src)
+    leader, follower = pty.openpty()
+    try:
+        result = subprocess.run([sys.executable, "-m", "sdc_runtime.cli", "encode", str(src), "-", "--models",
+                                 model_set], stdout=follower, stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert result.returncode == 2 and b"terminal" in result.stderr
+
+
+def test_format_and_output_quality_on_stdout(model_set, tmp_path):
+    sdc = tmp_path / "x.sdc"
+    make_image(64, 48).save(tmp_path / "a.png")
+    assert run_cli("sdc-runtime", "encode", str(tmp_path / "a.png"), str(sdc), "--models", model_set).returncode == 0
+    sizes = []
+    for quality in ("20", "95"):
+        result = run_cli("sdc-runtime", "decode", str(sdc), "-", "--models", model_set, "--format", "jpeg",
+                         "--output-quality", quality)
+        assert result.returncode == 0, result.stderr
+        assert Image.open(io.BytesIO(result.stdout)).format == "JPEG"
+        sizes.append(len(result.stdout))
+    assert sizes[0] < sizes[1]
+    result = run_cli("sdc-runtime", "decode", str(sdc), "-", "--models", model_set, "--format", "nope")
+    assert_one_line_error(result, "extension")
+    assert result.returncode == 2
+
+
+def test_alpha_metadata_and_warnings_through_the_cli(model_set, tmp_path):
+    rgba = Image.fromarray(np.dstack([np.asarray(make_image(32, 24)), np.full((24, 32), 100, np.uint8)]), "RGBA")
+    rgba.save(tmp_path / "a.png")
+    assert run_cli("sdc-runtime", "encode", str(tmp_path / "a.png"), str(tmp_path / "a.sdc"), "--models",
+                   model_set).returncode == 0
+    assert "alpha" in sdc_info((tmp_path / "a.sdc").read_bytes())["sections"]
+    assert run_cli("sdc-runtime", "decode", str(tmp_path / "a.sdc"), str(tmp_path / "o.png"), "--models",
+                   model_set).returncode == 0
+    assert Image.open(tmp_path / "o.png").mode == "RGBA"
+    assert run_cli("sdc-runtime", "encode", str(tmp_path / "a.png"), str(tmp_path / "b.sdc"), "--models",
+                   model_set, "--alpha", "drop").returncode == 0
+    assert "alpha" not in sdc_info((tmp_path / "b.sdc").read_bytes())["sections"]
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "m.gif", save_all=True, append_images=frames[1:])
+    result = run_cli("sdc-runtime", "encode", str(tmp_path / "m.gif"), str(tmp_path / "m.sdc"), "--models", model_set)
+    assert result.returncode == 0
+    assert result.stderr.decode().strip() == "sdc-runtime: warning: the input has 2 frames; only the first is encoded"
+
+
+def test_a_checkpoint_folder_is_not_a_model_set(taesd_random, tmp_path):
+    make_image(16, 16).save(tmp_path / "a.png")
+    result = run_cli("sdc-runtime", "encode", str(tmp_path / "a.png"), str(tmp_path / "a.sdc"), "--models", taesd_random)
+    assert_one_line_error(result, "run sdc-export")

@@ -166,7 +166,7 @@ def test_rejects_a_hub_id_offline(tmp_path):
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         assert_one_line_error(run_cli("sdc-export", "--model", "nobody/no-such-model", "--out", str(tmp_path / "o"), "--quiet"),
-               "cannot load nobody/no-such-model")
+               "nobody/no-such-model is not found locally (offline")
     finally:
         if env_before is None:
             del os.environ["HF_HUB_OFFLINE"]

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from sdc_runtime import container, entropy
+from sdc_runtime import bitstream, container, entropy
 from sdc_runtime.container import Header, Section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -48,9 +48,22 @@ def main():
     write("palette300_g4x2_24x16.sdc", container.pack(h, [section(container.SECTION_PALETTE, palettes, 256),
                                                          section(container.SECTION_INDICES, indices, 300)]),
           expected)
+    # u8 mode with the optional sections: alpha (13x9, lossless) and metadata (ICC, EXIF, XMP).
+    levels = rng.integers(0, 256, (4, 2, 2), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (9, 13), dtype=np.uint8)
+    h = header(container.MODE_U8, 0, 13, 9, 4)
+    write("u8_alpha_metadata_13x9.sdc", bitstream.sdc_encode(levels, h, alpha=alpha, metadata=METADATA), levels)
+    np.save(os.path.join(HERE, "u8_alpha_metadata_13x9.alpha.npy"), alpha)
+
+
+# The metadata of the golden file with optional sections (tests/test_bitstream.py states it too).
+METADATA = {"icc_profile": b"golden icc", "exif": b"Exif\0\0golden", "xmp": b"<x:xmpmeta>golden</x:xmpmeta>"}
 
 
 def write(name, data, expected_levels):
+    if os.path.exists(os.path.join(HERE, name)):  # written once per format version: never rewritten
+        assert open(os.path.join(HERE, name), "rb").read() == data, f"{name} would change"
+        return
     with open(os.path.join(HERE, name), "wb") as fh:
         fh.write(data)
     np.save(os.path.join(HERE, name.replace(".sdc", ".levels.npy")), np.ascontiguousarray(expected_levels))
