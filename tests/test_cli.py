@@ -317,3 +317,20 @@ def test_a_checkpoint_folder_is_not_a_model_set(taesd_random, tmp_path):
     make_image(16, 16).save(tmp_path / "a.png")
     result = run_cli("sdc-runtime", "encode", str(tmp_path / "a.png"), str(tmp_path / "a.sdc"), "--models", taesd_random)
     assert_one_line_error(result, "run sdc-export")
+
+
+def test_a_reader_that_goes_away_is_no_traceback(codec, tmp_path):
+    """stdout is a pipe whose reader has already gone (as with `| head`): no traceback."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "x.sdc"
+    path.write_bytes(codec.encode(make_image(32, 24)))
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        result = subprocess.run([sys.executable, "-m", "sdc_runtime.cli", "info", str(path), "--json"],
+                                stdout=writer, stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(writer)
+    assert result.returncode == 1 and b"Traceback" not in result.stderr, result.stderr

@@ -99,7 +99,7 @@ def test_peak_memory_follows_the_budget(tae_set, tmp_path):
     import sys
 
     script = f"""
-import resource, numpy as np
+import numpy as np
 from sdc_runtime import SdcCodec
 codec = SdcCodec({tae_set!r}, memory_limit=300 << 20)
 y, x = np.mgrid[0:1024, 0:1536]
@@ -107,9 +107,11 @@ image = np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)
 assert codec.stages.tile_for("vae_decoder", 1024, 1536) > 0
 out = codec.decode(codec.encode(image, mode="u8"))
 assert out.size == (1536, 1024)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM: this process's own peak (ru_maxrss would include the parent's, kept across exec).
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=600)
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     peak_mb = int(result.stdout.split()[-1]) / 1024
-    assert peak_mb < 700, peak_mb
+    print(f"peak RSS {peak_mb:.0f} MB")
+    assert peak_mb < 500, peak_mb
