@@ -12,6 +12,8 @@ import os
 import sys
 import warnings
 
+from PIL import Image
+
 from . import __version__
 from .bitstream import sdc_info
 from .codec import DECODERS, SdcCodec
@@ -259,6 +261,8 @@ def _warn(message, category, filename, lineno, file=None, line=None):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _warn
+    # --max-pixels is the limit: Pillow's own, checked inside Image.open, would cap it at 179 MP.
+    Image.MAX_IMAGE_PIXELS = None
     try:
         args.run(args)
     except UsageError as exc:

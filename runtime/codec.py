@@ -35,6 +35,10 @@ class SdcCodec:
     def __init__(self, models: str | os.PathLike, /, *, provider: str = "cpu",
                  max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None,
                  memory_limit: int = DEFAULT_MEMORY_LIMIT, tile_size: int | None = None):
+        if not isinstance(max_pixels, int) or max_pixels < 1:
+            raise SdcInputError(f"max_pixels must be a positive integer, not {max_pixels!r}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise SdcInputError(f"threads must be a positive integer, not {threads!r}")
         if not isinstance(memory_limit, int) or memory_limit < 1 << 20:
             raise SdcInputError(f"memory_limit must be at least 1 MiB, not {memory_limit!r}")
         if tile_size is not None and (not isinstance(tile_size, int) or not (tile_size == 0 or tile_size >= 64)):

@@ -55,7 +55,9 @@ def load_image(source, *, max_pixels: int | None = None) -> Image.Image:
                 warnings.warn(f"the input has {frames} frames; only the first is encoded", SdcWarning, stacklevel=2)
             image.load()
         return image
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, checked inside Image.open
+        raise SdcInputError(f"cannot read the input image: {exc} (Pillow's limit: Image.MAX_IMAGE_PIXELS)") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise SdcInputError(f"cannot read the input image: {exc}") from None
 
 

@@ -134,6 +134,8 @@ def test_bad_files_are_one_line_errors_and_write_nothing(model_set, good_file, t
     (["--memory-limit", "12"], "memory_limit"),
     (["--memory-limit", "lots"], "not a size"),
     (["--tile-size", "3"], "tile_size"),
+    (["--max-pixels", "-5"], "max_pixels"),
+    (["--threads", "0"], "threads"),
     (["--group-channels", "256"], "group_channels"),
     (["--mode", "palette", "--quant-step", "0.3"], "u8 mode only"),
     (["--denoise-steps", "99"], "0..64"),
