@@ -10,7 +10,7 @@ kernels = Extension(
 )
 
 setup(
-    package_dir={"sdc_runtime": "runtime", "sdc_export": "export", "sdc_bench": "bench"},
-    packages=["sdc_runtime", "sdc_export", "sdc_bench"],
+    package_dir={"sdc_runtime": "runtime", "sdc_export": "export", "sdc_bench": "bench", "sdc_serve": "serve"},
+    packages=["sdc_runtime", "sdc_export", "sdc_bench", "sdc_serve"],
     ext_modules=cythonize([kernels], compiler_directives={"language_level": 3}),
 )

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import warnings
 
@@ -180,6 +181,24 @@ def _cmd_verify(args) -> None:
     print(f"{args.models}: {len(manifest.files)} files match the manifest; fingerprint {manifest.fingerprint[:32]}")
 
 
+def _cmd_serve(args) -> None:
+    from .extras import missing_modules
+
+    missing = missing_modules("starlette", "uvicorn", "prometheus_client")
+    if missing:
+        raise UsageError(f"serve needs the serve extra (missing: {', '.join(missing)}): pip install 'sdcodec[serve]'")
+    import uvicorn
+    from sdc_serve import create_app
+
+    if args.workers < 1 or args.queue < 0 or args.max_body < 1:
+        raise UsageError("--workers must be at least 1, --queue at least 0, --max-body at least 1")
+    app = create_app(_codec(args), workers=args.workers, queue=args.queue, max_body=args.max_body)
+    # uvicorn: one access-log line per request; SIGTERM stops accepting and finishes in-flight
+    # work, then uvicorn re-raises it to the handler it found: a no-op, so the exit status is 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True, timeout_graceful_shutdown=60)
+
+
 def _size(text: str) -> int:
     """'2G', '512M', '1500000000' -> bytes (binary multiples)."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -247,6 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help=".sdc file, or - for stdin")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_cmd_info)
+
+    p = sub.add_parser("serve", help="the codec as an HTTP service (the serve extra)")
+    common(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--workers", type=int, default=2, help="threads running neural work (default 2)")
+    p.add_argument("--queue", type=int, default=16, help="requests that may wait for a worker; more get 503")
+    p.add_argument("--max-body", type=_size, default=32 << 20, metavar="BYTES", help="largest request body (default 32M)")
+    p.set_defaults(run=_cmd_serve)
 
     p = sub.add_parser("verify", help="check a model set's files against the sha256 in its manifest")
     p.add_argument("--models", required=True, metavar="DIR")

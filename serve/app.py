@@ -1,0 +1,209 @@
+"""The codec as an HTTP service: one SdcCodec per process, neural work in a bounded pool.
+
+    POST /v1/encode   image bytes -> .sdc (query: the encoder options, e.g. ?mode=u8&colors=64)
+    POST /v1/decode   .sdc -> image (?format=png|webp|jpeg, else the Accept header; PNG)
+    POST /v1/info     .sdc -> JSON, as `sdc-runtime info --json`
+    GET  /healthz     liveness
+    GET  /metrics     Prometheus: requests by route and status, latency, queue depth, in flight
+
+Bad input is a 4xx with a JSON body {"error": ..., "type": ...}: 400 malformed data, 413 over
+the body or pixel limit, 415 not an image, 422 bad options or a file for another model set.
+Requests beyond the pool wait in a bounded queue; past it they get 503 with Retry-After.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sdc_runtime import (
+    SdcCodec, SdcError, SdcFormatError, SdcInputError, SdcLimitError, SdcModelError, sdc_info,
+)
+from sdc_runtime import container
+from sdc_runtime.image import image_bytes, load_image
+from sdc_runtime.options import ENCODE_OPTION_NAMES
+
+OUTPUT_FORMATS = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG", "jpg": "JPEG"}
+MEDIA_TYPES = {"PNG": "image/png", "WEBP": "image/webp", "JPEG": "image/jpeg"}
+# Query values arrive as text: each encoder option's type, to parse them before the codec checks them.
+OPTION_TYPES = {"colors": int, "group_channels": int, "denoise_steps": int, "denoise_stride": int, "seed": int,
+                "quant_step": float, "eta": float, "dither": bool, "strip": bool, "mode": str, "alpha": str}
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, kind: str):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+def _status_of(exc: SdcError, *, image_input: bool = False) -> int:
+    if isinstance(exc, SdcLimitError):
+        return 413
+    if isinstance(exc, SdcFormatError):
+        return 400
+    if isinstance(exc, SdcInputError):
+        return 415 if image_input else 422
+    if isinstance(exc, SdcModelError):
+        return 422
+    return 400
+
+
+def _parse_options(query) -> dict:
+    options = {}
+    for name, text in query.items():
+        if name not in ENCODE_OPTION_NAMES:
+            raise HttpError(422, f"unknown encoder option {name!r}; known: {', '.join(ENCODE_OPTION_NAMES)}",
+                            "SdcInputError")
+        kind = OPTION_TYPES[name]
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                options[name] = text.lower() in ("true", "1")
+            else:
+                options[name] = kind(text)
+        except ValueError:
+            raise HttpError(422, f"{name} must be {kind.__name__}, not {text!r}", "SdcInputError") from None
+    return options
+
+
+class Service:
+    """The state of one server process: its codec, its pool, its admission count, its metrics."""
+
+    def __init__(self, codec: SdcCodec, *, workers: int = 2, queue: int = 16, max_body: int = 32 << 20):
+        self.codec, self.max_body = codec, max_body
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdc")
+        self.capacity = workers + queue  # requests admitted at once: running plus waiting
+        self.admitted = 0
+        self.registry = CollectorRegistry()
+        self.requests = Counter("sdc_requests", "Requests by route and status", ["route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("sdc_request_seconds", "Request latency by route", ["route"],
+                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
+        self.queue_depth = Gauge("sdc_queue_depth", "Admitted requests waiting for a worker", registry=self.registry)
+        self.in_flight = Gauge("sdc_in_flight", "Requests running in the worker pool", registry=self.registry)
+
+    async def body(self, request: Request) -> bytes:
+        """The request body, refused (413) as soon as it passes max_body: never read whole first."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise HttpError(413, f"body of {declared} bytes is over the limit of {self.max_body}", "SdcLimitError")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise HttpError(413, f"body over the limit of {self.max_body} bytes", "SdcLimitError")
+            chunks.append(chunk)
+        if not size:
+            raise HttpError(400, "empty request body", "SdcFormatError")
+        return b"".join(chunks)
+
+    async def run(self, function, *args):
+        """Run neural work in the pool, or refuse at once (503) when the queue is full."""
+        if self.admitted >= self.capacity:
+            raise HttpError(503, "the server is busy; retry shortly", "Busy")
+        self.admitted += 1
+        self.queue_depth.inc()
+        started = False
+
+        def job():
+            nonlocal started
+            started = True
+            self.queue_depth.dec()
+            self.in_flight.inc()
+            try:
+                return function(*args)
+            finally:
+                self.in_flight.dec()
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, job)
+        finally:
+            self.admitted -= 1
+            if not started:
+                self.queue_depth.dec()
+
+
+def create_app(codec: SdcCodec, *, workers: int = 2, queue: int = 16, max_body: int = 32 << 20) -> Starlette:
+    service = Service(codec, workers=workers, queue=queue, max_body=max_body)
+
+    def route(path: str, name: str, handler, methods):
+        async def endpoint(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                response = await handler(request)
+            except HttpError as exc:
+                response = JSONResponse({"error": str(exc), "type": exc.kind}, status_code=exc.status,
+                                        headers={"Retry-After": "1"} if exc.status == 503 else None)
+            service.requests.labels(name, str(response.status_code)).inc()
+            service.latency.labels(name).observe(time.perf_counter() - started)
+            return response
+        return Route(path, endpoint, methods=methods, name=name)
+
+    async def encode(request: Request) -> Response:
+        options = _parse_options(request.query_params)
+        try:
+            options = dataclasses.asdict(codec.options(**options))
+        except SdcInputError as exc:
+            raise HttpError(422, str(exc), type(exc).__name__) from None
+        data = await service.body(request)
+
+        def work():
+            image = load_image(data, max_pixels=codec.max_pixels)
+            return codec.encode(image, **options)
+        try:
+            sdc = await service.run(work)
+        except SdcError as exc:
+            raise HttpError(_status_of(exc, image_input=True), str(exc), type(exc).__name__) from None
+        return Response(sdc, media_type="application/x-sdc")
+
+    async def decode(request: Request) -> Response:
+        wanted = request.query_params.get("format")
+        if wanted is None:
+            accept = request.headers.get("accept", "")
+            wanted = next((ext for ext, fmt in OUTPUT_FORMATS.items() if MEDIA_TYPES[fmt] in accept), "png")
+        fmt = OUTPUT_FORMATS.get(wanted.lower())
+        if fmt is None:
+            raise HttpError(422, f"format must be one of {', '.join(OUTPUT_FORMATS)}, not {wanted!r}", "SdcInputError")
+        data = await service.body(request)
+        try:
+            container.unpack(data, max_pixels=codec.max_pixels)  # refused before it takes a worker
+            image = await service.run(codec.decode, data)
+        except SdcError as exc:
+            raise HttpError(_status_of(exc), str(exc), type(exc).__name__) from None
+        return Response(image_bytes(image, fmt), media_type=MEDIA_TYPES[fmt])
+
+    async def info(request: Request) -> Response:
+        try:
+            return JSONResponse(sdc_info(await service.body(request)))
+        except SdcError as exc:
+            raise HttpError(_status_of(exc), str(exc), type(exc).__name__) from None
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "fingerprint": codec.manifest.fingerprint[:32]})
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(service.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        service.pool.shutdown(wait=True)  # on SIGTERM: what is in flight finishes first
+
+    app = Starlette(routes=[route("/v1/encode", "encode", encode, ["POST"]),
+                            route("/v1/decode", "decode", decode, ["POST"]),
+                            route("/v1/info", "info", info, ["POST"]),
+                            route("/healthz", "healthz", healthz, ["GET"]),
+                            route("/metrics", "metrics", metrics, ["GET"])],
+                    lifespan=lifespan)
+    app.state.service = service
+    return app

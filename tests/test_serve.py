@@ -1,0 +1,149 @@
+"""sdc-runtime serve: endpoints, errors as 4xx JSON, the bounded queue, metrics, a real server
+stopped by SIGTERM, and one SdcCodec shared by threads."""
+import io
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_image, recrc
+from sdc_runtime import SdcCodec, sdc_info
+
+pytest.importorskip("starlette")
+from starlette.testclient import TestClient  # noqa: E402
+
+from sdc_serve import create_app  # noqa: E402
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client(model_set):
+    with TestClient(create_app(SdcCodec(model_set), workers=2, queue=4, max_body=1 << 20)) as test_client:
+        yield test_client
+
+
+def test_round_trip_info_and_health(client, codec):
+    assert client.get("/healthz").json()["status"] == "ok"
+    response = client.post("/v1/encode?mode=u8&denoise_steps=1", content=_png(make_image(40, 24)))
+    assert response.status_code == 200 and response.headers["content-type"] == "application/x-sdc"
+    data = response.content
+    assert data == codec.encode(make_image(40, 24), mode="u8", denoise_steps=1)  # the same bytes as the API
+    assert client.post("/v1/info", content=data).json() == sdc_info(data)
+    for query, headers, fmt in (("?format=webp", {}, "WEBP"), ("", {"Accept": "image/jpeg"}, "JPEG"), ("", {}, "PNG")):
+        response = client.post(f"/v1/decode{query}", content=data, headers=headers)
+        assert response.status_code == 200
+        image = Image.open(io.BytesIO(response.content))
+        assert image.format == fmt and image.size == (40, 24)
+
+
+def _huge_header(data: bytes) -> bytes:
+    """A valid file whose header claims 100000 x 100000 pixels."""
+    body = bytearray(data)
+    struct.pack_into("<IIHHH", body, 12, 100000, 100000, 4, 12500, 12500)
+    return recrc(bytes(body))
+
+
+@pytest.mark.parametrize("route,body,query,status,kind", [
+    ("decode", b"garbage bytes", "", 400, "SdcFormatError"),
+    ("info", b"\x89SDC\r\n\x1a\n\x01\x00", "", 400, "SdcTruncatedError"),
+    ("decode", "huge", "", 413, "SdcLimitError"),
+    ("decode", b"x" * ((1 << 20) + 1), "", 413, "SdcLimitError"),
+    ("encode", b"not an image at all", "", 415, "SdcInputError"),
+    ("encode", "png", "?colors=5000", 422, "SdcInputError"),
+    ("encode", "png", "?colors=many", 422, "SdcInputError"),
+    ("encode", "png", "?quality=80", 422, "SdcInputError"),
+    ("decode", "sdc", "?format=gif", 422, "SdcInputError"),
+    ("decode", b"", "", 400, "SdcFormatError"),
+])
+def test_bad_input_is_a_4xx_with_a_json_body(client, codec, route, body, query, status, kind):
+    good = codec.encode(make_image(16, 16), mode="u8")
+    body = {"huge": _huge_header(good), "png": _png(make_image(16, 16)), "sdc": good}.get(body, body)
+    response = client.post(f"/v1/{route}{query}", content=body)
+    assert response.status_code == status, response.text
+    assert response.json()["type"] == kind and response.json()["error"]
+    assert client.get("/healthz").status_code == 200  # and the service is fine afterwards
+
+
+def test_a_file_for_another_model_set_is_422(client, other_model_set):
+    data = SdcCodec(other_model_set).encode(make_image(16, 16))
+    response = client.post("/v1/decode", content=data)
+    assert response.status_code == 422 and response.json()["type"] == "SdcModelError"
+
+
+def test_a_full_queue_answers_503_with_retry_after(model_set):
+    app = create_app(SdcCodec(model_set), workers=1, queue=0)
+    with TestClient(app) as test_client:
+        service = app.state.service
+        service.admitted = service.capacity  # every worker and queue slot taken
+        response = test_client.post("/v1/encode", content=_png(make_image(16, 16)))
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        service.admitted = 0
+        assert test_client.post("/v1/encode", content=_png(make_image(16, 16))).status_code == 200
+
+
+def test_metrics_count_requests_by_route_and_status(client):
+    client.post("/v1/info", content=b"junk")
+    text = client.get("/metrics").text
+    assert 'sdc_requests_total{route="info",status="400"}' in text
+    assert "sdc_request_seconds_bucket" in text and "sdc_queue_depth" in text and "sdc_in_flight" in text
+
+
+def test_one_codec_shared_by_eight_threads_matches_serial_calls(tae_set):
+    """20 encodes and decodes, run serially and then by 8 threads at once on one SdcCodec."""
+    codec = SdcCodec(tae_set)
+    images = [make_image(24 + i, 16 + i % 5, seed=i) for i in range(20)]
+
+    def round_trip(image):
+        data = codec.encode(image)
+        return data, np.asarray(codec.decode(data)).tobytes()
+
+    serial = [round_trip(image) for image in images]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        threaded = list(pool.map(round_trip, images))
+    assert threaded == serial
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_real_server_logs_each_request_and_stops_cleanly_on_sigterm(model_set):
+    """uvicorn on 127.0.0.1: one access-log line per request; SIGTERM exits 0."""
+    import httpx
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "sdc_runtime.cli", "serve", "--models", model_set,
+                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/encode", content=_png(make_image(24, 16)), timeout=60)
+        assert response.status_code == 200 and response.content[:4] == b"\x89SDC"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, err = server.communicate(timeout=60)
+    assert server.returncode == 0, err.decode()[-2000:]
+    log = out.decode() + err.decode()  # uvicorn: access lines on stdout, the rest on stderr
+    assert log.count('"POST /v1/encode HTTP/1.1" 200') == 1 and '"GET /healthz HTTP/1.1" 200' in log
