@@ -1,7 +1,6 @@
 """sdc-runtime serve: endpoints, errors as 4xx JSON, the bounded queue, metrics, a real server
 stopped by SIGTERM, and one SdcCodec shared by threads."""
 import io
-import os
 import signal
 import socket
 import struct
