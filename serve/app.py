@@ -3,6 +3,8 @@
     POST /v1/encode   image bytes -> .sdc (query: the encoder options, e.g. ?mode=u8&colors=64)
     POST /v1/decode   .sdc -> image (?format=png|webp|jpeg, else the Accept header; PNG)
     POST /v1/info     .sdc -> JSON, as `sdc-runtime info --json`
+    POST /v1/compare  image -> JSON: our decode beside AVIF, JPEG XL and JPEG at no more bytes
+    GET  /            the comparison page
     GET  /healthz     liveness
     GET  /metrics     Prometheus: requests by route and status, latency, queue depth, in flight
 
@@ -13,25 +15,36 @@ Requests beyond the pool wait in a bounded queue; past it they get 503 with Retr
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
+import math
 import time
+from importlib import resources
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+from PIL import Image
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from sdc_runtime import (
     SdcCodec, SdcError, SdcFormatError, SdcInputError, SdcLimitError, SdcModelError, sdc_info,
 )
 from sdc_runtime import container
-from sdc_runtime.image import image_bytes, load_image
+from sdc_runtime.image import image_bytes, load_image, to_picture
 from sdc_runtime.options import ENCODE_OPTION_NAMES
 
+from sdc_bench.peers import matched
+
+PAGE = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
+COMPARE_PEERS = ("AVIF", "JPEG XL", "JPEG")
+# The comparison returns every panel as a PNG in JSON: a photo-sized page, not a 100 MP one.
+COMPARE_MAX_PIXELS = 4 << 20
 OUTPUT_FORMATS = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG", "jpg": "JPEG"}
 MEDIA_TYPES = {"PNG": "image/png", "WEBP": "image/webp", "JPEG": "image/jpeg"}
 # Query values arrive as text: each encoder option's type, to parse them before the codec checks them.
@@ -188,6 +201,41 @@ def create_app(codec: SdcCodec, *, workers: int = 2, queue: int = 16, max_body: 
         except SdcError as exc:
             raise HttpError(_status_of(exc), str(exc), type(exc).__name__) from None
 
+    async def compare(request: Request) -> Response:
+        options = _parse_options(request.query_params)
+        try:
+            options = dataclasses.asdict(codec.options(**options))
+        except SdcInputError as exc:
+            raise HttpError(422, str(exc), type(exc).__name__) from None
+        data = await service.body(request)
+
+        def work():
+            image = load_image(data, max_pixels=min(codec.max_pixels, COMPARE_MAX_PIXELS))
+            original = to_picture(image).rgb
+            sdc = codec.encode(original, **options)
+            return original, len(sdc), np.asarray(codec.decode(sdc))
+        try:
+            original, budget, ours = await service.run(work)
+        except SdcError as exc:
+            raise HttpError(_status_of(exc, image_input=True), str(exc), type(exc).__name__) from None
+        # The classical codecs at the largest size not over ours, on the server, through imagecodecs.
+        peers = await service.run(lambda: {name: matched(name, original, budget) for name in COMPARE_PEERS})
+        height, width = original.shape[:2]
+
+        def panel(name, size, pixels):
+            if pixels is None:
+                return {"name": name, "bytes": None, "bpp": None, "psnr": None, "image": None}
+            mse = float(np.mean((pixels.astype(np.float64) - original) ** 2))
+            return {"name": name, "bytes": size, "bpp": 8 * size / (width * height),
+                    "psnr": 10 * math.log10(255 ** 2 / mse) if mse else float("inf"),
+                    "image": "data:image/png;base64," + base64.b64encode(image_bytes(Image.fromarray(pixels), "PNG")).decode()}
+        panels = [panel("sdcodec", budget, ours)]
+        panels += [panel(name, *(result if result else (None, None))) for name, result in peers.items()]
+        return JSONResponse({"width": width, "height": height, "panels": panels})
+
+    async def page(request: Request) -> Response:
+        return HTMLResponse(PAGE)
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "fingerprint": codec.manifest.fingerprint[:32]})
 
@@ -199,7 +247,9 @@ def create_app(codec: SdcCodec, *, workers: int = 2, queue: int = 16, max_body: 
         yield
         service.pool.shutdown(wait=True)  # on SIGTERM: what is in flight finishes first
 
-    app = Starlette(routes=[route("/v1/encode", "encode", encode, ["POST"]),
+    app = Starlette(routes=[route("/", "page", page, ["GET"]),
+                            route("/v1/compare", "compare", compare, ["POST"]),
+                            route("/v1/encode", "encode", encode, ["POST"]),
                             route("/v1/decode", "decode", decode, ["POST"]),
                             route("/v1/info", "info", info, ["POST"]),
                             route("/healthz", "healthz", healthz, ["GET"]),

@@ -1,6 +1,7 @@
 """sdc-runtime serve: endpoints, errors as 4xx JSON, the bounded queue, metrics, a real server
 stopped by SIGTERM, and one SdcCodec shared by threads."""
 import io
+import os
 import signal
 import socket
 import struct
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_image, recrc
+from conftest import KODAK, make_image, recrc
 from sdc_runtime import SdcCodec, sdc_info
 
 pytest.importorskip("starlette")
@@ -146,3 +147,19 @@ def test_a_real_server_logs_each_request_and_stops_cleanly_on_sigterm(model_set)
     assert server.returncode == 0, err.decode()[-2000:]
     log = out.decode() + err.decode()  # uvicorn: access lines on stdout, the rest on stderr
     assert log.count('"POST /v1/encode HTTP/1.1" 200') == 1 and '"GET /healthz HTTP/1.1" 200' in log
+
+
+@pytest.mark.skipif(not os.path.isdir(KODAK), reason="../shared/data/kodak is not present")
+def test_load_and_abuse_short(tae_set, tmp_path):
+    """The short version of sdc-bench serve (the full one is in BENCHMARKS.md): mixed load at
+    concurrency 8 with no error, then malformed requests, every one a 4xx, and still healthy."""
+    from sdc_bench.cli import main
+
+    out = tmp_path / "serve"
+    assert main(["serve", "--models", tae_set, "--images", KODAK, "--requests", "40", "--abuse", "20",
+                 "--size", "64", "--out", str(out)]) == 0
+    import json
+
+    result = json.loads((out / "serve.json").read_text())
+    assert result["errors"] == 0 and result["abuse"] == 20 and not result["abuse_not_4xx"]
+    assert result["healthy_after"] and result["peak_rss_mb_abuse"] < 1024
