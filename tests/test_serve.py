@@ -163,3 +163,37 @@ def test_load_and_abuse_short(tae_set, tmp_path):
     result = json.loads((out / "serve.json").read_text())
     assert result["errors"] == 0 and result["abuse"] == 20 and not result["abuse_not_4xx"]
     assert result["healthy_after"] and result["peak_rss_mb_abuse"] < 1024
+
+
+def test_sigterm_lets_the_request_in_flight_finish(model_set):
+    """SIGTERM while a decode runs: the client still gets its 200, then the server exits 0."""
+    import threading
+
+    import httpx
+
+    data = SdcCodec(model_set).encode(make_image(768, 768), denoise_steps=3)
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "sdc_runtime.cli", "serve", "--models", model_set,
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        replies = []
+        request = threading.Thread(target=lambda: replies.append(
+            httpx.post(f"http://127.0.0.1:{port}/v1/decode", content=data, timeout=120)))
+        request.start()
+        time.sleep(0.5)  # the decode (three UNet steps and the decoder at 768²) is under way
+        server.send_signal(signal.SIGTERM)
+        request.join(timeout=120)
+        server.wait(timeout=120)  # one SIGTERM is enough: it finishes the request, then exits
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert replies and replies[0].status_code == 200 and replies[0].content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert server.returncode == 0, (server.returncode, server.stderr.read().decode()[-2000:])
