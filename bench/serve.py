@@ -26,10 +26,27 @@ from .timing import machine
 MAX_BODY = 1 << 20
 
 
-def _free_port() -> int:
+def launch(models: str, *args: str, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
+    """Start `sdc-runtime serve` on a free port of 127.0.0.1 and wait until /healthz answers.
+    Returns (process, base URL)."""
+    import httpx
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "sdc_runtime.cli", "serve", "--models", models,
+                               "--port", str(port), *args], stdout=stdout, stderr=stderr)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(f"{base}/healthz", timeout=2)
+            return server, base
+        except httpx.TransportError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("the server did not start") from None
+            time.sleep(0.2)
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -81,21 +98,9 @@ def run(args) -> dict:
     sdc_files = [codec.encode(__import__("PIL.Image", fromlist=["Image"]).open(io.BytesIO(c))) for c in crops]
     jobs = [("encode", crops[i % len(crops)]) if i % 2 == 0 else ("decode", sdc_files[i % len(sdc_files)])
             for i in range(args.requests)]
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "sdc_runtime.cli", "serve", "--models", args.models,
-                               "--port", str(port), "--workers", str(args.workers), "--queue", "64",
-                               "--max-body", str(MAX_BODY)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+    server, base = launch(args.models, "--workers", str(args.workers), "--queue", "64", "--max-body", str(MAX_BODY))
+    port = int(base.rsplit(":", 1)[1])
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{base}/healthz", timeout=2)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the server did not start") from None
-                time.sleep(0.2)
         with httpx.Client(timeout=120) as client:
             def one(job):
                 started = time.perf_counter()

@@ -162,12 +162,15 @@ def create_app(codec: SdcCodec, *, workers: int = 2, queue: int = 16, max_body: 
             return response
         return Route(path, endpoint, methods=methods, name=name)
 
-    async def encode(request: Request) -> Response:
-        options = _parse_options(request.query_params)
+    def options_of(request: Request) -> dict:
+        """The query's encoder options, resolved and checked by the codec (422 if bad)."""
         try:
-            options = dataclasses.asdict(codec.options(**options))
+            return dataclasses.asdict(codec.options(**_parse_options(request.query_params)))
         except SdcInputError as exc:
             raise HttpError(422, str(exc), type(exc).__name__) from None
+
+    async def encode(request: Request) -> Response:
+        options = options_of(request)
         data = await service.body(request)
 
         def work():
@@ -202,11 +205,7 @@ def create_app(codec: SdcCodec, *, workers: int = 2, queue: int = 16, max_body: 
             raise HttpError(_status_of(exc), str(exc), type(exc).__name__) from None
 
     async def compare(request: Request) -> Response:
-        options = _parse_options(request.query_params)
-        try:
-            options = dataclasses.asdict(codec.options(**options))
-        except SdcInputError as exc:
-            raise HttpError(422, str(exc), type(exc).__name__) from None
+        options = options_of(request)
         data = await service.body(request)
 
         def work():

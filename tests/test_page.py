@@ -3,10 +3,6 @@
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -20,22 +16,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 @pytest.fixture
 def server(taef2_set):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "sdc_runtime.cli", "serve", "--models", taef2_set,
-                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    import httpx
+    from sdc_bench.serve import launch
 
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
-            break
-        except httpx.TransportError:
-            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()[-2000:]
-            time.sleep(0.2)
-    yield f"http://127.0.0.1:{port}"
+    process, base = launch(taef2_set)
+    yield base
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=60)
 

@@ -3,10 +3,8 @@ stopped by SIGTERM, and one SdcCodec shared by threads."""
 import io
 import os
 import signal
-import socket
 import struct
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +18,7 @@ from sdc_runtime import SdcCodec, sdc_info
 pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
+from sdc_bench.serve import launch  # noqa: E402
 from sdc_serve import create_app  # noqa: E402
 
 
@@ -116,30 +115,13 @@ def test_one_codec_shared_by_eight_threads_matches_serial_calls(tae_set):
     assert threaded == serial
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_real_server_logs_each_request_and_stops_cleanly_on_sigterm(model_set):
     """uvicorn on 127.0.0.1: one access-log line per request; SIGTERM exits 0."""
     import httpx
 
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "sdc_runtime.cli", "serve", "--models", model_set,
-                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    server, base = launch(model_set, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.2)
-        response = httpx.post(f"http://127.0.0.1:{port}/v1/encode", content=_png(make_image(24, 16)), timeout=60)
+        response = httpx.post(f"{base}/v1/encode", content=_png(make_image(24, 16)), timeout=60)
         assert response.status_code == 200 and response.content[:4] == b"\x89SDC"
     finally:
         server.send_signal(signal.SIGTERM)
@@ -172,21 +154,11 @@ def test_sigterm_lets_the_request_in_flight_finish(model_set):
     import httpx
 
     data = SdcCodec(model_set).encode(make_image(768, 768), denoise_steps=3)
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "sdc_runtime.cli", "serve", "--models", model_set,
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server, base = launch(model_set, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
-                break
-            except httpx.TransportError:
-                assert server.poll() is None and time.monotonic() < deadline
-                time.sleep(0.2)
         replies = []
         request = threading.Thread(target=lambda: replies.append(
-            httpx.post(f"http://127.0.0.1:{port}/v1/decode", content=data, timeout=120)))
+            httpx.post(f"{base}/v1/decode", content=data, timeout=120)))
         request.start()
         time.sleep(0.5)  # the decode (three UNet steps and the decoder at 768²) is under way
         server.send_signal(signal.SIGTERM)
