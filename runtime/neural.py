@@ -173,18 +173,14 @@ class NeuralStages:
         if len(tiles) == 1:
             return self._run(graph.file, to_graph_input(pixels, value_range))
         local = graph.tiled or graph.file
-        features = weight = None
-        for done, ((y0, y1), (x0, x1), rows, cols) in enumerate(tiles, start=1):
-            part = self._run(local, to_graph_input(pixels[y0:y1, x0:x1], value_range))
-            if features is None:
-                features = np.zeros((1, part.shape[1], height // f, width // f), np.float32)
-                weight = np.zeros((height // f, width // f), np.float32)
-            w = (ramp((y0 // f, y1 // f), height // f, (rows[0] // f, rows[1] // f))[:, None]
-                 * ramp((x0 // f, x1 // f), width // f, (cols[0] // f, cols[1] // f))[None, :])
-            features[:, :, y0 // f:y1 // f, x0 // f:x1 // f] += part * w
-            weight[y0 // f:y1 // f, x0 // f:x1 // f] += w
-            _report(progress, "encode", done, len(tiles))
-        features /= weight
+        # The tiles in latent cells: pixel tiles start and end on multiples of the downscale.
+        cells = [((y0 // f, y1 // f), (x0 // f, x1 // f), (rows[0] // f, rows[1] // f), (cols[0] // f, cols[1] // f))
+                 for (y0, y1), (x0, x1), rows, cols in tiles]
+        counter = iter(range(1, len(tiles) + 1))
+        features = _blended(cells, height // f, width // f,
+                            lambda y0, y1, x0, x1: self._run(
+                                local, to_graph_input(pixels[y0 * f:y1 * f, x0 * f:x1 * f], value_range)),
+                            lambda: _report(progress, "encode", next(counter), len(tiles)))
         return self._run(graph.whole, features) if graph.whole else features
 
     def decode(self, latent: np.ndarray, *, decoder: str = "vae_decoder", progress=None) -> np.ndarray:
@@ -234,8 +230,9 @@ class NeuralStages:
         edge-padded for the graph and cropped back."""
         mult = self.manifest.unet_latent_multiple
         h, w = sample.shape[2:]
-        padded = np.pad(sample, ((0, 0), (0, 0), (0, -h % mult), (0, -w % mult)), mode="edge")
-        return self._run(self.graph("unet").file, padded, timestep)[:, :, :h, :w]
+        if h % mult or w % mult:
+            sample = np.pad(sample, ((0, 0), (0, 0), (0, -h % mult), (0, -w % mult)), mode="edge")
+        return self._run(self.graph("unet").file, sample, timestep)[:, :, :h, :w]
 
     def denoise(self, latent: np.ndarray, denoising: Denoising, *, progress=None) -> np.ndarray:
         """Run the DDIM steps on a (1, C, h, w) raw latent treated as x_t at
@@ -255,28 +252,36 @@ class NeuralStages:
         h, w = sample.shape[2:]
         tiles = list(grid(h, w, self.tile_for("unet", h * f, w * f) // f, align=mult,
                           max_overlap=MAX_OVERLAP_PIXELS // f))
-        unet = self.graph("unet").file
         timesteps = denoise_timesteps(steps, stride)
         noises = step_noise(denoising.seed, sample.shape, steps) if eta > 0 else [None] * steps
-        done = 0
+        counter = iter(range(1, steps * len(tiles) + 1))
         for t, noise in zip(timesteps, noises):
             timestep = np.full((1,), t, np.float32)
-            if len(tiles) == 1:
-                prediction = self._run(unet, sample, timestep)
-                done += 1
-                _report(progress, "denoise", done, steps)
-            else:
-                prediction = np.zeros_like(sample)
-                weight = np.zeros((h, w), np.float32)
-                for (y0, y1), (x0, x1), rows, cols in tiles:
-                    tile_weight = ramp((y0, y1), h, rows)[:, None] * ramp((x0, x1), w, cols)[None, :]
-                    prediction[:, :, y0:y1, x0:x1] += self._run(unet, sample[:, :, y0:y1, x0:x1], timestep) * tile_weight
-                    weight[y0:y1, x0:x1] += tile_weight
-                    done += 1
-                    _report(progress, "denoise", done, steps * len(tiles))
-                prediction /= weight
+            # Tiles start on multiples of the UNet's down-sampling and the padded sides are
+            # multiples of it too, so every tile goes to the graph as it is.
+            prediction = _blended(tiles, h, w,
+                                  lambda y0, y1, x0, x1: self.predict(sample[:, :, y0:y1, x0:x1], timestep),
+                                  lambda: _report(progress, "denoise", next(counter), steps * len(tiles)))
             sample = ddim_step(prediction, t, t - stride, sample, m.scheduler, eta=eta, noise=noise)
         return (sample[:, :, :height, :width] / np.float32(m.scaling_factor)).astype(np.float32)
+
+
+def _blended(tiles, height: int, width: int, run_tile, report) -> np.ndarray:
+    """The (1, C, height, width) blend of per-tile outputs: each ``run_tile(y0, y1, x0, x1)``
+    result weighted by its tile's ramps, summed, over the summed weights.  ``tiles`` as
+    ``tiles.grid`` gives them, in output units; ``report()`` is called after each tile."""
+    out = weight = None
+    for (y0, y1), (x0, x1), rows, cols in tiles:
+        part = run_tile(y0, y1, x0, x1)
+        if out is None:
+            out = np.zeros((1, part.shape[1], height, width), np.float32)
+            weight = np.zeros((height, width), np.float32)
+        tile_weight = ramp((y0, y1), height, rows)[:, None] * ramp((x0, x1), width, cols)[None, :]
+        out[:, :, y0:y1, x0:x1] += part * tile_weight
+        weight[y0:y1, x0:x1] += tile_weight
+        report()
+    out /= weight
+    return out
 
 
 def _report(progress, stage: str, done: int, total: int) -> None:
