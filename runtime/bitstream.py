@@ -67,6 +67,13 @@ def unpack_metadata(raw: bytes) -> dict[str, bytes]:
     return metadata
 
 
+def encode_section(kind: int, symbols, alphabet_size: int = 256) -> Section:
+    """Integer symbols below ``alphabet_size`` -> a container section, by the smaller coder."""
+    symbols = np.asarray(symbols)
+    coder, payload = entropy.encode(symbols, alphabet_size=alphabet_size)
+    return Section(kind, coder, entropy.raw_length(symbols.size, alphabet_size), payload)
+
+
 def sdc_check(data, /) -> bool:
     """True if the bytes start with the .sdc magic."""
     return container.check(data)
@@ -156,15 +163,13 @@ def sdc_encode(levels, header: Header, /, *, dither: bool = False, weights=None,
         if alpha.shape != (header.height, header.width) or alpha.dtype != np.uint8:
             raise SdcInputError(f"alpha must be ({header.height}, {header.width}) uint8")
         if alpha.size and alpha.min() < 255:  # a fully opaque alpha costs nothing
-            coder, payload = entropy.encode(alpha, alphabet_size=256)
-            extras.append(Section(container.SECTION_ALPHA, coder, alpha.size, payload))
+            extras.append(encode_section(container.SECTION_ALPHA, alpha))
     if metadata:
         raw = pack_metadata(metadata)
         if len(raw) > container.MAX_METADATA_BYTES:
             raise SdcInputError(f"metadata of {len(raw)} bytes is over the limit of {container.MAX_METADATA_BYTES}")
         if raw:
-            coder, payload = entropy.encode(np.frombuffer(raw, np.uint8), alphabet_size=256)
-            extras.append(Section(container.SECTION_METADATA, coder, len(raw), payload))
+            extras.append(encode_section(container.SECTION_METADATA, np.frombuffer(raw, np.uint8)))
     levels = np.asarray(levels)
     expected = (header.latent_channels, header.latent_height, header.latent_width)
     if levels.shape != expected:
@@ -177,9 +182,8 @@ def sdc_encode(levels, header: Header, /, *, dither: bool = False, weights=None,
         if weights.shape != (header.latent_channels,) or not np.all(np.isfinite(weights) & (weights > 0)):
             raise SdcInputError("weights must be one positive number per latent channel")
     if header.mode == MODE_U8:
-        symbols = np.rint(levels).astype(np.uint8)
-        coder, payload = entropy.encode(symbols, alphabet_size=256)
-        return container.pack(header, [Section(container.SECTION_LATENT, coder, symbols.size, payload)] + extras)
+        latent_section = encode_section(container.SECTION_LATENT, np.rint(levels).astype(np.uint8))
+        return container.pack(header, [latent_section] + extras)
     cells = np.ascontiguousarray(np.moveaxis(levels.astype(np.float64), 0, -1))  # (h, w, C) latent "pixels"
     size = header.group_channels
     assign = latent_coding.dither if dither else latent_coding.nearest
@@ -201,9 +205,7 @@ def sdc_encode(levels, header: Header, /, *, dither: bool = False, weights=None,
     k = max(2, max(len(palette) for palette, _ in coded))
     palettes = np.stack([np.vstack([p, np.repeat(p[-1:], k - len(p), axis=0)]) for p, _ in coded])
     indices = np.stack([group_indices for _, group_indices in coded])
-    coder_p, payload_p = entropy.encode(palettes, alphabet_size=256)
-    coder_i, payload_i = entropy.encode(indices, alphabet_size=k)
     return container.pack(dataclasses.replace(header, colors=k), [
-        Section(container.SECTION_PALETTE, coder_p, palettes.size, payload_p),
-        Section(container.SECTION_INDICES, coder_i, entropy.raw_length(indices.size, k), payload_i),
+        encode_section(container.SECTION_PALETTE, palettes),
+        encode_section(container.SECTION_INDICES, indices, k),
     ] + extras)
