@@ -58,12 +58,18 @@ class SdcCodec:
 
     # --- encode ---
 
-    def encode(self, image, /, *, progress=None, **options) -> bytes:
+    def encode(self, image, /, options: EncodeOptions | None = None, *, progress=None, **overrides) -> bytes:
         """PIL image (any mode; EXIF orientation applied) or (H, W, 3) uint8 array -> .sdc bytes.
-        ``options``: the fields of ``EncodeOptions`` (mode, colors, group_channels, dither,
+        ``overrides``: the fields of ``EncodeOptions`` (mode, colors, group_channels, dither,
         quant_step, denoise_steps, denoise_stride, eta, seed, alpha, strip); what is not given
-        comes from the model set's defaults.  Alpha and metadata travel losslessly."""
-        resolved = self.options(**options)  # before any neural work
+        comes from the model set's defaults.  Or ``options``: the result of ``self.options()``,
+        already checked, taken as it is.  Alpha and metadata travel losslessly."""
+        if options is None:
+            resolved = self.options(**overrides)  # before any neural work
+        elif overrides:
+            raise SdcInputError("pass either resolved options or option overrides, not both")
+        else:
+            resolved = options
         picture = to_picture(image, max_pixels=self.max_pixels)
         latent, size = self._latent_of(picture.rgb, progress)
         return self._code_latent(latent, size, resolved, alpha=picture.alpha if resolved.alpha == "keep" else None,

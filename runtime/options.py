@@ -130,7 +130,7 @@ def resolve_encode_options(defaults: EncoderDefaults, limits: ModelLimits, **ove
     channels = limits.latent_channels
     # The family default may be wider than a set with few channels: then one group of all.
     group_channels = overrides.get("group_channels")
-    if group_channels is None or (mode == "u8" and group_channels == 0):  # 0: resolved for u8 mode
+    if group_channels is None:
         group_channels = min(defaults.group_channels, channels)
     if (not _integer(group_channels) or not 1 <= group_channels <= min(channels, MAX_GROUP_CHANNELS)
             or channels % group_channels):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import dataclasses
 import math
 import time
 from importlib import resources
@@ -37,7 +36,7 @@ from sdc_runtime import (
 )
 from sdc_runtime import container
 from sdc_runtime.image import image_bytes, load_image, to_picture
-from sdc_runtime.options import ENCODE_OPTION_NAMES
+from sdc_runtime.options import ENCODE_OPTION_NAMES, EncodeOptions
 
 from sdc_bench.peers import matched
 
@@ -149,11 +148,16 @@ class Service:
 def create_app(codec: SdcCodec, *, workers: int = 2, queue: int = 16, max_body: int = 32 << 20) -> Starlette:
     service = Service(codec, workers=workers, queue=queue, max_body=max_body)
 
-    def route(path: str, name: str, handler, methods):
+    def route(path: str, name: str, handler, methods, *, image_input: bool = False):
+        """A route with the service's error mapping and metrics.  ``image_input``: the body is an
+        image, so the codec refusing it is 415; options are checked first (``options_of``)."""
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
             try:
-                response = await handler(request)
+                try:
+                    response = await handler(request)
+                except SdcError as exc:
+                    raise HttpError(_status_of(exc, image_input=image_input), str(exc), type(exc).__name__) from None
             except HttpError as exc:
                 response = JSONResponse({"error": str(exc), "type": exc.kind}, status_code=exc.status,
                                         headers={"Retry-After": "1"} if exc.status == 503 else None)
@@ -162,10 +166,10 @@ def create_app(codec: SdcCodec, *, workers: int = 2, queue: int = 16, max_body: 
             return response
         return Route(path, endpoint, methods=methods, name=name)
 
-    def options_of(request: Request) -> dict:
+    def options_of(request: Request) -> EncodeOptions:
         """The query's encoder options, resolved and checked by the codec (422 if bad)."""
         try:
-            return dataclasses.asdict(codec.options(**_parse_options(request.query_params)))
+            return codec.options(**_parse_options(request.query_params))
         except SdcInputError as exc:
             raise HttpError(422, str(exc), type(exc).__name__) from None
 
@@ -175,12 +179,8 @@ def create_app(codec: SdcCodec, *, workers: int = 2, queue: int = 16, max_body: 
 
         def work():
             image = load_image(data, max_pixels=codec.max_pixels)
-            return codec.encode(image, **options)
-        try:
-            sdc = await service.run(work)
-        except SdcError as exc:
-            raise HttpError(_status_of(exc, image_input=True), str(exc), type(exc).__name__) from None
-        return Response(sdc, media_type="application/x-sdc")
+            return codec.encode(image, options)
+        return Response(await service.run(work), media_type="application/x-sdc")
 
     async def decode(request: Request) -> Response:
         wanted = request.query_params.get("format")
@@ -191,18 +191,12 @@ def create_app(codec: SdcCodec, *, workers: int = 2, queue: int = 16, max_body: 
         if fmt is None:
             raise HttpError(422, f"format must be one of {', '.join(OUTPUT_FORMATS)}, not {wanted!r}", "SdcInputError")
         data = await service.body(request)
-        try:
-            container.unpack(data, max_pixels=codec.max_pixels)  # refused before it takes a worker
-            image = await service.run(codec.decode, data)
-        except SdcError as exc:
-            raise HttpError(_status_of(exc), str(exc), type(exc).__name__) from None
+        container.unpack(data, max_pixels=codec.max_pixels)  # refused before it takes a worker
+        image = await service.run(codec.decode, data)
         return Response(image_bytes(image, fmt), media_type=MEDIA_TYPES[fmt])
 
     async def info(request: Request) -> Response:
-        try:
-            return JSONResponse(sdc_info(await service.body(request)))
-        except SdcError as exc:
-            raise HttpError(_status_of(exc), str(exc), type(exc).__name__) from None
+        return JSONResponse(sdc_info(await service.body(request)))
 
     async def compare(request: Request) -> Response:
         options = options_of(request)
@@ -211,12 +205,9 @@ def create_app(codec: SdcCodec, *, workers: int = 2, queue: int = 16, max_body: 
         def work():
             image = load_image(data, max_pixels=min(codec.max_pixels, COMPARE_MAX_PIXELS))
             original = to_picture(image).rgb
-            sdc = codec.encode(original, **options)
+            sdc = codec.encode(original, options)
             return original, len(sdc), np.asarray(codec.decode(sdc))
-        try:
-            original, budget, ours = await service.run(work)
-        except SdcError as exc:
-            raise HttpError(_status_of(exc, image_input=True), str(exc), type(exc).__name__) from None
+        original, budget, ours = await service.run(work)
         # The classical codecs at the largest size not over ours, on the server, through imagecodecs.
         peers = await service.run(lambda: {name: matched(name, original, budget) for name in COMPARE_PEERS})
         height, width = original.shape[:2]
@@ -247,8 +238,8 @@ def create_app(codec: SdcCodec, *, workers: int = 2, queue: int = 16, max_body: 
         service.pool.shutdown(wait=True)  # on SIGTERM: what is in flight finishes first
 
     app = Starlette(routes=[route("/", "page", page, ["GET"]),
-                            route("/v1/compare", "compare", compare, ["POST"]),
-                            route("/v1/encode", "encode", encode, ["POST"]),
+                            route("/v1/compare", "compare", compare, ["POST"], image_input=True),
+                            route("/v1/encode", "encode", encode, ["POST"], image_input=True),
                             route("/v1/decode", "decode", decode, ["POST"]),
                             route("/v1/info", "info", info, ["POST"]),
                             route("/healthz", "healthz", healthz, ["GET"]),
