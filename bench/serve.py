@@ -90,12 +90,13 @@ def _abusive_bodies(valid_sdc: bytes) -> list[tuple[str, str, bytes]]:
 
 def run(args) -> dict:
     import httpx
+    from PIL import Image
 
     from sdc_runtime import SdcCodec
 
     crops = _crops(args.images, 4, args.size)
     codec = SdcCodec(args.models)
-    sdc_files = [codec.encode(__import__("PIL.Image", fromlist=["Image"]).open(io.BytesIO(c))) for c in crops]
+    sdc_files = [codec.encode(Image.open(io.BytesIO(c))) for c in crops]
     jobs = [("encode", crops[i % len(crops)]) if i % 2 == 0 else ("decode", sdc_files[i % len(sdc_files)])
             for i in range(args.requests)]
     server, base = launch(args.models, "--workers", str(args.workers), "--queue", "64", "--max-body", str(MAX_BODY))
@@ -128,8 +129,6 @@ def run(args) -> dict:
         server.terminate()
         server.wait(timeout=60)
     # The same calls serially, in this process, for the throughput ratio.
-    from PIL import Image
-
     started = time.perf_counter()
     for kind, body in jobs:
         codec.encode(Image.open(io.BytesIO(body))) if kind == "encode" else codec.decode(body).save(io.BytesIO(), "PNG")
