@@ -12,11 +12,14 @@ import os
 
 import numpy as np
 
+from . import sweep
 from .metrics import ms_ssim, psnr, ssim
 from .peers import CLASSICAL, matched, original_recipe
 from .timing import machine
 
 METRICS = ("bytes", "bpp", "psnr", "ssim", "ms_ssim")
+DEFAULT_POINTS = ("u8,u8:0.2,u8:0.3,u8:0.45,u8:0.6,palette:16:4,palette:64:4,palette:128:4,palette:256:4,"
+                  "palette:16:2,palette:64:2,palette:256:8")
 
 
 def parse_points(text: str) -> list[dict]:
@@ -77,16 +80,22 @@ def run(args) -> dict:
     paths = sorted(glob.glob(os.path.join(args.images, "*.png")))[: args.limit or None]
     if not paths:
         raise SystemExit(f"sdc-bench: error: no PNG images in {args.images}")
-    points = args.points
+    points = [] if args.qualities and args.points is None else (args.points or parse_points(DEFAULT_POINTS))
     peers = [p for p in args.peers.split(",") if p] if args.peers else []
     for peer in peers:
         if peer not in CLASSICAL:
             raise SystemExit(f"sdc-bench: error: unknown peer {peer!r}; choose from {', '.join(CLASSICAL)}")
     rows = []
+    swept = []
     crops = {}
     for path in tqdm(paths, desc="images", unit="image"):
         name = os.path.splitext(os.path.basename(path))[0]
         original = np.asarray(Image.open(path).convert("RGB"))
+        if args.qualities:
+            swept += sweep.sweep_image(codec, name, original, args.qualities, args.efforts, _scores,
+                                       crops if name == args.crop_image else None)
+        if not points:
+            continue
         raw, size = codec.image_to_latent(original)
 
         def decode_latent(latent, size=size):  # the decoder alone: no denoising steps
@@ -114,9 +123,14 @@ def run(args) -> dict:
                 rows.append({"image": name, "codec": f"{peer} @ {point['name']}", **_scores(original, result[1], result[0])})
                 if name == args.crop_image and point["name"] == args.crop_point and peer in ("AVIF", "JPEG XL"):
                     crops[f"{peer} ({result[0]} B)"] = result[1]
-    summary = summarize(rows, points, peers)
-    return {"machine": machine(), "models": os.path.abspath(args.models), "images": len(paths),
-            "points": points, "peers": peers, "rows": rows, "summary": summary, "crops": crops}
+    result = {"machine": machine(), "models": os.path.abspath(args.models), "images": len(paths),
+              "points": points, "peers": peers, "rows": rows, "crops": crops}
+    if points:
+        result["summary"] = summarize(rows, points, peers)
+    if args.qualities:
+        result.update(qualities=args.qualities, efforts=args.efforts, sweep_rows=swept,
+                      sweep=sweep.summarize(swept, args.efforts))
+    return result
 
 
 def summarize(rows: list[dict], points: list[dict], peers: list[str]) -> dict:
@@ -148,9 +162,16 @@ def summarize(rows: list[dict], points: list[dict], peers: list[str]) -> dict:
 
 
 def markdown(result: dict) -> str:
-    s = result["summary"]
-    lines = [f"{result['images']} images; machine: {result['machine']}.", "",
-             "| codec / operating point | images | bytes | bpp | PSNR dB | SSIM | MS-SSIM |",
+    lines = [f"{result['images']} images; machine: {result['machine']}."]
+    if "summary" in result:
+        lines += points_markdown(result["summary"])
+    if "sweep" in result:
+        lines += sweep.markdown(result["sweep"], result["efforts"])
+    return "\n".join(lines)
+
+
+def points_markdown(s: dict) -> list[str]:
+    lines = ["", "| codec / operating point | images | bytes | bpp | PSNR dB | SSIM | MS-SSIM |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for codec, mean in s["means"].items():
         lines.append(f"| {codec} | {mean['n']} | {mean['bytes']:.0f} | {mean['bpp']:.4f} | {mean['psnr']:.2f} |"
@@ -166,7 +187,7 @@ def markdown(result: dict) -> str:
                      f" {100 * v['byte_saving_at_recipe_psnr']:.1f}% fewer.")
     if s["u8_gap_to_ceiling_db"] is not None:
         lines.append(f"u8 mode vs the unquantized autoencoder round trip: {s['u8_gap_to_ceiling_db']:.3f} dB below.")
-    return "\n".join(lines)
+    return lines
 
 
 def plot(result: dict, path: str) -> None:
@@ -230,11 +251,15 @@ def add_parser(sub):
     p.add_argument("--models", required=True, help="model set")
     p.add_argument("--images", required=True, help="folder of PNG images (e.g. Kodak)")
     p.add_argument("--limit", type=int, default=0, help="first N images only")
-    p.add_argument("--points", type=parse_points, default="u8,u8:0.2,u8:0.3,u8:0.45,u8:0.6,palette:16:4,palette:64:4,palette:128:4,"
-                                       "palette:256:4,palette:16:2,palette:64:2,palette:256:8",
+    p.add_argument("--points", type=parse_points, default=None,
                    help="operating points: u8, u8:STEP (coarser weighted steps) and palette:K:G "
-                        "(K colours per group of G channels)")
+                        f"(K colours per group of G channels); default {DEFAULT_POINTS}, none with --qualities")
     p.add_argument("--peers", default="JPEG,WebP,AVIF,JPEG XL", help="classical codecs at matched bytes")
+    p.add_argument("--qualities", type=sweep.parse_integers(1, 100), default=None, metavar="Q,Q,...",
+                   help="quality sweep through the codec's --quality (with --efforts); AVIF and JPEG XL at "
+                        "matched bytes and the original recipe at 16..256 colours come with it")
+    p.add_argument("--efforts", type=sweep.parse_integers(0, 9), default=[0], metavar="E,E,...",
+                   help="effort sweep: each quality at each effort; Bjontegaard deltas against the lowest")
     p.add_argument("--crop-image", default="kodim23", help="image for the side-by-side crops")
     p.add_argument("--crop-point", default="palette K=256 G=4", help="operating point for the crops")
     p.add_argument("--threads", type=int, default=None)
@@ -252,10 +277,19 @@ def _main(args) -> int:
         writer = csv.DictWriter(fh, fieldnames=["image", "codec", *METRICS])
         writer.writeheader()
         writer.writerows(result["rows"])
+    if "sweep" in result:
+        with open(os.path.join(args.out, "sweep.csv"), "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["image", "codec", "quality", "encode_s", *METRICS])
+            writer.writeheader()
+            writer.writerows(result["sweep_rows"])
     text = markdown(result)
     with open(os.path.join(args.out, "summary.md"), "w") as fh:
         fh.write(text + "\n")
-    plot(result, os.path.join(args.out, "rd.png"))
+    if "summary" in result:
+        plot(result, os.path.join(args.out, "rd.png"))
+    if "sweep" in result:
+        sweep.plot(result["sweep"], os.path.join(args.out, "rd-quality.png"),
+                   f"Quality sweep over {result['images']} images ({os.path.basename(result['models'])})")
     if len(crops) > 1:
         crop_grid(crops, os.path.join(args.out, "crops.png"))
     print(text)

@@ -1,4 +1,4 @@
-"""sdc-export --model SRC --out DIR [--fp16] [--opset N] [--force]"""
+"""sdc-export --model SRC --out DIR [--fp16 [--keep-fp32 GRAPHS] [--fp32-fallback]] [--opset N] [--force]"""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a folder with a TAESD-format *_encoder.pth / *_decoder.pth pair")
     p.add_argument("--out", required=True, metavar="DIR", help="model-set folder to write")
     p.add_argument("--fp16", action="store_true", help="fp16 weights and compute (fp32 I/O)")
+    p.add_argument("--keep-fp32", default="", metavar="GRAPHS",
+                   help="with --fp16: these graphs stay fp32, e.g. vae_decoder for a VAE that overflows fp16")
+    p.add_argument("--fp32-fallback", action="store_true",
+                   help="with --fp16: also ship each decoder in fp32, which the runtime runs where the fp16 "
+                        "decoder's output is not finite")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--tiny-decoder", metavar="DIR", default=None,
                    help="SD only: also ship this TAESD-format decoder as a fast alternative decoder")
@@ -43,6 +48,10 @@ def run(args) -> int:
 
     if not 14 <= args.opset <= 21:
         raise ExportError(f"opset {args.opset} is not supported (14..21)")
+    keep_fp32 = tuple(role for role in args.keep_fp32.split(",") if role)
+    if (keep_fp32 or args.fp32_fallback) and not args.fp16:
+        raise ExportError("--keep-fp32 and --fp32-fallback apply to --fp16 exports only")
+    precision = dict(keep_fp32=keep_fp32, fp32_fallback=args.fp32_fallback)
     is_tae = find_pair(args.model) is not None
     if is_tae and args.tiny_decoder:
         raise ExportError("--tiny-decoder applies to Stable Diffusion exports only")
@@ -61,12 +70,12 @@ def run(args) -> int:
     try:
         if is_tae:
             report = export_tae(args.model, args.out, fp16=args.fp16, opset=args.opset, force=args.force,
-                                progress=progress)
+                                progress=progress, **precision)
         else:
             parts = load_stable_diffusion(args.model, revision=args.revision)
             progress("loaded")
             report = export_stable_diffusion(parts, args.out, fp16=args.fp16, opset=args.opset, force=args.force,
-                                             tiny_decoder=args.tiny_decoder, progress=progress)
+                                             tiny_decoder=args.tiny_decoder, progress=progress, **precision)
     finally:
         bar.close()
     total = time.perf_counter() - started

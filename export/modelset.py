@@ -13,7 +13,7 @@ import torch
 
 from sdc_runtime.latent import sd_quant_mapping
 from sdc_runtime.manifest import MANIFEST_NAME, Graph, Manifest, Scheduler, sha256_file
-from sdc_runtime.options import EncoderDefaults
+from sdc_runtime.options import EncoderDefaults, QualityPoint
 
 from . import DEFAULT_OPSET, ExportError
 from .graphs import (
@@ -24,12 +24,61 @@ from .sources import StableDiffusionParts, weights_digest
 
 
 # Each family's encoder defaults, written into its manifests: the runtime has none of its own.
-# SD: the 2022 experiment: 256 colours with dithering, 3 DDIM steps at stride 15 (t = 30, 15, 0), eta 0.9.
-SD_DEFAULTS = EncoderDefaults(mode="palette", colors=256, group_channels=4, dither=True,
-                              denoise_steps=3, denoise_stride=15, eta=0.9)
-# TAE: no UNet; measured on Kodak (BENCHMARKS.md), nearest-colour mapping beats dithering by ~0.5 dB.
+#
+# The quality scale (1..100) of TAE sets: the Pareto frontier of the operating points measured
+# on Kodak-24 with TAEF2 (BENCHMARKS.md §3 and §7): two palettes at the low end (u8 is not
+# reached that small), then u8 steps, which beat every palette above ~20 KB per Kodak image.
+# Mean bytes / PSNR on Kodak: Q1 12.3 KB 23.3 dB, Q20 20.5 KB 25.6 dB, Q60 52.0 KB 29.0 dB,
+# Q90 102 KB 30.1 dB.  The default, Q60, costs what the earlier default (palette K=256 G=4,
+# 54.9 KB 28.85 dB) did, for more PSNR; above it the curve flattens (Q70: +26% bytes, +0.6 dB).
+TAE_QUALITY = (
+    QualityPoint(1, "palette", colors=16, group_channels=8),
+    QualityPoint(10, "palette", colors=32, group_channels=8),
+    QualityPoint(20, "u8", quant_step=1.3),
+    QualityPoint(30, "u8", quant_step=1.0),
+    QualityPoint(40, "u8", quant_step=0.8),
+    QualityPoint(50, "u8", quant_step=0.6),
+    QualityPoint(60, "u8", quant_step=0.45),
+    QualityPoint(70, "u8", quant_step=0.3),
+    QualityPoint(80, "u8", quant_step=0.2),
+    QualityPoint(90, "u8", quant_step=0.1),
+    QualityPoint(100, "u8", quant_step=0.02),
+)
+# TAE: no UNet; measured on Kodak (BENCHMARKS.md), nearest-colour mapping beats dithering by
+# ~0.5 dB.  Effort 2: the default by measured gain per second (BENCHMARKS.md §7).
 TAE_DEFAULTS = EncoderDefaults(mode="palette", colors=256, group_channels=4, dither=False,
-                               denoise_steps=0, denoise_stride=0, eta=0.0)
+                               denoise_steps=0, denoise_stride=0, eta=0.0, quality=60, effort=2,
+                               quality_table=TAE_QUALITY)
+
+
+def sd_quality(channels: int, scaling_factor: float) -> tuple[QualityPoint, ...]:
+    """SD's quality scale.  No SD weights exist on this project's machines, so it is not
+    measured: the 2022 recipe (palette K=256 G=4, dithered) is Q40 and the default, palettes
+    below it, and above it TAE's u8 steps scaled to SD's latent range (the 8-bit mapping
+    spans 255 * scaling_factor raw units against TAE's 12)."""
+    group = min(4, channels)
+    wide = min(8, channels)
+    ratio = 255 * scaling_factor / 12.0
+    return (
+        QualityPoint(1, "palette", colors=16, group_channels=wide),
+        QualityPoint(10, "palette", colors=64, group_channels=wide),
+        QualityPoint(20, "palette", colors=16, group_channels=group),
+        QualityPoint(30, "palette", colors=64, group_channels=group),
+        QualityPoint(40, "palette", colors=256, group_channels=group),
+        QualityPoint(50, "u8", quant_step=round(0.6 * ratio, 4)),
+        QualityPoint(70, "u8", quant_step=round(0.3 * ratio, 4)),
+        QualityPoint(90, "u8", quant_step=round(0.1 * ratio, 4)),
+        QualityPoint(100, "u8", quant_step=round(0.02 * ratio, 4)),
+    )
+
+
+def sd_defaults(channels: int, scaling_factor: float) -> EncoderDefaults:
+    """SD: the 2022 experiment: 256 colours with dithering, 3 DDIM steps at stride 15
+    (t = 30, 15, 0), eta 0.9.  Effort 0: a UNet set's loop costs UNet steps per pass, and
+    its gain cannot be measured without SD weights."""
+    return EncoderDefaults(mode="palette", colors=256, group_channels=4, dither=True,
+                           denoise_steps=3, denoise_stride=15, eta=0.9, quality=40, effort=0,
+                           quality_table=sd_quality(channels, scaling_factor))
 
 
 # Working memory per image pixel of each graph on the CPU EP, in bytes: the slope of peak RSS
@@ -122,23 +171,44 @@ def sd_graph_specs(parts: StableDiffusionParts) -> tuple[list[GraphSpec], int, i
     return specs, downscale, multiple
 
 
+# The graphs whose fp16 output can overflow on some checkpoints (the SD VAE decoder is the
+# known case): an fp16 set may ship them in fp32 as well, for the runtime to fall back on.
+DECODER_ROLES = ("vae_decoder", "tiny_decoder")
+
+
 def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, opset: int,
-                    force: bool, progress=None) -> ExportReport:
+                    force: bool, keep_fp32: tuple[str, ...] = (), fp32_fallback: bool = False,
+                    progress=None) -> ExportReport:
     """Export ``specs`` into a scratch folder beside ``out``, check parity, write the manifest,
-    then move the folder into place.  ``describe(graphs, files, opset)`` builds the Manifest."""
+    then move the folder into place.  ``describe(graphs, files, opset)`` builds the Manifest.
+
+    With ``fp16``: the roles in ``keep_fp32`` stay fp32; with ``fp32_fallback`` every fp16
+    decoder also ships in fp32 (``<file>.fp32.onnx``), which the runtime runs where the fp16
+    output is not finite."""
+    unknown = sorted(set(keep_fp32) - {spec.role for spec in specs})
+    if unknown:
+        raise ExportError(f"--keep-fp32: this export has no {', '.join(unknown)} graph"
+                          f" (it has {', '.join(spec.role for spec in specs)})")
     prepare_output(out, force)
     parent = os.path.dirname(os.path.abspath(out))
     scratch = tempfile.mkdtemp(prefix=".sdc-export-", dir=parent)
-    precision = "fp16" if fp16 else "fp32"
     parity: list[Parity] = []
     try:
-        parts: dict[str, dict[str, str]] = {}
+        parts: dict[str, dict] = {}
+        precisions: dict[str, str] = {}
         for spec in specs:
+            precision = "fp16" if fp16 and spec.role not in keep_fp32 else "fp32"
+            precisions[spec.role] = precision
+            fallback = precision == "fp16" and fp32_fallback and spec.role in DECODER_ROLES
             for graph in [spec] + (spec.parts() if spec.split is not None else []):
                 path = os.path.join(scratch, f"{graph.role}.onnx")
                 _step(progress, f"export {graph.role}")
                 export_graph(graph, path, opset)
-                if fp16:
+                if fallback:
+                    shutil.copyfile(path, os.path.join(scratch, f"{graph.role}.fp32.onnx"))
+                    parts.setdefault(spec.role, {}).setdefault("fallback", {})[f"{graph.role}.onnx"] = \
+                        f"{graph.role}.fp32.onnx"
+                if precision == "fp16":
                     _step(progress, f"fp16 {graph.role}")
                     convert_fp16(path)
                 _step(progress, f"parity {graph.role}")
@@ -150,7 +220,7 @@ def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, o
             raise ExportError("parity check failed: " + "; ".join(p.line() for p in failed))
         _step(progress, "hash files")
         files = {name: sha256_file(os.path.join(scratch, name)) for name in sorted(os.listdir(scratch))}
-        graphs = {spec.role: (f"{spec.role}.onnx", precision, parts.get(spec.role, {})) for spec in specs}
+        graphs = {spec.role: (f"{spec.role}.onnx", precisions[spec.role], parts.get(spec.role, {})) for spec in specs}
         manifest = describe(graphs, files, opset)
         manifest.validate()
         with open(os.path.join(scratch, MANIFEST_NAME), "w", encoding="utf-8") as fh:
@@ -187,6 +257,7 @@ def _step(progress, text: str) -> None:
 
 def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool = False,
                             opset: int = DEFAULT_OPSET, force: bool = False, tiny_decoder: str | None = None,
+                            keep_fp32: tuple[str, ...] = (), fp32_fallback: bool = False,
                             progress=None) -> ExportReport:
     specs, downscale, multiple = sd_graph_specs(parts)
     vae = parts.vae
@@ -216,11 +287,12 @@ def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool
             quant_scale=scale, quant_zero=zero,
             graphs={role: Graph(file, prec, (0.0, 1.0) if role == "tiny_decoder" else (-1.0, 1.0),
                                 MEMORY_PER_PIXEL["sd"][role], **parts)
-                    for role, (file, prec, parts) in graphs.items()}, defaults=SD_DEFAULTS,
+                    for role, (file, prec, parts) in graphs.items()}, defaults=sd_defaults(channels, scaling),
             files=files, fingerprint=fingerprint, opset=opset_used, source=parts.source,
             scheduler=scheduler, unet_latent_multiple=multiple, channel_weights=weights)
 
-    return write_model_set(out, specs, describe, fp16=fp16, opset=opset, force=force, progress=progress)
+    return write_model_set(out, specs, describe, fp16=fp16, opset=opset, force=force, keep_fp32=keep_fp32,
+                           fp32_fallback=fp32_fallback, progress=progress)
 
 
 # TAE latents pass through tanh(x/3)*3 in the decoder: beyond +-6 nothing changes.
@@ -228,7 +300,7 @@ TAE_LATENT_RANGE = 6.0
 
 
 def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAULT_OPSET, force: bool = False,
-               progress=None) -> ExportReport:
+               keep_fp32: tuple[str, ...] = (), fp32_fallback: bool = False, progress=None) -> ExportReport:
     """A TAESD-format pair -> model set: image in [0, 1], latent scale 1, no UNet."""
     from .tae import load_tae_pair, tae_splits
 
@@ -258,4 +330,5 @@ def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAUL
             files=files, fingerprint=fingerprint, opset=opset_used,
             source={"model": os.path.abspath(folder), "kind": "tae", "variant": variant})
 
-    return write_model_set(out, specs, describe, fp16=fp16, opset=opset, force=force, progress=progress)
+    return write_model_set(out, specs, describe, fp16=fp16, opset=opset, force=force, keep_fp32=keep_fp32,
+                           fp32_fallback=fp32_fallback, progress=progress)

@@ -13,7 +13,7 @@ from .codec import SdcCodec
 from .container import Header
 from .errors import (
     SdcChecksumError, SdcError, SdcFormatError, SdcInputError, SdcLimitError, SdcModelError,
-    SdcProviderError, SdcTruncatedError, SdcVersionError,
+    SdcProviderError, SdcTargetError, SdcTruncatedError, SdcVersionError,
 )
 from .image import SdcWarning
 from .options import EncodeOptions
@@ -23,5 +23,5 @@ __all__ = [
     "SdcCodec", "EncodeOptions", "Header", "SdcContents", "SdcWarning",
     "sdc_check", "sdc_info", "sdc_decode", "sdc_decode_all", "sdc_encode",
     "SdcError", "SdcFormatError", "SdcTruncatedError", "SdcChecksumError", "SdcVersionError",
-    "SdcLimitError", "SdcModelError", "SdcProviderError", "SdcInputError",
+    "SdcLimitError", "SdcModelError", "SdcProviderError", "SdcInputError", "SdcTargetError",
 ]

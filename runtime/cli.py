@@ -92,7 +92,7 @@ class _Progress:
             except ImportError:
                 self.enabled = False
                 return
-            unit = "step" if stage == "denoise" and total <= 64 else "tile"
+            unit = {"denoise": "step", "refine": "pass", "size search": "file"}.get(stage, "tile")
             self.stage, self.bar = stage, tqdm(total=total, desc=stage, unit=unit, leave=False, file=sys.stderr)
         self.bar.update(done - self.bar.n)
 
@@ -117,7 +117,8 @@ def _cmd_encode(args) -> None:
     _check_output(args.output, args.input)
     codec = _codec(args)
     try:
-        options = codec.options(mode=args.mode, colors=args.colors, group_channels=args.group_channels,
+        options = codec.options(quality=args.quality, target_bytes=args.target_bytes, effort=args.effort,
+                                mode=args.mode, colors=args.colors, group_channels=args.group_channels,
                                 dither=args.dither, quant_step=args.quant_step, denoise_steps=args.denoise_steps,
                                 seed=args.seed, alpha=args.alpha, strip=args.strip)
     except SdcInputError as exc:
@@ -125,13 +126,14 @@ def _cmd_encode(args) -> None:
     image = load_image(sys.stdin.buffer.read() if args.input == "-" else args.input, max_pixels=args.max_pixels)
     bar = _Progress(sys.stderr.isatty() or args.verbose)
     try:
-        data = codec.encode(image, options, progress=bar)
+        result = codec.encode_to_size(image, options, progress=bar)
     finally:
         bar.close()
-    _write(args.output, data)
+    _write(args.output, result.data)
     if args.verbose:
-        print(f"{args.output}: {len(data)} bytes, {8 * len(data) / (image.width * image.height):.4f} bpp",
-              file=sys.stderr)
+        found = f", quality {result.quality} after {result.encodes} encodes" if options.target_bytes else ""
+        print(f"{args.output}: {len(result.data)} bytes, {8 * len(result.data) / (image.width * image.height):.4f} bpp"
+              f"{found}", file=sys.stderr)
 
 
 def _cmd_decode(args) -> None:
@@ -232,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="image file, or - for stdin")
     p.add_argument("output", help=".sdc file, or - for stdout")
     common(p)
+    p.add_argument("--quality", "-q", type=int, default=None, metavar="Q",
+                   help="1..100, higher is larger and better: a point on the model set's quality scale, which "
+                        "chooses --mode, --colors, --group-channels and --quant-step (default: the set's)")
+    p.add_argument("--target-bytes", type=int, default=None, metavar="N",
+                   help="the best quality whose file is not larger than N bytes (exit 1 if none is)")
+    p.add_argument("--effort", "-e", type=int, default=None, metavar="E",
+                   help="0..9: closed-loop refinement passes; higher is slower and better at equal bytes, "
+                        "same format (default: the set's)")
     p.add_argument("--mode", choices=sorted(MODES), default=None, help="latent coding (default: the model set's)")
     p.add_argument("--colors", type=int, default=None, help="palette mode: palette size, 2..4096 (default: the set's)")
     p.add_argument("--group-channels", type=int, default=None, metavar="G",

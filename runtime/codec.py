@@ -9,19 +9,34 @@ Options are resolved and checked once, on entry (``options``), and passed down u
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from . import container, latent as latent_coding
+from . import container, latent as latent_coding, refine
 from .bitstream import SdcContents, sdc_decode_all, sdc_encode
 from .container import DEFAULT_MAX_PIXELS, Header
-from .errors import SdcInputError, SdcModelError
+from .errors import SdcInputError, SdcModelError, SdcTargetError
 from .image import check_pixel_limit, pad_to, to_picture
 from .neural import DEFAULT_MEMORY_LIMIT, NeuralStages
-from .options import MODES, EncodeOptions, resolve_denoising, resolve_encode_options
+from .options import MODES, Denoising, EncodeOptions, resolve_denoising, resolve_encode_options
 
 DECODERS = ("vae_decoder", "tiny_decoder")
+# A bisection of qualities 1..100 after quality 1 itself: the most files a size search writes.
+SIZE_SEARCH_ENCODES = 8
+# A size search tries qualities with the caller's other options as they are.
+ENCODE_KEPT_IN_SEARCH = ("effort", "dither", "denoise_steps", "denoise_stride", "eta", "seed", "alpha", "strip")
+
+
+@dataclass(frozen=True)
+class SizedEncode:
+    """The result of a size search: the file, the quality it was written at, and how many
+    files the search wrote to find it."""
+
+    data: bytes
+    quality: int
+    encodes: int
 
 
 class SdcCodec:
@@ -60,10 +75,19 @@ class SdcCodec:
 
     def encode(self, image, /, options: EncodeOptions | None = None, *, progress=None, **overrides) -> bytes:
         """PIL image (any mode; EXIF orientation applied) or (H, W, 3) uint8 array -> .sdc bytes.
-        ``overrides``: the fields of ``EncodeOptions`` (mode, colors, group_channels, dither,
-        quant_step, denoise_steps, denoise_stride, eta, seed, alpha, strip); what is not given
-        comes from the model set's defaults.  Or ``options``: the result of ``self.options()``,
-        already checked, taken as it is.  Alpha and metadata travel losslessly."""
+        ``overrides``: the fields of ``EncodeOptions`` (quality, target_bytes, effort, mode,
+        colors, group_channels, dither, quant_step, denoise_steps, denoise_stride, eta, seed,
+        alpha, strip); what is not given comes from the model set's defaults.  Or ``options``:
+        the result of ``self.options()``, already checked, taken as it is.  Alpha and metadata
+        travel losslessly.  With ``target_bytes`` the file is never larger (SdcTargetError
+        where even quality 1 is)."""
+        return self.encode_to_size(image, options, progress=progress, **overrides).data
+
+    def encode_to_size(self, image, /, options: EncodeOptions | None = None, *, progress=None,
+                       **overrides) -> SizedEncode:
+        """``encode``, telling which quality the file got and how many files the size search
+        (``target_bytes``) wrote: a bisection of the quality scale, whose sizes rise with
+        quality, so about log2(100) + 1 files rather than 100."""
         if options is None:
             resolved = self.options(**overrides)  # before any neural work
         elif overrides:
@@ -72,8 +96,65 @@ class SdcCodec:
             resolved = options
         picture = to_picture(image, max_pixels=self.max_pixels)
         latent, size = self._latent_of(picture.rgb, progress)
-        return self._code_latent(latent, size, resolved, alpha=picture.alpha if resolved.alpha == "keep" else None,
-                                 metadata={} if resolved.strip else picture.metadata)
+        loop = self._loop(size, resolved) if resolved.effort else None
+        settled = refine.settle(latent, resolved.effort, loop, progress) if loop else latent
+        alpha = picture.alpha if resolved.alpha == "keep" else None
+        metadata = {} if resolved.strip else picture.metadata
+
+        def file_at(options: EncodeOptions) -> bytes:
+            def code(candidate):
+                return self._code_latent(candidate, size, options, alpha=alpha, metadata=metadata)
+            if loop is None:
+                return code(settled)
+            return refine.best_file(picture.rgb, latent, settled, options.effort, code, loop, progress)
+
+        if resolved.target_bytes is None:
+            return SizedEncode(file_at(resolved), resolved.quality, 1)
+        return self._search_size(file_at, resolved, progress)
+
+    def _search_size(self, file_at, options: EncodeOptions, progress) -> SizedEncode:
+        target = options.target_bytes
+        kept = {name: getattr(options, name) for name in ENCODE_KEPT_IN_SEARCH}
+        files: dict[int, bytes] = {}
+
+        def fits(quality: int) -> bool:
+            files[quality] = file_at(self.options(quality=quality, **kept))
+            if progress is not None:
+                progress("size search", len(files), SIZE_SEARCH_ENCODES)
+            return len(files[quality]) <= target
+
+        if not fits(1):
+            smallest = len(files[1])
+            raise SdcTargetError(f"the smallest file this model set can write for the image is {smallest} bytes,"
+                                 f" over the target of {target}", smallest)
+        fitting, too_large = 1, 101  # the best quality known to fit; the lowest known not to
+        while too_large - fitting > 1:
+            middle = (fitting + too_large) // 2
+            if fits(middle):
+                fitting = middle
+            else:
+                too_large = middle
+        return SizedEncode(files[fitting], fitting, len(files))
+
+    def _loop(self, size: tuple[int, int], options: EncodeOptions) -> refine.Loop:
+        """The closed loop's stages on images of ``size``; the file's UNet steps in the loop
+        from DENOISE_IN_LOOP_EFFORT, because a decoder of the file runs them."""
+        width, height = size
+        with_steps = options.effort >= refine.DENOISE_IN_LOOP_EFFORT and options.denoise_steps > 0
+
+        def encode(rgb):
+            return self.stages.encode(pad_to(rgb, self.manifest.downscale))[0]
+
+        def decode(latent):
+            return self.stages.decode(latent[None])[:height, :width]
+
+        def decode_file(data):
+            header, latent = self.decode_latent(data)
+            if with_steps:
+                steps = Denoising(header.denoise_steps, header.denoise_stride, header.eta, header.seed)
+                latent = self.stages.denoise(latent[None], steps)[0]
+            return decode(latent)
+        return refine.Loop(encode, decode, decode_file)
 
     def image_to_latent(self, image, /, *, progress=None) -> tuple[np.ndarray, tuple[int, int]]:
         """PIL image or (H, W, 3) uint8 array -> ((C, h, w) float32 raw latent, (width, height))."""
@@ -99,7 +180,9 @@ class SdcCodec:
         width, height = size
         if latent.shape[1:] != (-(-height // m.downscale), -(-width // m.downscale)):
             raise SdcInputError(f"a {latent.shape[1]}x{latent.shape[2]} latent does not fit a {width}x{height} image")
-        return self._code_latent(latent, size, self.options(**options))
+        if options.get("effort") or options.get("target_bytes") is not None:
+            raise SdcInputError("effort and target_bytes need the image: use encode")
+        return self._code_latent(latent, size, self.options(**{**options, "effort": 0}))
 
     def _code_latent(self, latent: np.ndarray, size: tuple[int, int], options: EncodeOptions, *,
                      alpha=None, metadata=None) -> bytes:

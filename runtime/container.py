@@ -166,6 +166,11 @@ def check_writable(header: Header) -> None:
         raise SdcInputError("the quantization mapping needs one scale and one zero point per latent channel")
 
 
+def smallest_file_bytes(latent_channels: int) -> int:
+    """No .sdc file with this many latent channels is smaller: header, mapping, section count, CRC."""
+    return _FIXED.size + _QUANT.size * latent_channels + 1 + _CRC.size
+
+
 def pack(header: Header, sections: list[Section]) -> bytes:
     """Serialize a header and its sections (SdcInputError for what the parser would reject)."""
     check_writable(header)

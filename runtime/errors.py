@@ -35,3 +35,11 @@ class SdcProviderError(SdcError):
 
 class SdcInputError(SdcError, ValueError):
     """An image or an option given to the codec is not acceptable."""
+
+
+class SdcTargetError(SdcError):
+    """A size target cannot be met: even the smallest file the model set can write is larger."""
+
+    def __init__(self, message: str, smallest: int):
+        super().__init__(message)
+        self.smallest = smallest

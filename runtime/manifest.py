@@ -14,11 +14,12 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from .errors import SdcInputError, SdcModelError
-from .options import EncoderDefaults, ModelLimits, resolve_encode_options
+from .options import EncoderDefaults, ModelLimits, QualityPoint, check_quality_table, resolve_encode_options
 
 MANIFEST_NAME = "manifest.json"
 # 2: encoder defaults moved from the runtime into the manifest.
-MANIFEST_VERSION = 2
+# 3: the defaults hold the family's quality scale, default quality and effort.
+MANIFEST_VERSION = 3
 FAMILIES = ("sd", "tae")
 PRECISIONS = ("fp32", "fp16", "int8")
 # Graph roles a model set may hold.  Encoder and decoder are required.
@@ -42,6 +43,9 @@ class Graph:
     # whole then tiled.  Without them the whole graph runs in tiles, blended.
     whole: str | None = None
     tiled: str | None = None
+    # fp16 graphs only: an fp32 file for each of the graph's files, which the runtime runs
+    # instead where the fp16 output is not finite (an fp16 overflow).
+    fallback: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -100,13 +104,15 @@ class Manifest:
             if isinstance(version, int) and version < MANIFEST_VERSION:
                 raise SdcModelError(
                     f"the model set was written by an older sdc-export (manifest format_version {version},"
-                    " without encoder defaults): re-export it with sdc-export")
+                    " without the encoder defaults this runtime needs): re-export it with sdc-export")
             if version != MANIFEST_VERSION:
                 raise ValueError(f"unsupported manifest format_version {version!r}")
-            data["defaults"] = EncoderDefaults(**data["defaults"])
+            defaults = dict(data["defaults"])
+            defaults["quality_table"] = tuple(QualityPoint(**p) for p in defaults["quality_table"])
+            data["defaults"] = EncoderDefaults(**defaults)
             data["graphs"] = {
                 role: Graph(g["file"], g["precision"], tuple(g["image_range"]), float(g["memory_per_pixel"]),
-                            g.get("whole"), g.get("tiled"))
+                            g.get("whole"), g.get("tiled"), g.get("fallback"))
                 for role, g in data["graphs"].items()
             }
             if data.get("scheduler") is not None:
@@ -151,8 +157,11 @@ class Manifest:
                 bad(f"memory_per_pixel of {role} must be a positive number")
             if (graph.whole is None) != (graph.tiled is None):
                 bad(f"{role} needs both parts, whole and tiled, or neither")
-            for file in (graph.file, graph.whole, graph.tiled):
-                if file is not None and (file not in self.files or os.path.basename(file) != file):
+            own = [f for f in (graph.file, graph.whole, graph.tiled) if f is not None]
+            if graph.fallback is not None and (graph.precision == "fp32" or not set(graph.fallback) <= set(own)):
+                bad(f"{role}: fallback files stand in for the graph's own fp16 files")
+            for file in own + list((graph.fallback or {}).values()):
+                if file not in self.files or os.path.basename(file) != file:
                     bad(f"graph file {file!r} not listed in files")
         if "unet" in self.graphs and self.scheduler is None:
             bad("a set with a UNet needs scheduler constants")
@@ -164,7 +173,10 @@ class Manifest:
             bad("channel_weights must be one positive number per latent channel")
         if self.unet_latent_multiple < 1:
             bad("unet_latent_multiple must be >= 1")
-        try:  # the same checks a caller's options get
+        try:  # the same checks a caller's options get, for the defaults and every quality anchor
+            check_quality_table(self.defaults.quality_table)
+            for point in self.defaults.quality_table:
+                resolve_encode_options(self.defaults, self.limits, quality=point.quality)
             resolve_encode_options(self.defaults, self.limits)
         except SdcInputError as exc:
             bad(f"defaults: {exc}")

@@ -109,6 +109,9 @@ class NeuralStages:
         self.tile_size = tile_size
         self._sessions: dict = {}
         self._lock = threading.Lock()
+        # Each graph file's role, for messages, and the fp32 stand-ins of fp16 files.
+        self._roles = {f: role for role, g in self.manifest.graphs.items() for f in (g.file, g.whole, g.tiled) if f}
+        self._fallbacks = {f: alt for g in self.manifest.graphs.values() for f, alt in (g.fallback or {}).items()}
 
     def session(self, file: str):
         """The ONNX Runtime session of one graph file of the set, opened once."""
@@ -145,9 +148,17 @@ class NeuralStages:
             dtype = np.float16 if spec.type == "tensor(float16)" else np.float32
             feeds[spec.name] = np.ascontiguousarray(array, dtype)
         try:
-            return session.run(None, feeds)[0].astype(np.float32)
+            output = session.run(None, feeds)[0].astype(np.float32)
         except Exception as exc:  # onnxruntime's errors are untyped (allocation failures among them)
             raise SdcModelError(f"{file} failed: {str(exc).splitlines()[0][:300]}") from None
+        if np.isfinite(output).all():
+            return output
+        # Never an image of NaNs: fp16 graphs of some checkpoints overflow (the SD VAE decoder).
+        if file in self._fallbacks:
+            return self._run(self._fallbacks[file], *arrays)
+        role = self._roles.get(file, file)
+        raise SdcModelError(f"{file} produced non-finite values (an fp16 overflow?): re-export the set with"
+                            f" --keep-fp32 {role} or --fp32-fallback")
 
     def tile_for(self, role: str, height: int, width: int) -> int:
         """Tile side in image pixels for running ``role`` on a ``height`` x ``width`` image:

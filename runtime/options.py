@@ -8,13 +8,55 @@ new model family needs no edit here; the manifest's own validation runs them thr
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
-from .container import MAX_COLORS, MAX_DENOISE_STEPS, MAX_GROUP_CHANNELS, MODE_PALETTE, MODE_U8
+from .container import (
+    MAX_COLORS, MAX_DENOISE_STEPS, MAX_GROUP_CHANNELS, MODE_PALETTE, MODE_U8, smallest_file_bytes,
+)
 from .errors import SdcInputError
 
 MODES = {"u8": MODE_U8, "palette": MODE_PALETTE}
 ALPHA_CHOICES = ("keep", "drop")
+MAX_EFFORT = 9
+# The options a quality (or a size target) chooses; naming one of them as well is a conflict.
+LATENT_CODING_OPTIONS = ("mode", "colors", "group_channels", "quant_step")
+
+
+@dataclass(frozen=True)
+class QualityPoint:
+    """One anchor of a family's quality scale (1..100): the latent coding that quality gets.
+
+    Between two u8 anchors the quant_step is interpolated geometrically, so the high end is
+    continuous; a palette anchor holds up to the next anchor."""
+
+    quality: int
+    mode: str
+    colors: int = 0
+    group_channels: int = 0
+    quant_step: float | None = None
+
+
+def quality_point(table: tuple[QualityPoint, ...], quality: int) -> QualityPoint:
+    """The latent coding for ``quality`` on a (checked) quality table."""
+    below = max((p for p in table if p.quality <= quality), key=lambda p: p.quality)
+    above = min((p for p in table if p.quality >= quality), key=lambda p: p.quality)
+    if below is above or below.mode != "u8" or above.mode != "u8":
+        return replace(below, quality=quality)
+    t = (quality - below.quality) / (above.quality - below.quality)
+    step = math.exp((1 - t) * math.log(below.quant_step) + t * math.log(above.quant_step))
+    return QualityPoint(quality, "u8", quant_step=float(f"{step:.4g}"))
+
+
+def check_quality_table(table) -> None:
+    """A quality table covers 1..100 with increasing anchors, each a valid latent coding."""
+    qualities = [p.quality for p in table]
+    if not table or qualities[0] != 1 or qualities[-1] != 100 or qualities != sorted(set(qualities)):
+        raise SdcInputError("quality_table needs anchors at increasing qualities from 1 to 100")
+    for point in table:
+        if point.mode == "u8" and not (_number(point.quant_step) and point.quant_step > 0):
+            raise SdcInputError(f"quality {point.quality}: a u8 anchor needs a positive quant_step")
+        if point.mode == "palette" and not (_integer(point.colors) and _integer(point.group_channels)):
+            raise SdcInputError(f"quality {point.quality}: a palette anchor needs colors and group_channels")
 
 
 @dataclass(frozen=True)
@@ -28,6 +70,10 @@ class EncoderDefaults:
     denoise_steps: int
     denoise_stride: int
     eta: float
+    # What the encoder does when the caller names no latent coding, and the scale it maps to.
+    quality: int
+    effort: int
+    quality_table: tuple[QualityPoint, ...]
 
 
 @dataclass(frozen=True)
@@ -42,6 +88,11 @@ class EncodeOptions:
     ``denoise_stride`` and ``eta`` are stored in the header as the decoder's defaults;
     ``seed`` seeds the palette search and the DDIM noise.  ``alpha`` "keep" stores an alpha
     channel losslessly, "drop" ignores it; ``strip`` drops the ICC profile, EXIF and XMP.
+
+    ``quality`` (1..100) is the point of the model set's quality scale that chose mode, colors,
+    group_channels and quant_step (None where the caller named those).  ``target_bytes``: the
+    encoder searches the quality scale for the best file not larger.  ``effort`` (0..9): how
+    many closed-loop refinement passes the encoder spends; the bitstream is the same.
     """
 
     mode: str
@@ -55,6 +106,9 @@ class EncodeOptions:
     seed: int
     alpha: str = "keep"
     strip: bool = False
+    quality: int | None = None
+    effort: int = 0
+    target_bytes: int | None = None
 
 
 ENCODE_OPTION_NAMES = tuple(f.name for f in fields(EncodeOptions))
@@ -119,8 +173,33 @@ def resolve_encode_options(defaults: EncoderDefaults, limits: ModelLimits, **ove
     unknown = sorted(set(overrides) - set(ENCODE_OPTION_NAMES))
     if unknown:
         raise SdcInputError(f"unknown encoder option(s) {', '.join(unknown)}; known: {', '.join(ENCODE_OPTION_NAMES)}")
-    chosen = {**asdict(defaults), "quant_step": None, "seed": 0, "alpha": "keep", "strip": False}
+    chosen = {**{f.name: getattr(defaults, f.name) for f in fields(EncodeOptions) if hasattr(defaults, f.name)},
+              "quant_step": None, "seed": 0, "alpha": "keep", "strip": False, "target_bytes": None}
     chosen.update({name: value for name, value in overrides.items() if value is not None})
+    named = [name for name in LATENT_CODING_OPTIONS if overrides.get(name) is not None]
+    quality, target_bytes = overrides.get("quality"), chosen["target_bytes"]
+    if quality is not None and target_bytes is not None:
+        raise SdcInputError("quality and target_bytes both choose the file size: give one of them")
+    if named and (quality is not None or target_bytes is not None):
+        raise SdcInputError(f"{'quality' if quality is not None else 'target_bytes'} chooses "
+                            f"{', '.join(LATENT_CODING_OPTIONS)}: do not also give {', '.join(named)}")
+    if target_bytes is not None:
+        smallest = smallest_file_bytes(limits.latent_channels)
+        if not _integer(target_bytes) or not smallest <= target_bytes < 1 << 40:
+            raise SdcInputError(f"target_bytes must be an integer of at least {smallest} (the smallest possible"
+                                f" file of this model set), not {target_bytes!r}")
+    if named:
+        quality = None
+    else:  # the default quality, when nothing chose the coding; a size target's search starts there
+        quality = defaults.quality if quality is None else quality
+        if not _integer(quality) or not 1 <= quality <= 100:
+            raise SdcInputError(f"quality must be an integer in 1..100, not {quality!r}")
+        point = quality_point(defaults.quality_table, quality)
+        chosen.update(mode=point.mode, quant_step=point.quant_step)
+        if point.mode == "palette":
+            chosen.update(colors=point.colors, group_channels=point.group_channels)
+    if not _integer(chosen["effort"]) or not 0 <= chosen["effort"] <= MAX_EFFORT:
+        raise SdcInputError(f"effort must be an integer in 0..{MAX_EFFORT}, not {chosen['effort']!r}")
     mode = chosen["mode"]
     if mode not in MODES:
         raise SdcInputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -128,9 +207,9 @@ def resolve_encode_options(defaults: EncoderDefaults, limits: ModelLimits, **ove
     if not _integer(colors) or not 2 <= colors <= MAX_COLORS:
         raise SdcInputError(f"colors must be an integer in 2..{MAX_COLORS}, not {colors!r}")
     channels = limits.latent_channels
-    # The family default may be wider than a set with few channels: then one group of all.
-    group_channels = overrides.get("group_channels")
-    if group_channels is None:
+    group_channels = chosen["group_channels"]
+    if "group_channels" not in named and quality is None:
+        # The family default may be wider than a set with few channels: then one group of all.
         group_channels = min(defaults.group_channels, channels)
     if (not _integer(group_channels) or not 1 <= group_channels <= min(channels, MAX_GROUP_CHANNELS)
             or channels % group_channels):
@@ -154,4 +233,5 @@ def resolve_encode_options(defaults: EncoderDefaults, limits: ModelLimits, **ove
                                   denoise_stride=chosen["denoise_stride"], eta=chosen["eta"], seed=chosen["seed"])
     return EncodeOptions(mode=mode, colors=colors, group_channels=group_channels if mode == "palette" else 0,
                          dither=chosen["dither"], quant_step=quant_step, **asdict(denoising),
-                         alpha=chosen["alpha"], strip=chosen["strip"])
+                         alpha=chosen["alpha"], strip=chosen["strip"], quality=quality, effort=chosen["effort"],
+                         target_bytes=target_bytes)

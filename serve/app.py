@@ -32,7 +32,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from sdc_runtime import (
-    SdcCodec, SdcError, SdcFormatError, SdcInputError, SdcLimitError, SdcModelError, sdc_info,
+    SdcCodec, SdcError, SdcFormatError, SdcInputError, SdcLimitError, SdcModelError, SdcTargetError, sdc_info,
 )
 from sdc_runtime import container
 from sdc_runtime.image import image_bytes, load_image, to_picture
@@ -47,7 +47,7 @@ COMPARE_MAX_PIXELS = 4 << 20
 OUTPUT_FORMATS = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG", "jpg": "JPEG"}
 MEDIA_TYPES = {"PNG": "image/png", "WEBP": "image/webp", "JPEG": "image/jpeg"}
 # Query values arrive as text: each encoder option's type, to parse them before the codec checks them.
-OPTION_TYPES = {"colors": int, "group_channels": int, "denoise_steps": int, "denoise_stride": int, "seed": int,
+OPTION_TYPES = {"quality": int, "target_bytes": int, "effort": int, "colors": int, "group_channels": int, "denoise_steps": int, "denoise_stride": int, "seed": int,
                 "quant_step": float, "eta": float, "dither": bool, "strip": bool, "mode": str, "alpha": str}
 
 
@@ -64,7 +64,7 @@ def _status_of(exc: SdcError, *, image_input: bool = False) -> int:
         return 400
     if isinstance(exc, SdcInputError):
         return 415 if image_input else 422
-    if isinstance(exc, SdcModelError):
+    if isinstance(exc, (SdcModelError, SdcTargetError)):
         return 422
     return 400
 

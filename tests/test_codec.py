@@ -133,7 +133,16 @@ def test_fp16_set_decodes_files_of_the_fp32_set(codec, model_set_fp16):
     (dict(eta=1.5), "eta"),
     (dict(seed=-1), "seed"),
     (dict(dither="yes"), "dither"),
-    (dict(quality=90), "unknown encoder option"),
+    (dict(speed=90), "unknown encoder option"),
+    (dict(quality=0), "quality"),
+    (dict(quality=101), "quality"),
+    (dict(quality=50.5), "quality"),
+    (dict(effort=12), "effort"),
+    (dict(effort=-1), "effort"),
+    (dict(target_bytes=10), "target_bytes"),
+    (dict(quality=50, target_bytes=50000), "target_bytes"),
+    (dict(quality=50, colors=16), "colors"),
+    (dict(target_bytes=50000, mode="u8"), "mode"),
 ])
 def test_every_invalid_option_is_an_input_error_on_every_entry_point(codec, options, needle):
     image = make_image(16, 16)
@@ -273,7 +282,7 @@ PALETTE_FLOORS = {"kodim23": (21300, 29.5), "kodim05": (21000, 25.0)}
 def test_taef2_palette_mode_bytes_and_psnr_floors(taef2_set, name):
     codec = SdcCodec(taef2_set)
     image = kodak(name)
-    data = codec.encode(image)
+    data = codec.encode(image, mode="palette", colors=256, group_channels=4, effort=0)
     max_bytes, min_psnr = PALETTE_FLOORS[name]
     got = psnr(image, codec.decode(data))
     print(f"{name}: {len(data)} bytes, {got:.2f} dB")
@@ -293,7 +302,7 @@ def test_taef2_palette_mode_beats_the_original_recipe(taef2_set):
     scale, zero = codec.quant_mapping(latent)
     recipe_bytes, recipe_levels = original_recipe(quantize_u8(latent, scale, zero))
     recipe = codec.latent_to_image(dequantize_u8(recipe_levels, scale, zero), size)
-    data = codec.encode(image)
+    data = codec.encode(image, mode="palette", colors=256, group_channels=4, effort=0)
     assert len(data) <= recipe_bytes + 8 * latent.shape[0]
     assert psnr(image, codec.decode(data)) > psnr(image, recipe) + 0.5
 

@@ -331,3 +331,65 @@ def test_taef2_graphs_agree_with_the_torch_modules(taef2_set):
         with torch.no_grad():
             expected = module(torch.from_numpy(x)).numpy()
         assert np.abs(session.run(None, {name: x})[0] - expected).max() < 1e-3, role
+
+
+# --- fp16 safety: a VAE decoder that overflows fp16 never yields a NaN image ---
+
+@pytest.fixture(scope="module")
+def overflowing_sd(tmp_path_factory, tiny_sd):
+    """The tiny SD pipeline with its decoder's first convolution scaled by 3000: the parity
+    inputs (unit normal latents) stay inside fp16, latents 30 times larger overflow it."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    folder = tmp_path_factory.mktemp("overflow") / "sd"
+    shutil.copytree(tiny_sd, folder)
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_in.weight *= 3000
+    vae.save_pretrained(folder / "vae")
+    return str(folder)
+
+
+def _export_set(src, out, *extra):
+    from sdc_export.cli import main
+
+    assert main(["--model", src, "--out", str(out), "--quiet", *extra]) == 0
+    return str(out)
+
+
+def test_an_fp16_overflow_fails_clearly_or_falls_back_to_fp32(overflowing_sd, tmp_path):
+    reference = SdcCodec(_export_set(overflowing_sd, tmp_path / "fp32"))
+    latent = np.random.default_rng(0).normal(0, 30, (4, 6, 10)).astype(np.float32)
+    expected = np.asarray(reference.latent_to_image(latent, (80, 48)))
+    assert np.isfinite(expected).all()
+
+    plain = SdcCodec(_export_set(overflowing_sd, tmp_path / "fp16", "--fp16"))
+    assert plain.manifest.graphs["vae_decoder"].precision == "fp16"
+    with pytest.raises(SdcModelError, match="non-finite.*--keep-fp32 vae_decoder"):
+        plain.latent_to_image(latent, (80, 48))
+
+    fallback = SdcCodec(_export_set(overflowing_sd, tmp_path / "fallback", "--fp16", "--fp32-fallback"))
+    graph = fallback.manifest.graphs["vae_decoder"]
+    assert graph.precision == "fp16" and graph.fallback == {"vae_decoder.onnx": "vae_decoder.fp32.onnx"}
+    np.testing.assert_array_equal(np.asarray(fallback.latent_to_image(latent, (80, 48))), expected)
+    small = latent / 30  # where fp16 does not overflow, the fp16 graph itself runs
+    assert np.abs(np.asarray(fallback.latent_to_image(small, (80, 48)), float)
+                  - np.asarray(reference.latent_to_image(small, (80, 48)), float)).max() <= 8
+
+    kept = SdcCodec(_export_set(overflowing_sd, tmp_path / "kept", "--fp16", "--keep-fp32", "vae_decoder"))
+    precisions = {role: g.precision for role, g in kept.manifest.graphs.items()}
+    assert precisions == {"vae_encoder": "fp16", "vae_decoder": "fp32", "unet": "fp16"}
+    np.testing.assert_array_equal(np.asarray(kept.latent_to_image(latent, (80, 48))), expected)
+    assert kept.fingerprint == reference.fingerprint  # files cross between the sets
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--keep-fp32", "vae_decoder"], "--fp16 exports only"),
+    (["--fp16", "--keep-fp32", "text_encoder"], "no text_encoder graph"),
+])
+def test_precision_options_are_checked(tiny_sd, tmp_path, extra, needle):
+    result = run_cli("sdc-export", "--model", tiny_sd, "--out", str(tmp_path / "x"), "--quiet", *extra)
+    assert result.returncode == 1
+    assert_one_line_error(result, needle)

@@ -63,7 +63,10 @@ def _huge_header(data: bytes) -> bytes:
     ("encode", b"not an image at all", "", 415, "SdcInputError"),
     ("encode", "png", "?colors=5000", 422, "SdcInputError"),
     ("encode", "png", "?colors=many", 422, "SdcInputError"),
-    ("encode", "png", "?quality=80", 422, "SdcInputError"),
+    ("encode", "png", "?speed=80", 422, "SdcInputError"),
+    ("encode", "png", "?quality=101", 422, "SdcInputError"),
+    ("encode", "png", "?quality=50&target_bytes=9000", 422, "SdcInputError"),
+    ("encode", "png", "?target_bytes=400", 422, "SdcTargetError"),
     ("decode", "sdc", "?format=gif", 422, "SdcInputError"),
     ("decode", b"", "", 400, "SdcFormatError"),
 ])
@@ -74,6 +77,14 @@ def test_bad_input_is_a_4xx_with_a_json_body(client, codec, route, body, query, 
     assert response.status_code == status, response.text
     assert response.json()["type"] == kind and response.json()["error"]
     assert client.get("/healthz").status_code == 200  # and the service is fine afterwards
+
+
+def test_quality_and_target_bytes_reach_the_codec(client, codec):
+    png = _png(make_image(40, 24))
+    assert client.post("/v1/encode?quality=10", content=png).content == codec.encode(make_image(40, 24), quality=10)
+    target = len(codec.encode(make_image(40, 24), quality=70))
+    response = client.post(f"/v1/encode?target_bytes={target}&effort=0", content=png)
+    assert response.status_code == 200 and len(response.content) <= target
 
 
 def test_a_file_for_another_model_set_is_422(client, other_model_set):
