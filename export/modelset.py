@@ -31,9 +31,7 @@ from .sources import StableDiffusionParts, weights_digest
 # Mean bytes / PSNR on Kodak: Q1 12.3 KB 23.3 dB, Q20 20.5 KB 25.6 dB, Q60 52.0 KB 29.0 dB,
 # Q90 102 KB 30.1 dB.  The default, Q60, costs what the earlier default (palette K=256 G=4,
 # 54.9 KB 28.85 dB) did, for more PSNR; above it the curve flattens (Q70: +26% bytes, +0.6 dB).
-TAE_QUALITY = (
-    QualityPoint(1, "palette", colors=16, group_channels=8),
-    QualityPoint(10, "palette", colors=32, group_channels=8),
+TAE_U8_QUALITY = (
     QualityPoint(20, "u8", quant_step=1.3),
     QualityPoint(30, "u8", quant_step=1.0),
     QualityPoint(40, "u8", quant_step=0.8),
@@ -44,11 +42,20 @@ TAE_QUALITY = (
     QualityPoint(90, "u8", quant_step=0.1),
     QualityPoint(100, "u8", quant_step=0.02),
 )
-# TAE: no UNet; measured on Kodak (BENCHMARKS.md), nearest-colour mapping beats dithering by
-# ~0.5 dB.  Effort 2: the default by measured gain per second (BENCHMARKS.md §7).
-TAE_DEFAULTS = EncoderDefaults(mode="palette", colors=256, group_channels=4, dither=False,
-                               denoise_steps=0, denoise_stride=0, eta=0.0, quality=60, effort=2,
-                               quality_table=TAE_QUALITY)
+
+
+def tae_quality(channels: int) -> tuple[QualityPoint, ...]:
+    """TAE's quality scale; the palettes' groups no wider than a set with few channels has."""
+    wide = min(8, channels)
+    return (QualityPoint(1, "palette", colors=16, group_channels=wide),
+            QualityPoint(10, "palette", colors=32, group_channels=wide)) + TAE_U8_QUALITY
+
+
+def tae_defaults(channels: int) -> EncoderDefaults:
+    """TAE: no UNet; nearest-colour palettes (dithering lost ~0.5 dB on Kodak, BENCHMARKS.md);
+    effort 1, the default by measured gain per second (BENCHMARKS.md §7)."""
+    return EncoderDefaults(mode="palette", colors=256, group_channels=4, dither=False, denoise_steps=0,
+                           denoise_stride=0, eta=0.0, quality=60, effort=1, quality_table=tae_quality(channels))
 
 
 def sd_quality(channels: int, scaling_factor: float) -> tuple[QualityPoint, ...]:
@@ -326,7 +333,7 @@ def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAUL
             channel_weights=weights,
             graphs={role: Graph(file, prec, (0.0, 1.0), MEMORY_PER_PIXEL["tae"][role], **parts)
                     for role, (file, prec, parts) in graphs.items()},
-            defaults=TAE_DEFAULTS,
+            defaults=tae_defaults(channels),
             files=files, fingerprint=fingerprint, opset=opset_used,
             source={"model": os.path.abspath(folder), "kind": "tae", "variant": variant})
 

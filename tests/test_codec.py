@@ -142,7 +142,7 @@ def test_fp16_set_decodes_files_of_the_fp32_set(codec, model_set_fp16):
     (dict(target_bytes=10), "target_bytes"),
     (dict(quality=50, target_bytes=50000), "target_bytes"),
     (dict(quality=50, colors=16), "colors"),
-    (dict(target_bytes=50000, mode="u8"), "mode"),
+    (dict(target_bytes=50000, mode="u8"), "target_bytes"),
 ])
 def test_every_invalid_option_is_an_input_error_on_every_entry_point(codec, options, needle):
     image = make_image(16, 16)

@@ -39,8 +39,12 @@ def test_model_set_is_complete_and_hashes_match(fixture, request):
     assert manifest.source["kind"] == "folder"
     # The family's encoder defaults travel in the manifest: the 2022 recipe for SD.
     defaults = json.loads(open(os.path.join(model_dir, "manifest.json")).read())["defaults"]
+    table = defaults.pop("quality_table")
     assert defaults == {"mode": "palette", "colors": 256, "group_channels": 4, "dither": True,
-                        "denoise_steps": 3, "denoise_stride": 15, "eta": 0.9}
+                        "denoise_steps": 3, "denoise_stride": 15, "eta": 0.9, "quality": 40, "effort": 0}
+    # ... and its quality scale, with the recipe at the default quality.
+    assert [p["quality"] for p in table][0::len(table) - 1] == [1, 100]
+    assert {"quality": 40, "mode": "palette", "colors": 256, "group_channels": 4, "quant_step": None} in table
 
 
 def test_fingerprint_names_the_weights_not_the_precision(model_set, model_set_fp16, other_model_set):
@@ -212,7 +216,7 @@ def _manifest_json(model_set):
     (lambda d: d["defaults"].update(group_channels=3), "defaults: group_channels"),
     (lambda d: d["defaults"].update(denoise_stride=999), "defaults: 3 denoising steps at stride 999"),
     (lambda d: d["defaults"].pop("eta"), "eta"),
-    (lambda d: d.update(format_version=3), "unsupported manifest format_version 3"),
+    (lambda d: d.update(format_version=4), "unsupported manifest format_version 4"),
     (lambda d: d.pop("files"), "files"),
 ])
 def test_manifest_validation_rejects(model_set, change, needle):
