@@ -9,6 +9,7 @@ equal bytes, BD-rate the mean byte change at equal PSNR (negative: fewer bytes).
 from __future__ import annotations
 
 import argparse
+import math
 import time
 import warnings
 
@@ -94,12 +95,17 @@ def bd(rows: list[dict], anchor: str, test: str) -> dict:
         with warnings.catch_warnings():  # a partial overlap is reported, not an error
             warnings.simplefilter("ignore")
             try:
-                rates.append(bjontegaard.bd_rate(*zip(*a), *zip(*t), method="akima", require_matching_points=False))
-                gains.append(bjontegaard.bd_psnr(*zip(*a), *zip(*t), method="akima", require_matching_points=False))
+                rate = bjontegaard.bd_rate(*zip(*a), *zip(*t), method="akima", require_matching_points=False)
+                gain = bjontegaard.bd_psnr(*zip(*a), *zip(*t), method="akima", require_matching_points=False)
             except ValueError:  # no overlap at all
                 continue
-    return {"anchor": anchor, "test": test, "images": len(rates),
-            "bd_rate_percent": float(np.mean(rates)) if rates else None,
+        # BD-rate compares bytes at equal PSNR: undefined (nan) where the PSNR ranges do not meet.
+        if math.isfinite(rate):
+            rates.append(rate)
+        if math.isfinite(gain):
+            gains.append(gain)
+    return {"anchor": anchor, "test": test, "images": len(gains),
+            "bd_rate_percent": float(np.mean(rates)) if rates else None, "bd_rate_images": len(rates),
             "bd_psnr_db": float(np.mean(gains)) if gains else None}
 
 
@@ -131,7 +137,8 @@ def markdown(summary: dict, efforts: list[int]) -> list[str]:
     lines += ["", "Bjøntegaard deltas (per image, then the mean; negative BD-rate: fewer bytes for the same PSNR):",
               "", "| test | anchor | images | BD-rate | BD-PSNR |", "| --- | --- | --- | --- | --- |"]
     for d in summary["bd"]:
-        rate = "n/a" if d["bd_rate_percent"] is None else f"{d['bd_rate_percent']:+.1f}%"
+        rate = ("n/a (the PSNR ranges do not meet)" if d["bd_rate_percent"] is None
+                else f"{d['bd_rate_percent']:+.1f}% ({d['bd_rate_images']} images)")
         gain = "n/a" if d["bd_psnr_db"] is None else f"{d['bd_psnr_db']:+.2f} dB"
         lines.append(f"| {d['test']} | {d['anchor']} | {d['images']} | {rate} | {gain} |")
     return lines

@@ -55,6 +55,36 @@ def test_sdc_bench_rd_end_to_end(tmp_path, request):
         assert (out / name).stat().st_size > 0
 
 
+@pytest.mark.skipif(not (os.path.isdir(TAEF2) and os.path.isdir(KODAK)), reason="../shared is not present")
+def test_sdc_bench_rd_quality_and_effort_sweep(tmp_path, request):
+    taef2_set = request.getfixturevalue("taef2_set")
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+    for name in ("kodim23", "kodim05"):
+        Image.open(os.path.join(KODAK, f"{name}.png")).crop((128, 128, 384, 320)).save(images / f"{name}.png")
+    from sdc_bench.cli import main
+
+    out = tmp_path / "out"
+    assert main(["rd", "--models", taef2_set, "--images", str(images), "--qualities", "10,30,60,90",
+                 "--efforts", "0,1", "--crop-image", "kodim23", "--out", str(out)]) == 0
+    result = json.loads((out / "rd.json").read_text())
+    rows = result["sweep_rows"]
+    assert {r["codec"] for r in rows} == {"sdc effort 0", "sdc effort 1", "original recipe", "AVIF", "JPEG XL"}
+    for image in ("kodim23", "kodim05"):  # sizes rise with quality, and peers never exceed ours
+        ours = {r["quality"]: r["bytes"] for r in rows if r["image"] == image and r["codec"] == "sdc effort 1"}
+        assert [ours[q] for q in (10, 30, 60, 90)] == sorted(ours.values())
+        for r in rows:
+            if r["image"] == image and r["codec"] in ("AVIF", "JPEG XL"):
+                assert r["bytes"] <= ours[r["quality"]]
+    deltas = {(d["test"], d["anchor"]): d for d in result["sweep"]["bd"]}
+    effort = deltas[("sdc effort 1", "sdc effort 0")]
+    assert effort["images"] == 2 and effort["bd_psnr_db"] > 0 and effort["bd_rate_percent"] < 0
+    assert deltas[("sdc effort 1", "AVIF")]["bd_psnr_db"] < 0  # said plainly: AVIF is ahead in PSNR
+    for name in ("rd-quality.png", "crops.png", "sweep.csv", "summary.md"):
+        assert (out / name).stat().st_size > 0
+
+
 @pytest.mark.parametrize("points", ["u8:fine", "palette:16", "jpeg", "palette:a:4"])
 def test_a_bad_operating_point_is_a_one_line_usage_error(model_set, points):
     result = run_cli("sdc-bench", "rd", "--models", model_set, "--images", ".", "--points", points)
@@ -80,3 +110,10 @@ def test_sdc_bench_tiles_measures_seams(tmp_path, request):
     assert row["psnr_between"] > 35 and abs(row["psnr_tiled"] - row["psnr_untiled"]) < 0.1
     assert row["border_gradient_ratio_tiled"] <= 1.05 * row["border_gradient_ratio_untiled"]
     assert (out / "corner.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args", [["--qualities", "0,50"], ["--qualities", "fine"], ["--qualities", "50", "--efforts", "12"]])
+def test_bad_sweep_values_are_one_line_usage_errors(model_set, args):
+    result = run_cli("sdc-bench", "rd", "--models", model_set, "--images", ".", *args)
+    assert result.returncode == 2
+    assert_one_line_error(result, "--")
