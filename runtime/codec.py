@@ -8,6 +8,7 @@ Options are resolved and checked once, on entry (``options``), and passed down u
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -20,13 +21,17 @@ from .container import DEFAULT_MAX_PIXELS, Header
 from .errors import SdcInputError, SdcModelError, SdcTargetError
 from .image import check_pixel_limit, pad_to, to_picture
 from .neural import DEFAULT_MEMORY_LIMIT, NeuralStages
-from .options import MODES, Denoising, EncodeOptions, resolve_denoising, resolve_encode_options
+from .options import (
+    ENCODE_OPTION_NAMES, LATENT_CODING_OPTIONS, MODES, EncodeOptions, resolve_denoising, resolve_encode_options,
+)
 
 DECODERS = ("vae_decoder", "tiny_decoder")
-# A bisection of qualities 1..100 after quality 1 itself: the most files a size search writes.
-SIZE_SEARCH_ENCODES = 8
-# A size search tries qualities with the caller's other options as they are.
-ENCODE_KEPT_IN_SEARCH = ("effort", "dither", "denoise_steps", "denoise_stride", "eta", "seed", "alpha", "strip")
+# Quality 1 itself, then a bisection of qualities 1..100: the most files a size search writes.
+SIZE_SEARCH_ENCODES = 1 + math.ceil(math.log2(100))
+# A size search tries qualities with the caller's other options as they are: all but those
+# the quality chooses.
+ENCODE_KEPT_IN_SEARCH = tuple(name for name in ENCODE_OPTION_NAMES
+                              if name not in LATENT_CODING_OPTIONS + ("quality", "target_bytes"))
 
 
 @dataclass(frozen=True)
@@ -148,12 +153,8 @@ class SdcCodec:
         def decode(latent):
             return self.stages.decode(latent[None])[:height, :width]
 
-        def decode_file(data):
-            header, latent = self.decode_latent(data)
-            if with_steps:
-                steps = Denoising(header.denoise_steps, header.denoise_stride, header.eta, header.seed)
-                latent = self.stages.denoise(latent[None], steps)[0]
-            return decode(latent)
+        def decode_file(data):  # as a decoder of the file shows it (without any alpha)
+            return np.asarray(self.decode(data, denoise_steps=None if with_steps else 0))[..., :3]
         return refine.Loop(encode, decode, decode_file)
 
     def image_to_latent(self, image, /, *, progress=None) -> tuple[np.ndarray, tuple[int, int]]:
