@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"sdc-bench: error: needs the bench extra (missing: {', '.join(missing)}):"
                          " pip install 'sdcodec[bench]'\n")
         return 1
-    from . import rd, serve, stages, tiles
+    from . import int8, rd, serve, stages, tiles
 
     parser = _Parser(prog="sdc-bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     rd.add_parser(sub)
     tiles.add_parser(sub)
     serve.add_parser(sub)
+    int8.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -74,6 +74,8 @@ def run(args) -> dict:
     for t in timesteps:
         step = np.array([t], np.float32)
         record(f"unet step t={t}", median_seconds(lambda step=step: codec.stages.predict(scaled, step), args.repeat))
+    if args.int8:
+        _time_int8(args, codec, pixels, raw, scaled, timesteps, rows)
     if args.torch_src:
         _time_torch(args, to_graph_input(pixels, m.graphs["vae_encoder"].image_range), raw, m, rows, bar, timesteps)
     bar.close()
@@ -84,6 +86,37 @@ def run(args) -> dict:
         "sections": {"palette": sdc_info(palette_file)["sections"], "u8": sdc_info(u8_file)["sections"]},
         "stages": rows,
     }
+
+
+def _time_int8(args, codec, pixels, raw, scaled, timesteps, rows):
+    """The same neural stages with the int8 graphs of ``args.int8``, a set of the same
+    checkpoint (same fingerprint), where it has them; and each graph file's size ratio."""
+    from sdc_runtime import SdcCodec
+
+    int8 = SdcCodec(args.int8, provider=args.provider, threads=args.threads)
+    if int8.fingerprint != codec.fingerprint:
+        raise SystemExit("sdc-bench: error: --int8 must be a set of the same checkpoint as --models")
+    graphs = int8.manifest.graphs
+    stages = {"vae_encoder": lambda: int8.stages.encode(pixels),
+              "vae_decoder": lambda: int8.stages.decode(raw),
+              "tiny_decoder": lambda: int8.stages.decode(raw, decoder="tiny_decoder")}
+    for role, fn in stages.items():
+        if role in graphs and graphs[role].precision == "int8":
+            rows[role]["int8_s"] = median_seconds(fn, args.repeat)
+    if "unet" in graphs and graphs["unet"].precision == "int8":
+        for t in timesteps:
+            step = np.array([t], np.float32)
+            rows[f"unet step t={t}"]["int8_s"] = median_seconds(
+                lambda step=step: int8.stages.predict(scaled, step), args.repeat)
+    for role, graph in graphs.items():
+        if graph.precision == "int8" and role in codec.manifest.graphs:
+            def size(folder, file):
+                path = os.path.join(folder, file)
+                return os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)
+            ratio = size(args.int8, graph.file) / size(args.models, codec.manifest.graphs[role].file)
+            for name in rows:
+                if name == role or (role == "unet" and name.startswith("unet step")):
+                    rows[name]["int8_size_ratio"] = ratio
 
 
 def _time_torch(args, pixels, latent, manifest, rows, bar, timesteps):
@@ -125,16 +158,18 @@ def markdown(result: dict) -> str:
     lines = [f"Machine: {result['machine']}; provider {result['provider']}; {result['size']}x{result['size']};"
              f" precision {', '.join(result['precision'])}; medians of {result['repeat']} runs"
              " (latent stages: at least 20).", "",
-             "| stage | ONNX Runtime | PyTorch | ratio (ORT / PyTorch) |", "| --- | --- | --- | --- |"]
+             "| stage | ONNX Runtime | PyTorch | ratio (ORT / PyTorch) | ORT int8 | int8 speed-up over ORT"
+             " | int8 file / fp32 file |", "| --- | --- | --- | --- | --- | --- | --- |"]
+
+    def seconds(value):
+        return "–" if value is None else f"{value * 1e3:.2f} ms" if value < 1 else f"{value:.2f} s"
+
     for name, row in result["stages"].items():
-        onnx_s = row["onnx_s"]
-        unit = f"{onnx_s * 1e3:.2f} ms" if onnx_s < 1 else f"{onnx_s:.2f} s"
-        if "torch_s" in row:
-            torch_s = row["torch_s"]
-            torch_unit = f"{torch_s * 1e3:.2f} ms" if torch_s < 1 else f"{torch_s:.2f} s"
-            lines.append(f"| {name} | {unit} | {torch_unit} | {onnx_s / torch_s:.2f} |")
-        else:
-            lines.append(f"| {name} | {unit} | – | – |")
+        onnx_s, torch_s, int8_s = row["onnx_s"], row.get("torch_s"), row.get("int8_s")
+        lines.append(f"| {name} | {seconds(onnx_s)} | {seconds(torch_s)} |"
+                     f" {f'{onnx_s / torch_s:.2f}' if torch_s else '–'} | {seconds(int8_s)} |"
+                     f" {f'{onnx_s / int8_s:.2f}x' if int8_s else '–'} |"
+                     f" {f'{row['int8_size_ratio']:.2f}' if 'int8_size_ratio' in row else '–'} |")
     lines += ["", "| mode | file bytes | sections |", "| --- | --- | --- |"]
     for mode, size in result["bytes"].items():
         sections = ", ".join(f"{k} {v['bytes']}" for k, v in result["sections"][mode].items())
@@ -152,6 +187,8 @@ def add_parser(sub):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--torch-src", default=None,
                    help="the export's source (diffusers folder or TAESD-format pair): time PyTorch too")
+    p.add_argument("--int8", default=None, metavar="DIR",
+                   help="an int8 set of the same checkpoint (sdc-export --int8): time its int8 graphs too")
     p.add_argument("--json", default=None, help="write the raw result here")
     p.set_defaults(run=_main)
 

@@ -6,3 +6,7 @@ DEFAULT_OPSET = 17
 
 class ExportError(Exception):
     """An export failed for a reason the user can act on; the CLI prints it as one line."""
+
+
+class UsageError(ExportError):
+    """Options that do not go together: the CLI exits 2, as for its parser's errors."""

@@ -1,4 +1,5 @@
-"""sdc-export --model SRC --out DIR [--fp16 [--keep-fp32 GRAPHS] [--fp32-fallback]] [--opset N] [--force]"""
+"""sdc-export --model SRC --out DIR [--fp16 [--keep-fp32 GRAPHS] [--fp32-fallback]]
+[--int8 [GRAPHS] --calibration DIR [--calibration-count N]] [--opset N] [--force]"""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,7 @@ import os
 import sys
 import time
 
-from . import DEFAULT_OPSET, ExportError, __version__
+from . import DEFAULT_OPSET, ExportError, UsageError, __version__
 
 PROG = "sdc-export"
 
@@ -29,6 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32-fallback", action="store_true",
                    help="with --fp16: also ship each decoder in fp32, which the runtime runs where the fp16 "
                         "decoder's output is not finite")
+    p.add_argument("--int8", nargs="?", const="default", default=None, metavar="GRAPHS",
+                   help="quantize these graphs to int8 (static, QDQ, per-channel weights), e.g. vae_decoder,unet;"
+                        " alone: the decoders, which measured safe (README: choosing a precision)")
+    p.add_argument("--calibration", metavar="DIR", default=None,
+                   help="with --int8: a folder of images (photos like the ones to compress) to calibrate on")
+    p.add_argument("--calibration-count", type=int, default=8, metavar="N",
+                   help="with --int8: calibrate on the first N images of DIR, the last held out for parity"
+                        " (default 8)")
+    p.add_argument("--no-sweep", action="store_true",
+                   help="with --int8: skip the sensitivity sweep that keeps the costliest nodes in float"
+                        " (a faster export: one quantization per graph instead of one per block)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--tiny-decoder", metavar="DIR", default=None,
                    help="SD only: also ship this TAESD-format decoder as a fast alternative decoder")
@@ -50,8 +62,23 @@ def run(args) -> int:
         raise ExportError(f"opset {args.opset} is not supported (14..21)")
     keep_fp32 = tuple(role for role in args.keep_fp32.split(",") if role)
     if (keep_fp32 or args.fp32_fallback) and not args.fp16:
-        raise ExportError("--keep-fp32 and --fp32-fallback apply to --fp16 exports only")
+        raise UsageError("--keep-fp32 and --fp32-fallback apply to --fp16 exports only")
     precision = dict(keep_fp32=keep_fp32, fp32_fallback=args.fp32_fallback)
+    if args.int8 is None and (args.calibration is not None or args.no_sweep):
+        raise UsageError("--calibration and --no-sweep apply to --int8 exports only")
+    if args.int8 is not None:
+        from .quantize import DEFAULT_INT8_ROLES, calibration_images
+
+        if args.calibration is None:
+            raise UsageError("--int8 needs --calibration DIR, a folder of images to calibrate on")
+        if args.calibration_count < 2:
+            raise UsageError(f"--calibration-count must be at least 2, not {args.calibration_count}")
+        named = DEFAULT_INT8_ROLES if args.int8 == "default" else tuple(r for r in args.int8.split(",") if r)
+        # The default names every decoder; an export without a tiny decoder has one fewer.
+        precision["int8"] = tuple(r for r in named if args.int8 != "default" or r != "tiny_decoder"
+                                  or args.tiny_decoder)
+        precision["calibration"] = calibration_images(args.calibration, args.calibration_count)
+        precision["sweep_nodes"] = not args.no_sweep
     is_tae = find_pair(args.model) is not None
     if is_tae and args.tiny_decoder:
         raise ExportError("--tiny-decoder applies to Stable Diffusion exports only")
@@ -81,6 +108,10 @@ def run(args) -> int:
     total = time.perf_counter() - started
     for parity in report.parity:
         print(parity.line())
+    for sweep in report.sweeps:
+        kept = ", ".join(f"{node} (+{gain:.2f} dB)" for node, gain in report.manifest.graphs[sweep.role].float_nodes.items())
+        print(f"{sweep.role:12s} int8 sweep: SNR {sweep.all_int8_snr_db:.2f} dB all int8, {sweep.final_snr_db:.2f} dB"
+              f" with {len(sweep.kept)} nodes kept in float: {kept or 'none'}")
     for name, size in sorted(report.sizes.items()):
         print(f"{name:24s} {size / 1e6:10.2f} MB")
     print(f"model set {args.out}: fingerprint {report.manifest.fingerprint[:32]}, {total:.1f} s")
@@ -104,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except ExportError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130

@@ -17,7 +17,7 @@ from sdc_runtime.options import EncoderDefaults, QualityPoint
 
 from . import DEFAULT_OPSET, ExportError
 from .graphs import (
-    GraphSpec, Parity, UNetEmptyPrompt, VaeDecoder, VaeEncoder, check_parity,
+    GraphSpec, UNetEmptyPrompt, VaeDecoder, VaeEncoder, check_parity,
     convert_fp16, export_graph,
 )
 from .sources import StableDiffusionParts, weights_digest
@@ -100,8 +100,9 @@ MEMORY_PER_PIXEL = {
 @dataclass
 class ExportReport:
     manifest: Manifest
-    parity: list[Parity]
+    parity: list  # Parity (against torch), then Int8Parity (int8 against fp32)
     sizes: dict[str, int] = field(default_factory=dict)
+    sweeps: list = field(default_factory=list)  # quantize.SweepResult per int8 role
 
 
 def shipping_mode(mode: int) -> int:
@@ -185,26 +186,35 @@ DECODER_ROLES = ("vae_decoder", "tiny_decoder")
 
 def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, opset: int,
                     force: bool, keep_fp32: tuple[str, ...] = (), fp32_fallback: bool = False,
+                    int8: tuple[str, ...] = (), calibration: list | None = None, sweep_nodes: bool = True,
                     progress=None) -> ExportReport:
     """Export ``specs`` into a scratch folder beside ``out``, check parity, write the manifest,
     then move the folder into place.  ``describe(graphs, files, opset)`` builds the Manifest.
 
     With ``fp16``: the roles in ``keep_fp32`` stay fp32; with ``fp32_fallback`` every fp16
     decoder also ships in fp32 (``<file>.fp32.onnx``), which the runtime runs where the fp16
-    output is not finite."""
-    unknown = sorted(set(keep_fp32) - {spec.role for spec in specs})
-    if unknown:
-        raise ExportError(f"--keep-fp32: this export has no {', '.join(unknown)} graph"
-                          f" (it has {', '.join(spec.role for spec in specs)})")
+    output is not finite.  The roles in ``int8`` are quantized (``quantize``), calibrated by
+    running the finished set on the ``calibration`` images."""
+    roles = [spec.role for spec in specs]
+    for flag, named in (("--keep-fp32", keep_fp32), ("--int8", int8)):
+        unknown = sorted(set(named) - set(roles))
+        if unknown:
+            raise ExportError(f"{flag}: this export has no {', '.join(unknown)} graph (it has {', '.join(roles)})")
+    if set(int8) & set(keep_fp32):
+        raise ExportError(f"{', '.join(sorted(set(int8) & set(keep_fp32)))}: both --int8 and --keep-fp32")
+    if int8 and not calibration:
+        raise ExportError("--int8 needs calibration images (--calibration DIR)")
     prepare_output(out, force)
     parent = os.path.dirname(os.path.abspath(out))
     scratch = tempfile.mkdtemp(prefix=".sdc-export-", dir=parent)
-    parity: list[Parity] = []
+    parity: list = []
+    sweeps: list = []
     try:
         parts: dict[str, dict] = {}
         precisions: dict[str, str] = {}
         for spec in specs:
-            precision = "fp16" if fp16 and spec.role not in keep_fp32 else "fp32"
+            precision = ("int8" if spec.role in int8 else
+                         "fp16" if fp16 and spec.role not in keep_fp32 else "fp32")
             precisions[spec.role] = precision
             fallback = precision == "fp16" and fp32_fallback and spec.role in DECODER_ROLES
             for graph in [spec] + (spec.parts() if spec.split is not None else []):
@@ -219,19 +229,27 @@ def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, o
                     _step(progress, f"fp16 {graph.role}")
                     convert_fp16(path)
                 _step(progress, f"parity {graph.role}")
-                parity.append(check_parity(graph, path, precision))
+                # int8 graphs are exported in fp32 first: their torch parity is the fp32 one.
+                parity.append(check_parity(graph, path, "fp16" if precision == "fp16" else "fp32"))
                 if graph is not spec:
                     parts.setdefault(spec.role, {})[graph.role.rsplit(".", 1)[1]] = f"{graph.role}.onnx"
-        failed = [p for p in parity if not p.passed]
-        if failed:
-            raise ExportError("parity check failed: " + "; ".join(p.line() for p in failed))
+        _check(parity)
+        if int8:
+            from .quantize import quantize_set
+
+            # The calibration runs the set through the runtime, so it first needs a manifest:
+            # the same set with its int8 graphs still in fp32.
+            _write_manifest(scratch, describe, {r: "fp32" if p == "int8" else p for r, p in precisions.items()},
+                            parts, opset)
+            float_nodes, int8_parity, sweeps = quantize_set(scratch, tuple(r for r in roles if r in int8),
+                                                            calibration, sweep_nodes=sweep_nodes,
+                                                            progress=progress)
+            parity.extend(int8_parity)
+            _check(parity)
+            for role, nodes in float_nodes.items():
+                parts.setdefault(role, {})["float_nodes"] = nodes
         _step(progress, "hash files")
-        files = {name: sha256_file(os.path.join(scratch, name)) for name in sorted(os.listdir(scratch))}
-        graphs = {spec.role: (f"{spec.role}.onnx", precisions[spec.role], parts.get(spec.role, {})) for spec in specs}
-        manifest = describe(graphs, files, opset)
-        manifest.validate()
-        with open(os.path.join(scratch, MANIFEST_NAME), "w", encoding="utf-8") as fh:
-            fh.write(manifest.to_json())
+        manifest = _write_manifest(scratch, describe, precisions, parts, opset)
         sizes = {name: os.path.getsize(os.path.join(scratch, name)) for name in os.listdir(scratch)}
         for name in sizes:
             os.chmod(os.path.join(scratch, name), shipping_mode(0o666))
@@ -242,7 +260,24 @@ def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, o
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    return ExportReport(manifest, parity, sizes)
+    return ExportReport(manifest, parity, sizes, sweeps)
+
+
+def _check(parity: list) -> None:
+    failed = [p for p in parity if not p.passed]
+    if failed:
+        raise ExportError("parity check failed: " + "; ".join(p.line() for p in failed))
+
+
+def _write_manifest(folder: str, describe, precisions: dict[str, str], parts: dict[str, dict], opset: int) -> Manifest:
+    files = {name: sha256_file(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
+             if name != MANIFEST_NAME}
+    manifest = describe({role: (f"{role}.onnx", precision, parts.get(role, {}))
+                         for role, precision in precisions.items()}, files, opset)
+    manifest.validate()
+    with open(os.path.join(folder, MANIFEST_NAME), "w", encoding="utf-8") as fh:
+        fh.write(manifest.to_json())
+    return manifest
 
 
 def prepare_output(out: str, force: bool) -> None:
@@ -265,7 +300,8 @@ def _step(progress, text: str) -> None:
 def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool = False,
                             opset: int = DEFAULT_OPSET, force: bool = False, tiny_decoder: str | None = None,
                             keep_fp32: tuple[str, ...] = (), fp32_fallback: bool = False,
-                            progress=None) -> ExportReport:
+                            int8: tuple[str, ...] = (), calibration: list | None = None,
+                            sweep_nodes: bool = True, progress=None) -> ExportReport:
     specs, downscale, multiple = sd_graph_specs(parts)
     vae = parts.vae
     channels = vae.config.latent_channels
@@ -299,7 +335,7 @@ def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool
             scheduler=scheduler, unet_latent_multiple=multiple, channel_weights=weights)
 
     return write_model_set(out, specs, describe, fp16=fp16, opset=opset, force=force, keep_fp32=keep_fp32,
-                           fp32_fallback=fp32_fallback, progress=progress)
+                           fp32_fallback=fp32_fallback, int8=int8, calibration=calibration, sweep_nodes=sweep_nodes, progress=progress)
 
 
 # TAE latents pass through tanh(x/3)*3 in the decoder: beyond +-6 nothing changes.
@@ -307,7 +343,8 @@ TAE_LATENT_RANGE = 6.0
 
 
 def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAULT_OPSET, force: bool = False,
-               keep_fp32: tuple[str, ...] = (), fp32_fallback: bool = False, progress=None) -> ExportReport:
+               keep_fp32: tuple[str, ...] = (), fp32_fallback: bool = False, int8: tuple[str, ...] = (),
+               calibration: list | None = None, sweep_nodes: bool = True, progress=None) -> ExportReport:
     """A TAESD-format pair -> model set: image in [0, 1], latent scale 1, no UNet."""
     from .tae import load_tae_pair, tae_splits
 
@@ -338,4 +375,4 @@ def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAUL
             source={"model": os.path.abspath(folder), "kind": "tae", "variant": variant})
 
     return write_model_set(out, specs, describe, fp16=fp16, opset=opset, force=force, keep_fp32=keep_fp32,
-                           fp32_fallback=fp32_fallback, progress=progress)
+                           fp32_fallback=fp32_fallback, int8=int8, calibration=calibration, sweep_nodes=sweep_nodes, progress=progress)

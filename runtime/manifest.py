@@ -46,6 +46,9 @@ class Graph:
     # fp16 graphs only: an fp32 file for each of the graph's files, which the runtime runs
     # instead where the fp16 output is not finite (an fp16 overflow).
     fallback: dict[str, str] | None = None
+    # int8 graphs only: the nodes the export's sensitivity sweep kept in float, each with the
+    # output SNR (dB, against fp32, on the calibration set) that keeping it float gained.
+    float_nodes: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ class Manifest:
             data["defaults"] = EncoderDefaults(**defaults)
             data["graphs"] = {
                 role: Graph(g["file"], g["precision"], tuple(g["image_range"]), float(g["memory_per_pixel"]),
-                            g.get("whole"), g.get("tiled"), g.get("fallback"))
+                            g.get("whole"), g.get("tiled"), g.get("fallback"), g.get("float_nodes"))
                 for role, g in data["graphs"].items()
             }
             if data.get("scheduler") is not None:
@@ -160,6 +163,9 @@ class Manifest:
             own = [f for f in (graph.file, graph.whole, graph.tiled) if f is not None]
             if graph.fallback is not None and (graph.precision == "fp32" or not set(graph.fallback) <= set(own)):
                 bad(f"{role}: fallback files stand in for the graph's own fp16 files")
+            if graph.float_nodes is not None and (graph.precision != "int8" or not all(
+                    isinstance(n, str) and isinstance(g, (int, float)) for n, g in graph.float_nodes.items())):
+                bad(f"{role}: float_nodes map node names to SNR gains, in int8 graphs only")
             for file in own + list((graph.fallback or {}).values()):
                 if file not in self.files or os.path.basename(file) != file:
                     bad(f"graph file {file!r} not listed in files")
