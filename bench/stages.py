@@ -166,10 +166,11 @@ def markdown(result: dict) -> str:
 
     for name, row in result["stages"].items():
         onnx_s, torch_s, int8_s = row["onnx_s"], row.get("torch_s"), row.get("int8_s")
-        lines.append(f"| {name} | {seconds(onnx_s)} | {seconds(torch_s)} |"
-                     f" {f'{onnx_s / torch_s:.2f}' if torch_s else '–'} | {seconds(int8_s)} |"
-                     f" {f'{onnx_s / int8_s:.2f}x' if int8_s else '–'} |"
-                     f" {f'{row['int8_size_ratio']:.2f}' if 'int8_size_ratio' in row else '–'} |")
+        vs_torch = f"{onnx_s / torch_s:.2f}" if torch_s else "–"
+        speed_up = f"{onnx_s / int8_s:.2f}x" if int8_s else "–"
+        size = f"{row['int8_size_ratio']:.2f}" if "int8_size_ratio" in row else "–"
+        lines.append(f"| {name} | {seconds(onnx_s)} | {seconds(torch_s)} | {vs_torch} | {seconds(int8_s)} |"
+                     f" {speed_up} | {size} |")
     lines += ["", "| mode | file bytes | sections |", "| --- | --- | --- |"]
     for mode, size in result["bytes"].items():
         sections = ", ".join(f"{k} {v['bytes']}" for k, v in result["sections"][mode].items())
