@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"sdc-bench: error: needs the bench extra (missing: {', '.join(missing)}):"
                          " pip install 'sdcodec[bench]'\n")
         return 1
-    from . import int8, rd, serve, stages, tiles
+    from . import int8, rd, serve, session, stages, tiles
 
     parser = _Parser(prog="sdc-bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     tiles.add_parser(sub)
     serve.add_parser(sub)
     int8.add_parser(sub)
+    session.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
