@@ -141,13 +141,31 @@ def record_graph_inputs(model_dir: str, images: list[np.ndarray]) -> dict[str, l
 
 
 class _Feeds:
-    """onnxruntime's CalibrationDataReader protocol over recorded feeds."""
+    """onnxruntime's CalibrationDataReader protocol over recorded feeds, in ranges."""
 
     def __init__(self, feeds: list[dict]):
-        self._feeds = iter(feeds)
+        self._feeds = feeds
+        self._next, self._end = 0, len(feeds)
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._next, self._end = start_index, end_index
 
     def get_next(self):
-        return next(self._feeds, None)
+        if self._next >= self._end:
+            return None
+        self._next += 1
+        return self._feeds[self._next - 1]
+
+
+# Feeds per calibration pass (onnxruntime's strided MinMax needs a divisor of their number).
+MAX_FEEDS_PER_PASS = 8
+
+
+def _stride(count: int) -> int:
+    return max(d for d in range(1, min(count, MAX_FEEDS_PER_PASS) + 1) if count % d == 0)
 
 
 @contextlib.contextmanager
@@ -174,8 +192,9 @@ def quantize_file(src: str, dst: str, feeds: list[dict], cache: str, exclude=())
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(exclude),
                         use_external_data_format=os.path.exists(src + ".data"), calibration_cache_path=cache,
-                        # Ranges are merged every few feeds: a UNet's saved activations would not fit.
-                        extra_options={"CalibMaxIntermediateOutputs": 4})
+                        # Ranges are computed a few feeds at a time and merged: all of a UNet's
+                        # saved activations at once would not fit in memory.
+                        extra_options={"CalibStridedMinMax": _stride(len(feeds))})
 
 
 def outputs(path: str, feeds: list[dict]) -> list[np.ndarray]:
