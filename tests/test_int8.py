@@ -37,14 +37,17 @@ def _manifest(folder):
 
 
 def _int8_weights(path) -> tuple[set, set]:
-    """(names of nodes fed by a DequantizeLinear, names of all nodes) of a graph file."""
+    """(names of the Conv/MatMul/Gemm nodes whose second input is int8 weights, names of
+    those whose second input is not: float weights, or an activation) of a graph file."""
     model = onnx.load(path)
-    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    fed = {n.name for n in model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
-           and dequantized.intersection(n.input)}
-    int8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    dequantized = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    int8 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8}
     assert int8, f"{path} holds no int8 weights"
-    return fed, {n.name for n in model.graph.node}
+    heavy = [n for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm") and len(n.input) > 1]
+    return ({n.name for n in heavy if dequantized.get(n.input[1]) in int8},
+            {n.name for n in heavy if n.input[1] in floats or n.input[1] not in dequantized
+             or dequantized[n.input[1]] not in int8})
 
 
 def test_the_manifest_records_precision(int8_sd, model_set):
@@ -53,9 +56,9 @@ def test_the_manifest_records_precision(int8_sd, model_set):
         {"vae_encoder": "int8", "vae_decoder": "int8", "unet": "int8"}
     assert data["fingerprint"] == _manifest(model_set)["fingerprint"]  # one checkpoint, one latent space
     for role, graph in data["graphs"].items():
-        fed, _ = _int8_weights(os.path.join(int8_sd, graph["file"]))
+        quantized, _ = _int8_weights(os.path.join(int8_sd, graph["file"]))
         assert graph["float_nodes"] == {}  # --no-sweep: nothing kept in float
-        assert len(fed) > 3, role
+        assert len(quantized) > 3, role
 
 
 def test_int8_files_are_smaller(int8_sd, model_set):
@@ -94,10 +97,11 @@ def test_export_prints_int8_parity_and_sweep(tiny_sd, calibration_dir, tmp_path)
     assert {role: g["precision"] for role, g in data["graphs"].items()} == \
         {"vae_encoder": "fp32", "vae_decoder": "int8", "unet": "fp32"}
     graph = data["graphs"]["vae_decoder"]
-    fed, nodes = _int8_weights(os.path.join(tmp_path / "x", graph["file"]))
+    quantized, in_float = _int8_weights(os.path.join(tmp_path / "x", graph["file"]))
     assert graph["float_nodes"], "the sweep kept no node on the random tiny decoder"
+    assert quantized
     for node, gain in graph["float_nodes"].items():
-        assert node in nodes and node not in fed, node  # kept nodes really are float
+        assert node in in_float and node not in quantized, node  # kept nodes really are float
         assert gain >= 0.03
         assert f"{node} (+{gain:.2f} dB)" in out
 
