@@ -36,12 +36,14 @@ CALIBRATION_QUALITIES = (1, 10, 30, 60, 90)
 CALIBRATION_TILE = 128
 CALIBRATION_TILED_QUALITIES = (10, 60)
 # The sweep keeps in float the units whose float gains at least KEEP_GAIN_DB of output SNR
-# on the calibration set, most costly first, at most MAX_KEPT of them.  Measured on TAEF2's
-# decoder (BENCHMARKS.md §8): no single unit holds most of the loss (the largest gain 0.2 dB);
-# keeping the 4 / 6 most costly took the loss on five held-out Kodak images from 0.33 dB
-# mean to 0.27 / 0.24 dB.  They are blocks at latent resolution, where float costs little.
+# on the calibration set, most costly first, at most MAX_KEPT of them, and only while the
+# float weights stay within FLOAT_WEIGHT_SHARE of the graph's: an int8 file is then at most
+# ~0.3x its fp32 file (int8 weights are 0.25x).  Measured on TAEF2's decoder (BENCHMARKS.md
+# §8): no single unit holds most of the loss (the largest gain 0.2 dB); six kept blocks
+# bought 0.3 dB of SNR for twice the file size.
 KEEP_GAIN_DB = 0.03
 MAX_KEPT = 6
+FLOAT_WEIGHT_SHARE = 0.05
 # The sweep's candidates: the ops that carry the int8 weights and most of the work.  Graphs
 # with more of them than MAX_SWEEP_UNITS are swept per block (grouped by module path), and
 # each trial is scored on at most SWEEP_FEEDS of the calibration feeds, evenly spaced: the
@@ -256,9 +258,27 @@ def sweep(role: str, src: str, feeds: list[dict], scratch: str, progress=None) -
         gains[unit] = snr_with(nodes) - base
         if progress is not None:
             progress(f"sweep {role} {i + 1}/{len(units)}")
-    chosen = [u for u in sorted(gains, key=gains.get, reverse=True) if gains[u] >= KEEP_GAIN_DB][:MAX_KEPT]
+    weights = _weight_bytes(src)
+    budget, chosen = FLOAT_WEIGHT_SHARE * sum(weights.values()), []
+    for unit in sorted(gains, key=gains.get, reverse=True):
+        cost = sum(weights.get(node, 0) for node in units[unit])
+        if gains[unit] >= KEEP_GAIN_DB and len(chosen) < MAX_KEPT and cost <= budget:
+            chosen.append(unit)
+            budget -= cost
     kept = tuple(node for unit in chosen for node in units[unit])
     return SweepResult(role, base, gains, kept, snr_with(kept) if kept else base)
+
+
+def _weight_bytes(path: str) -> dict[str, int]:
+    """Bytes of the initializers each node of an ONNX graph reads (its weights)."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    sizes = {}
+    for t in model.graph.initializer:
+        count = int(np.prod(t.dims)) if t.dims else 1
+        sizes[t.name] = count * (2 if t.data_type == onnx.TensorProto.FLOAT16 else 4)
+    return {n.name: sum(sizes.get(i, 0) for i in n.input) for n in model.graph.node}
 
 
 def quantize_set(model_dir: str, roles: tuple[str, ...], images: list[np.ndarray], *, sweep_nodes: bool = True,
@@ -266,8 +286,8 @@ def quantize_set(model_dir: str, roles: tuple[str, ...], images: list[np.ndarray
     """Quantize the graphs of ``roles`` in the fp32 model set ``model_dir`` in place.
 
     All images but the last calibrate; the last is held out for parity.  Each role's main
-    graph is swept (unless not ``sweep_nodes``); its kept nodes stay float in all of the role's files (split parts share
-    the main graph's node names).  Returns ({role: {kept node: SNR gain dB}}, [Int8Parity],
+    graph is swept (unless not ``sweep_nodes``); its kept nodes stay float in all of the role's
+    files (split parts share the main graph's node names).  Returns ({role: {kept node: SNR gain dB}}, [Int8Parity],
     [SweepResult])."""
     from sdc_runtime.manifest import load_manifest
 
