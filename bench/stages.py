@@ -190,11 +190,36 @@ def add_parser(sub):
                    help="the export's source (diffusers folder or TAESD-format pair): time PyTorch too")
     p.add_argument("--int8", default=None, metavar="DIR",
                    help="an int8 set of the same checkpoint (sdc-export --int8): time its int8 graphs too")
+    p.add_argument("--quantize", default=None, metavar="GRAPHS",
+                   help="instead of --int8: quantize these graphs of --models into a scratch copy (the export's"
+                        " code, without its parity gate: speed does not depend on the weights) and time that")
+    p.add_argument("--calibration", default=None, metavar="DIR", help="with --quantize: calibration images")
+    p.add_argument("--keep", default=None, metavar="DIR", help="with --quantize: keep the int8 set here")
     p.add_argument("--json", default=None, help="write the raw result here")
     p.set_defaults(run=_main)
 
 
+def _quantized_copy(args) -> str:
+    import shutil
+
+    from sdc_export.quantize import calibration_images, quantize_set
+
+    from .int8 import _rewrite_precision
+
+    if not args.calibration or not args.keep:
+        raise SystemExit("sdc-bench: error: --quantize needs --calibration DIR and --keep DIR")
+    roles = tuple(r for r in args.quantize.split(",") if r)
+    shutil.copytree(args.models, args.keep)
+    _, parity, _ = quantize_set(args.keep, roles, calibration_images(args.calibration, 2), sweep_nodes=False)
+    _rewrite_precision(args.keep, roles)
+    for p in parity:
+        print(p.line())
+    return args.keep
+
+
 def _main(args) -> int:
+    if args.quantize:
+        args.int8 = _quantized_copy(args)
     result = run(args)
     if args.json:
         with open(args.json, "w") as fh:
