@@ -316,11 +316,11 @@ def quantize_set(model_dir: str, roles: tuple[str, ...], images: list[np.ndarray
                 quantize_file(src, dst, calibration[file], os.path.join(work, "ranges.json"), kept)
                 parities.append(int8_parity(role if file == graph.file else file.removesuffix(".onnx"), src, dst,
                                             held_out[file], MIN_PARITY_SNR_DB[role], graph.image_range))
+                if os.path.exists(src + ".data") and not os.path.exists(dst + ".data"):
+                    os.remove(src + ".data")  # the int8 graph fits one file
                 for name in os.listdir(work):
                     if name.startswith(file):
                         os.replace(os.path.join(work, name), os.path.join(model_dir, name))
-                if os.path.exists(src + ".data") and not os.path.exists(os.path.join(work, file + ".data")):
-                    os.remove(src + ".data")
     return float_nodes, parities, sweeps
 
 
