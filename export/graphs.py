@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from . import ExportError
+from .attention import fuse_attention
 
 TWO_GB = 2 ** 31
 # Ops kept in fp32 inside fp16 graphs: normalizations and softmax accumulate over many
@@ -83,7 +84,8 @@ def export_graph(spec: GraphSpec, path: str, opset: int) -> None:
 
     (The dynamo exporter cannot yet keep H and W symbolic through diffusers' VAE and UNet.)
     Over 2 GB the exporter scatters one file per tensor; those are gathered into a single
-    external-data file ``<graph>.onnx.data`` beside the graph.
+    external-data file ``<graph>.onnx.data`` beside the graph.  Attention is fused into
+    ONNX Runtime's MultiHeadAttention (``attention.py``).
     """
     import onnx
 
@@ -97,12 +99,14 @@ def export_graph(spec: GraphSpec, path: str, opset: int) -> None:
             torch.onnx.export(spec.module, spec.example, scratch_path, dynamo=False, opset_version=opset,
                               input_names=spec.input_names, output_names=[spec.output_name],
                               dynamic_axes=dynamic, do_constant_folding=True)
-        if len(os.listdir(scratch)) == 1:
-            os.replace(scratch_path, path)
+        scattered = len(os.listdir(scratch)) > 1
+        model = onnx.load(scratch_path)
+        fuse_attention(model)
+        if scattered:
+            onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=os.path.basename(path) + ".data", size_threshold=1024)
         else:
-            onnx.save_model(onnx.load(scratch_path), path, save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=os.path.basename(path) + ".data",
-                            size_threshold=1024)
+            onnx.save_model(model, path)
 
 
 def convert_fp16(path: str) -> None:
