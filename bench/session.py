@@ -61,17 +61,20 @@ def gemm_roof(int8: bool, repeat: int) -> float:
 
 
 def graph_flops(path: str, shapes: dict[str, tuple[int, ...]]) -> float:
-    """Multiply-adds x 2 of the Conv, MatMul and Gemm nodes of an ONNX graph at these input
-    shapes (shape inference; nodes whose shapes stay unknown are not counted)."""
+    """Multiply-adds x 2 of the Conv, MatMul, Gemm and MultiHeadAttention nodes of an ONNX
+    graph at these input shapes (shape inference; nodes whose shapes stay unknown are not counted)."""
     import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    model = onnx.load(path)
+    # Weights stay on disk: only their dims are read.  ONNX Runtime's symbolic inference
+    # follows shapes computed in the graph (batch from Shape, Expand) where onnx's does not.
+    model = onnx.load(path, load_external_data=False)
     for value in model.graph.input:
         if value.name in shapes:
             for dim, size in zip(value.type.tensor_type.shape.dim, shapes[value.name]):
                 dim.ClearField("dim_param")
                 dim.dim_value = size
-    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
     dims = {}
     for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         shape = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
@@ -91,6 +94,10 @@ def graph_flops(path: str, shapes: dict[str, tuple[int, ...]]) -> float:
                 inner = a[-2] if node.op_type == "Gemm" and any(
                     at.name == "transA" and at.i for at in node.attribute) else a[-1]
                 total += 2 * float(np.prod(out)) * inner
+        elif node.op_type == "MultiHeadAttention":  # Q·Kᵀ and ·V: 2 x 2 x B x S x S' x hidden
+            keys = dims.get(node.input[1])
+            if keys and None not in keys:
+                total += 4 * float(np.prod(out)) * keys[1]
     return total
 
 

@@ -69,3 +69,19 @@ def test_exported_sets_ship_fused_attention(model_set):
     for name in ("unet.onnx", "vae_decoder.onnx"):
         ops = _ops(onnx.load(os.path.join(model_set, name), load_external_data=False))
         assert "MultiHeadAttention" in ops and "Softmax" not in ops, name
+
+
+def test_flop_count_is_the_same_fused_or_not(tmp_path):
+    """sdc-bench session's roof ratio counts attention whether or not it is fused."""
+    from sdc_bench.session import graph_flops
+
+    module = _Block(4, cross=True).eval()
+    path = str(tmp_path / "a.onnx")
+    model = _export(module, (torch.randn(1, 50, 32),), path)
+    decomposed = graph_flops(path, {"hidden": (1, 50, 32)})
+    fuse_attention(model)
+    onnx.save(model, path)
+    fused = graph_flops(path, {"hidden": (1, 50, 32)})
+    # Projections q, out: 50x32x32; k, v: 7x24x32; scores and weighting: 4 heads x 50x7x8 each.
+    expected = 2 * (2 * 50 * 32 * 32 + 2 * 7 * 24 * 32 + 2 * 4 * 50 * 7 * 8)
+    assert decomposed == fused == expected
