@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except SdcError as exc:
+    except (SdcError, OSError) as exc:  # a bad model set, or a file that is missing or unreadable
         sys.stderr.write(f"sdc-bench: error: {exc}\n")
         return 1
 

@@ -117,3 +117,10 @@ def test_bad_sweep_values_are_one_line_usage_errors(model_set, args):
     result = run_cli("sdc-bench", "rd", "--models", model_set, "--images", ".", *args)
     assert result.returncode == 2
     assert_one_line_error(result, "--")
+
+
+def test_a_missing_image_is_a_one_line_error(model_set, tmp_path):
+    result = run_cli("sdc-bench", "stages", "--models", model_set, "--size", "64", "--repeat", "1",
+                     "--image", str(tmp_path / "kodim23"))
+    assert_one_line_error(result, "kodim23")
+    assert result.returncode == 1
