@@ -124,3 +124,32 @@ def test_a_missing_image_is_a_one_line_error(model_set, tmp_path):
                      "--image", str(tmp_path / "kodim23"))
     assert_one_line_error(result, "kodim23")
     assert result.returncode == 1
+
+
+def test_sdc_bench_session_times_each_option_and_the_roof(model_set, tmp_path):
+    from sdc_bench.cli import main
+
+    out = tmp_path / "session.json"
+    assert main(["session", "--models", model_set, "--graph", "vae_decoder", "--size", "64", "--repeat", "1",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["seconds"]) == 6 and all(s > 0 for s in result["seconds"].values())
+    assert result["graph_gflop"] > 0
+    assert set(result["roof_fp32"]) == {"MatMul", "Conv"} and set(result["roof_int8"]) == {"MatMulInteger", "QLinearConv"}
+    assert all(rate > 1 for rate in [*result["roof_fp32"].values(), *result["roof_int8"].values()])
+
+
+def test_graph_flops_counts_a_convolution_by_hand(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdc_bench.session import graph_flops
+
+    weight = numpy_helper.from_array(np.zeros((8, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=[weight])
+    path = str(tmp_path / "conv.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    # Output 2 x 8 x 10 x 16; each output value takes 3 x 3 x 3 multiply-adds.
+    assert graph_flops(path, {"x": (2, 3, 20, 32)}) == 2 * (2 * 8 * 10 * 16) * 27
