@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sweep", action="store_true",
                    help="with --int8: skip the sensitivity sweep that keeps the costliest nodes in float"
                         " (a faster export: one quantization per graph instead of one per block)")
+    p.add_argument("--no-fuse-attention", action="store_true",
+                   help="keep attention as plain ONNX ops instead of ONNX Runtime's fused MultiHeadAttention:"
+                        " for int8 sets that will run on the OpenVINO EP, whose 1.24 release fails on a fused"
+                        " attention among int8 nodes")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--tiny-decoder", metavar="DIR", default=None,
                    help="SD only: also ship this TAESD-format decoder as a fast alternative decoder")
@@ -63,7 +67,7 @@ def run(args) -> int:
     keep_fp32 = tuple(role for role in args.keep_fp32.split(",") if role)
     if (keep_fp32 or args.fp32_fallback) and not args.fp16:
         raise UsageError("--keep-fp32 and --fp32-fallback apply to --fp16 exports only")
-    precision = dict(keep_fp32=keep_fp32, fp32_fallback=args.fp32_fallback)
+    precision = dict(keep_fp32=keep_fp32, fp32_fallback=args.fp32_fallback, fuse_attention=not args.no_fuse_attention)
     if args.int8 is None and (args.calibration is not None or args.no_sweep):
         raise UsageError("--calibration and --no-sweep apply to --int8 exports only")
     if args.int8 is not None:

@@ -79,13 +79,13 @@ class GraphSpec:
                 GraphSpec(f"{self.role}.{names[1]}", second, ["features"], self.output_name, (middle,))]
 
 
-def export_graph(spec: GraphSpec, path: str, opset: int) -> None:
+def export_graph(spec: GraphSpec, path: str, opset: int, *, fuse: bool = True) -> None:
     """TorchScript-based export with dynamic batch, height and width.
 
     (The dynamo exporter cannot yet keep H and W symbolic through diffusers' VAE and UNet.)
     Over 2 GB the exporter scatters one file per tensor; those are gathered into a single
-    external-data file ``<graph>.onnx.data`` beside the graph.  Attention is fused into
-    ONNX Runtime's MultiHeadAttention (``attention.py``).
+    external-data file ``<graph>.onnx.data`` beside the graph.  With ``fuse``, attention is
+    fused into ONNX Runtime's MultiHeadAttention (``attention.py``).
     """
     import onnx
 
@@ -101,7 +101,8 @@ def export_graph(spec: GraphSpec, path: str, opset: int) -> None:
                               dynamic_axes=dynamic, do_constant_folding=True)
         scattered = len(os.listdir(scratch)) > 1
         model = onnx.load(scratch_path)
-        fuse_attention(model)
+        if fuse:
+            fuse_attention(model)
         if scattered:
             onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=os.path.basename(path) + ".data", size_threshold=1024)

@@ -187,14 +187,15 @@ DECODER_ROLES = ("vae_decoder", "tiny_decoder")
 def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, opset: int,
                     force: bool, keep_fp32: tuple[str, ...] = (), fp32_fallback: bool = False,
                     int8: tuple[str, ...] = (), calibration: list | None = None, sweep_nodes: bool = True,
-                    progress=None) -> ExportReport:
+                    fuse_attention: bool = True, progress=None) -> ExportReport:
     """Export ``specs`` into a scratch folder beside ``out``, check parity, write the manifest,
     then move the folder into place.  ``describe(graphs, files, opset)`` builds the Manifest.
 
     With ``fp16``: the roles in ``keep_fp32`` stay fp32; with ``fp32_fallback`` every fp16
     decoder also ships in fp32 (``<file>.fp32.onnx``), which the runtime runs where the fp16
     output is not finite.  The roles in ``int8`` are quantized (``quantize``), calibrated by
-    running the finished set on the ``calibration`` images."""
+    running the finished set on the ``calibration`` images.  ``fuse_attention``: attention as
+    ONNX Runtime's MultiHeadAttention (``attention.py``), or left as the exporter wrote it."""
     roles = [spec.role for spec in specs]
     for flag, named in (("--keep-fp32", keep_fp32), ("--int8", int8)):
         unknown = sorted(set(named) - set(roles))
@@ -220,7 +221,7 @@ def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, o
             for graph in [spec] + (spec.parts() if spec.split is not None else []):
                 path = os.path.join(scratch, f"{graph.role}.onnx")
                 _step(progress, f"export {graph.role}")
-                export_graph(graph, path, opset)
+                export_graph(graph, path, opset, fuse=fuse_attention)
                 if fallback:
                     shutil.copyfile(path, os.path.join(scratch, f"{graph.role}.fp32.onnx"))
                     parts.setdefault(spec.role, {}).setdefault("fallback", {})[f"{graph.role}.onnx"] = \
@@ -301,7 +302,7 @@ def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool
                             opset: int = DEFAULT_OPSET, force: bool = False, tiny_decoder: str | None = None,
                             keep_fp32: tuple[str, ...] = (), fp32_fallback: bool = False,
                             int8: tuple[str, ...] = (), calibration: list | None = None,
-                            sweep_nodes: bool = True, progress=None) -> ExportReport:
+                            sweep_nodes: bool = True, fuse_attention: bool = True, progress=None) -> ExportReport:
     specs, downscale, multiple = sd_graph_specs(parts)
     vae = parts.vae
     channels = vae.config.latent_channels
@@ -335,7 +336,8 @@ def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool
             scheduler=scheduler, unet_latent_multiple=multiple, channel_weights=weights)
 
     return write_model_set(out, specs, describe, fp16=fp16, opset=opset, force=force, keep_fp32=keep_fp32,
-                           fp32_fallback=fp32_fallback, int8=int8, calibration=calibration, sweep_nodes=sweep_nodes, progress=progress)
+                           fp32_fallback=fp32_fallback, int8=int8, calibration=calibration, sweep_nodes=sweep_nodes,
+                           fuse_attention=fuse_attention, progress=progress)
 
 
 # TAE latents pass through tanh(x/3)*3 in the decoder: beyond +-6 nothing changes.
@@ -344,7 +346,8 @@ TAE_LATENT_RANGE = 6.0
 
 def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAULT_OPSET, force: bool = False,
                keep_fp32: tuple[str, ...] = (), fp32_fallback: bool = False, int8: tuple[str, ...] = (),
-               calibration: list | None = None, sweep_nodes: bool = True, progress=None) -> ExportReport:
+               calibration: list | None = None, sweep_nodes: bool = True, fuse_attention: bool = True,
+               progress=None) -> ExportReport:
     """A TAESD-format pair -> model set: image in [0, 1], latent scale 1, no UNet."""
     from .tae import load_tae_pair, tae_splits
 
@@ -375,4 +378,5 @@ def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAUL
             source={"model": os.path.abspath(folder), "kind": "tae", "variant": variant})
 
     return write_model_set(out, specs, describe, fp16=fp16, opset=opset, force=force, keep_fp32=keep_fp32,
-                           fp32_fallback=fp32_fallback, int8=int8, calibration=calibration, sweep_nodes=sweep_nodes, progress=progress)
+                           fp32_fallback=fp32_fallback, int8=int8, calibration=calibration, sweep_nodes=sweep_nodes,
+                           fuse_attention=fuse_attention, progress=progress)

@@ -85,3 +85,13 @@ def test_flop_count_is_the_same_fused_or_not(tmp_path):
     # Projections q, out: 50x32x32; k, v: 7x24x32; scores and weighting: 4 heads x 50x7x8 each.
     expected = 2 * (2 * 50 * 32 * 32 + 2 * 7 * 24 * 32 + 2 * 4 * 50 * 7 * 8)
     assert decomposed == fused == expected
+
+
+def test_no_fuse_attention_keeps_plain_onnx_ops(tiny_sd, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "plain"
+    result = run_cli("sdc-export", "--model", tiny_sd, "--out", str(out), "--quiet", "--no-fuse-attention")
+    assert result.returncode == 0, result.stderr.decode()
+    ops = _ops(onnx.load(str(out / "unet.onnx"), load_external_data=False))
+    assert "Softmax" in ops and "MultiHeadAttention" not in ops
