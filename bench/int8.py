@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--images", required=True, help="folder of images (at least 4)")
     p.add_argument("--limit", type=int, default=0, help="use the first N images only")
     p.add_argument("--int8", default="vae_decoder,vae_encoder", metavar="GRAPHS", help="graphs to quantize")
+    p.add_argument("--calibration-side", type=int, default=None, metavar="N",
+                   help="calibrate on centre crops of N pixels (default: the export's, 256; 0: whole images)")
+    p.add_argument("--no-sweep", action="store_true", help="quantize without the sensitivity sweep")
     p.add_argument("--out", required=True, help="folder for int8.json, int8.csv and int8-loss.png")
     p.set_defaults(run=run)
 
@@ -38,11 +41,14 @@ def run(args) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from sdc_export.quantize import calibration_images, quantize_set
+    from sdc_export.quantize import CALIBRATION_SIDE, calibration_images, quantize_set
     from sdc_runtime import SdcCodec
     from sdc_runtime.manifest import load_manifest
 
     roles = tuple(r for r in args.int8.split(",") if r)
+    side = CALIBRATION_SIDE if args.calibration_side is None else args.calibration_side
+    if side < 0:
+        raise SystemExit("sdc-bench: error: --calibration-side must be 0 (whole images) or a side in pixels")
     manifest = load_manifest(args.models)
     if any(g.precision != "fp32" for g in manifest.graphs.values()):
         raise SystemExit("sdc-bench: error: --models must be an fp32 model set")
@@ -65,7 +71,9 @@ def run(args) -> int:
             quantized = os.path.join(scratch, "set")
             shutil.copytree(args.models, quantized)
             bar.set_description_str(f"quantize on {calibrate[0]}..{calibrate[-1]}")
-            _, parity, sweeps = quantize_set(quantized, roles, calibration_images(images, len(calibrate)))
+            _, parity, sweeps = quantize_set(quantized, roles,
+                                             calibration_images(images, len(calibrate), side),
+                                             sweep_nodes=not args.no_sweep)
             _rewrite_precision(quantized, roles)
             int8 = SdcCodec(quantized)
             for name in measure:

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-count", type=int, default=8, metavar="N",
                    help="with --int8: calibrate on the first N images of DIR, the last held out for parity"
                         " (default 8)")
+    p.add_argument("--calibration-side", type=int, default=None, metavar="N",
+                   help="with --int8: calibrate on centre crops of N pixels (default 256; 0: whole images, a"
+                        " slower export)")
     p.add_argument("--no-sweep", action="store_true",
                    help="with --int8: skip the sensitivity sweep that keeps the costliest nodes in float"
                         " (a faster export: one quantization per graph instead of one per block)")
@@ -68,10 +71,10 @@ def run(args) -> int:
     if (keep_fp32 or args.fp32_fallback) and not args.fp16:
         raise UsageError("--keep-fp32 and --fp32-fallback apply to --fp16 exports only")
     precision = dict(keep_fp32=keep_fp32, fp32_fallback=args.fp32_fallback, fuse_attention=not args.no_fuse_attention)
-    if args.int8 is None and (args.calibration is not None or args.no_sweep):
-        raise UsageError("--calibration and --no-sweep apply to --int8 exports only")
+    if args.int8 is None and (args.calibration is not None or args.no_sweep or args.calibration_side is not None):
+        raise UsageError("--calibration, --calibration-side and --no-sweep apply to --int8 exports only")
     if args.int8 is not None:
-        from .quantize import DEFAULT_INT8_ROLES, calibration_images
+        from .quantize import CALIBRATION_SIDE, DEFAULT_INT8_ROLES, calibration_images
 
         if args.calibration is None:
             raise UsageError("--int8 needs --calibration DIR, a folder of images to calibrate on")
@@ -81,7 +84,10 @@ def run(args) -> int:
         # The default names every decoder; an export without a tiny decoder has one fewer.
         precision["int8"] = tuple(r for r in named if args.int8 != "default" or r != "tiny_decoder"
                                   or args.tiny_decoder)
-        precision["calibration"] = calibration_images(args.calibration, args.calibration_count)
+        side = CALIBRATION_SIDE if args.calibration_side is None else args.calibration_side
+        if side < 0:
+            raise UsageError(f"--calibration-side must be 0 (whole images) or a side in pixels, not {side}")
+        precision["calibration"] = calibration_images(args.calibration, args.calibration_count, side)
         precision["sweep_nodes"] = not args.no_sweep
     is_tae = find_pair(args.model) is not None
     if is_tae and args.tiny_decoder:

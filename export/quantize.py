@@ -84,9 +84,9 @@ class SweepResult:
     final_snr_db: float
 
 
-def calibration_images(folder: str, count: int) -> list[np.ndarray]:
-    """The first ``count`` images of ``folder`` (sorted by name), centre-cropped to
-    CALIBRATION_SIDE (smaller images whole, to the downscale's multiple) as uint8 RGB."""
+def calibration_images(folder: str, count: int, side: int = CALIBRATION_SIDE) -> list[np.ndarray]:
+    """The first ``count`` images of ``folder`` (sorted by name), centre-cropped to ``side``
+    (smaller images, and every image with ``side`` 0, whole) as uint8 RGB."""
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isdir(folder):
@@ -100,7 +100,7 @@ def calibration_images(folder: str, count: int) -> list[np.ndarray]:
             with Image.open(path) as im:
                 im = im.convert("RGB")
                 w, h = im.size
-                side_w, side_h = min(w, CALIBRATION_SIDE), min(h, CALIBRATION_SIDE)
+                side_w, side_h = (w, h) if side == 0 else (min(w, side), min(h, side))
                 left, top = (w - side_w) // 2, (h - side_h) // 2
                 images.append(np.asarray(im.crop((left, top, left + side_w, top + side_h))))
         except (UnidentifiedImageError, OSError):

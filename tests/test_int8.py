@@ -8,6 +8,7 @@ import os
 import numpy as np
 import onnx
 import pytest
+from PIL import Image
 
 from conftest import KODAK, TAEF2, assert_one_line_error, kodak, make_image, needs_shared, psnr, run_cli
 
@@ -128,8 +129,10 @@ def test_a_failing_int8_parity_fails_the_export(tiny_sd, calibration_dir, tmp_pa
 
 @pytest.mark.parametrize("extra,code,needle", [
     (["--int8"], 2, "--int8 needs --calibration DIR"),
-    (["--calibration", "."], 2, "--calibration and --no-sweep apply to --int8 exports only"),
-    (["--no-sweep"], 2, "--calibration and --no-sweep apply to --int8 exports only"),
+    (["--calibration", "."], 2, "apply to --int8 exports only"),
+    (["--no-sweep"], 2, "apply to --int8 exports only"),
+    (["--calibration-side", "0"], 2, "apply to --int8 exports only"),
+    (["--int8", "--calibration", "CAL", "--calibration-side", "-1"], 2, "--calibration-side must be 0"),
     (["--int8", "--calibration", ".", "--calibration-count", "1"], 2, "--calibration-count must be at least 2"),
     (["--int8", "text_encoder", "--calibration", "CAL"], 1, "no text_encoder graph"),
     (["--int8", "unet", "--fp16", "--keep-fp32", "unet", "--calibration", "CAL"], 1, "both --int8 and --keep-fp32"),
@@ -167,3 +170,15 @@ def test_taef2_int8_decoder_keeps_quality_on_kodak(taef2_set, tmp_path):
             data = fp32.encode(image, quality=quality, effort=0)
             loss = psnr(image, fp32.decode(data)) - psnr(image, int8.decode(data))
             assert loss < 0.6, (name, quality, loss)
+
+
+def test_calibration_images_are_crops_or_whole(tmp_path):
+    from sdc_export.quantize import calibration_images
+
+    for i, size in enumerate([(300, 200), (100, 120)]):
+        make_image(*size, seed=i).save(tmp_path / f"{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert [im.shape for im in calibration_images(str(tmp_path), 8, 150)] == [(150, 150, 3), (120, 100, 3)]
+    assert [im.shape for im in calibration_images(str(tmp_path), 8, 0)] == [(200, 300, 3), (120, 100, 3)]
+    whole = np.asarray(Image.open(tmp_path / "0.png").convert("RGB"))
+    assert np.array_equal(calibration_images(str(tmp_path), 8, 0)[0], whole)
