@@ -8,12 +8,11 @@ after shape inference at the benchmark size.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-from .timing import machine, median_seconds
+from .timing import machine, median_seconds, report
 
 GEMM_SIDE = 2048
 # The decoder's dominant layer: a 3x3 convolution, 512 channels in and out, at 64x64.
@@ -196,8 +195,4 @@ def markdown(r: dict) -> str:
 
 def _main(args) -> int:
     result = run(args)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
-    print(markdown(result))
-    return 0
+    return report(result, markdown(result), args.json)

@@ -5,12 +5,11 @@ PyTorch in the same run, and the table gives ONNX Runtime's time as a ratio to P
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-from .timing import machine, median_seconds
+from .timing import machine, median_seconds, report
 
 
 def _image(path: str | None, size: int):
@@ -221,8 +220,4 @@ def _main(args) -> int:
     if args.quantize:
         args.int8 = _quantized_copy(args)
     result = run(args)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
-    print(markdown(result))
-    return 0
+    return report(result, markdown(result), args.json)

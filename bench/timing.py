@@ -1,6 +1,7 @@
-"""Median timing helpers shared by the benchmarks."""
+"""Median timing helpers shared by the benchmarks, and the way a timing bench reports."""
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
@@ -47,3 +48,12 @@ def cpu_flags() -> list[str]:
     except OSError:
         pass
     return []
+
+
+def report(result: dict, table: str, json_path: str | None) -> int:
+    """Write ``result`` as JSON where asked, print its markdown ``table``: the end of a timing bench."""
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(result, fh, indent=1)
+    print(table)
+    return 0
