@@ -102,7 +102,7 @@ class SdcCodec:
         picture = to_picture(image, max_pixels=self.max_pixels)
         latent, size = self._latent_of(picture.rgb, progress)
         loop = self._loop(size, resolved) if resolved.effort else None
-        settled = refine.settle(latent, resolved.effort, loop, progress) if loop else latent
+        candidates = refine.settle(latent, resolved.effort, loop, progress) if loop else [latent]
         alpha = picture.alpha if resolved.alpha == "keep" else None
         metadata = {} if resolved.strip else picture.metadata
 
@@ -110,8 +110,8 @@ class SdcCodec:
             def code(candidate):
                 return self._code_latent(candidate, size, options, alpha=alpha, metadata=metadata)
             if loop is None:
-                return code(settled)
-            return refine.best_file(picture.rgb, latent, settled, options.effort, code, loop, progress)
+                return code(latent)
+            return refine.best_file(picture.rgb, latent, candidates, options.effort, code, loop, progress)
 
         if resolved.target_bytes is None:
             return SizedEncode(file_at(resolved), resolved.quality, 1)

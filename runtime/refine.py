@@ -9,12 +9,15 @@ size) does not grow.
 
 Two phases:
 - *free* passes refine the unquantized latent.  They do not depend on the latent coding, so
-  a size search runs them once for all the qualities it tries.
-- *quantized* passes run the decoder on the latent as the file will hold it (palette, steps,
-  and the UNet steps where the file asks for them), so the update also corrects the
-  quantization error.  The quantizer moves with the latent, so this loop need not converge:
-  each pass scores its file by PSNR at equal bytes and the best file wins, which makes a
-  quantized pass never worse than stopping before it.
+  a size search runs them once for all the qualities it tries.  Each pass raises the PSNR of
+  the unquantized latent but also its bytes once quantized, and at coarse quantization (the
+  palettes) it loses more than it gains; so E(x) and every free pass are *candidates*, each
+  coded and decoded as a file, and the best at equal bytes wins (BENCHMARKS.md §7).
+- *quantized* passes start from that winner and run the decoder on the latent as the file
+  will hold it (palette, steps, and the UNet steps where the file asks for them), so the
+  update also corrects the quantization error.  The quantizer moves with the latent, so this
+  loop need not converge: each pass's file is scored the same way, which makes a quantized
+  pass never worse than stopping before it.
 
 The bitstream is the same at every effort: the decoder cannot tell.
 """
@@ -25,11 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# effort -> (free passes, quantized passes).  A pass costs one decode and one encode.  On Kodak
-# (BENCHMARKS.md §7) one free pass gained the most per second; more passes and the quantized
-# ones add little on average, but each file they pick is never worse at equal bytes.
-PASSES = {0: (0, 0), 1: (1, 0), 2: (2, 0), 3: (2, 1), 4: (2, 2), 5: (3, 2), 6: (3, 3), 7: (4, 4), 8: (4, 6),
-          9: (6, 8)}
+# effort -> (free passes, quantized passes).  A free pass costs one decode and one encode, and
+# scoring each candidate one more decode; a quantized pass costs two decodes and an encode.
+# On Kodak (BENCHMARKS.md §7) gains flatten after three free passes; the quantized ones add
+# little on average, but each file they pick is never worse at equal bytes.
+PASSES = {0: (0, 0), 1: (1, 0), 2: (2, 0), 3: (3, 0), 4: (3, 1), 5: (4, 1), 6: (4, 2), 7: (5, 3), 8: (5, 4),
+          9: (6, 6)}
 # From this effort the quantized passes decode through the UNet steps the file asks for.
 DENOISE_IN_LOOP_EFFORT = 8
 # Step sizes: 0.5 converges for the free passes (the probe in issue 10); the quantized passes
@@ -64,36 +68,43 @@ def _bounds(latent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return flat.min(axis=1)[:, None, None], flat.max(axis=1)[:, None, None]
 
 
-def settle(latent: np.ndarray, effort: int, loop: Loop, progress=None) -> np.ndarray:
-    """The free passes of ``effort`` from E(x) = ``latent``: the refined unquantized latent."""
+def settle(latent: np.ndarray, effort: int, loop: Loop, progress=None) -> list[np.ndarray]:
+    """E(x) = ``latent`` and the latent after each free pass of ``effort``: the candidates."""
     passes = PASSES[effort][0]
     lo, hi = _bounds(latent)
-    refined = latent
+    candidates = [latent]
     for done in range(passes):
-        refined = np.clip(refined + FREE_STEP * (latent - loop.encode(loop.decode(refined))), lo, hi)
+        refined = candidates[-1] + FREE_STEP * (latent - loop.encode(loop.decode(candidates[-1])))
+        candidates.append(np.clip(refined, lo, hi).astype(np.float32))
         _report(progress, done + 1, passes)
-    return refined.astype(np.float32)
+    return candidates
 
 
-def best_file(rgb: np.ndarray, latent: np.ndarray, settled: np.ndarray, effort: int, code, loop: Loop,
+def best_file(rgb: np.ndarray, latent: np.ndarray, candidates: list[np.ndarray], effort: int, code, loop: Loop,
               progress=None) -> bytes:
-    """The quantized passes of ``effort``: ``code(z)`` writes a file for latent z; returns the
-    best file at equal bytes among the settled latent's and each pass's."""
-    passes = PASSES[effort][1]
-    data = code(settled)
-    if not passes:
-        return data
-    lo, hi = _bounds(latent)
-    refined, best, best_score = settled, data, -math.inf
-    for done in range(passes + 1):
+    """``code(z)`` writes a file for latent z.  Scores the file of each candidate and of each
+    quantized pass of ``effort`` (which starts from the best candidate) by PSNR at equal bytes
+    and returns the best."""
+    best, best_score, best_latent, best_shown = b"", -math.inf, None, None
+
+    def consider(candidate: np.ndarray) -> np.ndarray:
+        """Writes and scores the candidate's file; returns the image it decodes to."""
+        nonlocal best, best_score, best_latent, best_shown
+        data = code(candidate)
         shown = loop.decode_file(data)
         score = psnr(rgb, shown) - DB_PER_DOUBLING * math.log2(len(data))
         if score > best_score:
-            best, best_score = data, score
-        if done == passes:
-            break
+            best, best_score, best_latent, best_shown = data, score, candidate, shown
+        return shown
+
+    for candidate in candidates:
+        consider(candidate)
+    refined, shown = best_latent, best_shown
+    lo, hi = _bounds(latent)
+    passes = PASSES[effort][1]
+    for done in range(passes):
         refined = np.clip(refined + QUANTIZED_STEP * (latent - loop.encode(shown)), lo, hi).astype(np.float32)
-        data = code(refined)
+        shown = consider(refined)
         _report(progress, done + 1, passes)
     return best
 
