@@ -76,7 +76,7 @@ def settle(latent: np.ndarray, effort: int, loop: Loop, progress=None) -> list[n
     for done in range(passes):
         refined = candidates[-1] + FREE_STEP * (latent - loop.encode(loop.decode(candidates[-1])))
         candidates.append(np.clip(refined, lo, hi).astype(np.float32))
-        _report(progress, done + 1, passes)
+        _report(progress, "refine", done + 1, passes)
     return candidates
 
 
@@ -97,18 +97,20 @@ def best_file(rgb: np.ndarray, latent: np.ndarray, candidates: list[np.ndarray],
             best, best_score, best_latent, best_shown = data, score, candidate, shown
         return shown
 
-    for candidate in candidates:
+    passes = PASSES[effort][1]
+    files = len(candidates) + passes
+    for done, candidate in enumerate(candidates, 1):
         consider(candidate)
+        _report(progress, "score", done, files)
     refined, shown = best_latent, best_shown
     lo, hi = _bounds(latent)
-    passes = PASSES[effort][1]
-    for done in range(passes):
+    for done in range(len(candidates) + 1, files + 1):
         refined = np.clip(refined + QUANTIZED_STEP * (latent - loop.encode(shown)), lo, hi).astype(np.float32)
         shown = consider(refined)
-        _report(progress, done + 1, passes)
+        _report(progress, "score", done, files)
     return best
 
 
-def _report(progress, done: int, total: int) -> None:
+def _report(progress, stage: str, done: int, total: int) -> None:
     if progress is not None:
-        progress("refine", done, total)
+        progress(stage, done, total)

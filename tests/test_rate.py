@@ -109,7 +109,13 @@ def test_effort_is_never_worse_than_effort_0_at_equal_bytes(codec, quality):
 
     plain = codec.encode(image, quality=quality, effort=0, denoise_steps=0)
     for effort in (1, 3):
-        refined = codec.encode(image, quality=quality, effort=effort, denoise_steps=0)
+        reports = []
+        refined = codec.encode(image, quality=quality, effort=effort, denoise_steps=0,
+                               progress=lambda *report: reports.append(report))
+        free, quantized = PASSES[effort]
+        # Long work shows progress: every free pass, then every file the loop scores.
+        assert [r for r in reports if r[0] == "refine"][-1] == ("refine", free, free)
+        assert [r for r in reports if r[0] == "score"][-1] == ("score", free + 1 + quantized, free + 1 + quantized)
         assert score(refined) >= score(plain) - 1e-9
         assert refined == plain or score(refined) > score(plain)
 
