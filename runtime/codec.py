@@ -102,7 +102,7 @@ class SdcCodec:
         picture = to_picture(image, max_pixels=self.max_pixels)
         latent, size = self._latent_of(picture.rgb, progress)
         loop = self._loop(size, resolved) if resolved.effort else None
-        candidates = refine.settle(latent, resolved.effort, loop, progress) if loop else [latent]
+        candidates = refine.settle(latent, resolved.effort, loop, progress) if loop else None
         alpha = picture.alpha if resolved.alpha == "keep" else None
         metadata = {} if resolved.strip else picture.metadata
 
