@@ -320,6 +320,7 @@ def quantize_set(model_dir: str, roles: tuple[str, ...], images: list[np.ndarray
                 dst = os.path.join(work, file)  # its final name: external data is named after it
                 biased = with_conv_biases(src, work)
                 quantize_file(biased, dst, calibration[file], os.path.join(work, "ranges.json"), kept)
+                _step(progress, f"correct {file}")
                 correct_convolutions(biased, dst, calibration[file])
                 parities.append(int8_parity(role if file == graph.file else file.removesuffix(".onnx"), src, dst,
                                             held_out[file], MIN_PARITY_SNR_DB[role], graph.image_range))
