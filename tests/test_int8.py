@@ -199,8 +199,9 @@ def test_int8_options_are_checked(tiny_sd, calibration_dir, tmp_path, extra, cod
 @needs_shared
 def test_taef2_int8_decoder_keeps_quality_on_kodak(taef2_set, tmp_path):
     """The quality floor on real weights: calibrated on Kodak 13-15, measured on kodim01 and
-    kodim07 (disjoint).  Full-size Kodak-24 measured 0.27 dB mean loss (BENCHMARKS.md §8);
-    the floor leaves room for the smaller calibration set."""
+    kodim07 (disjoint).  With the convolution correction these measured -0.09 to 0.00 dB at
+    Q10 and Q60; without it, 0.03 to 0.32 dB, so the floor fails if the correction is lost
+    (Kodak-24, 12 calibration images: 0.12 dB mean at u8, BENCHMARKS.md §8)."""
     from sdc_export.cli import main
     from sdc_runtime import SdcCodec
 
@@ -218,7 +219,7 @@ def test_taef2_int8_decoder_keeps_quality_on_kodak(taef2_set, tmp_path):
         for quality in (10, 60):  # a palette and a u8 point
             data = fp32.encode(image, quality=quality, effort=0)
             loss = psnr(image, fp32.decode(data)) - psnr(image, int8.decode(data))
-            assert loss < 0.6, (name, quality, loss)
+            assert loss < 0.2, (name, quality, loss)
 
 
 def test_calibration_images_are_crops_or_whole(tmp_path):
