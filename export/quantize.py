@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -340,11 +340,12 @@ def with_conv_biases(src: str, folder: str) -> str:
     have a zero one: the int8 graph then holds a bias for ``correct_convolutions`` to set."""
     import onnx
     from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_model
 
     model = onnx.load(src, load_external_data=False)
     if all(len(n.input) > 2 for n in model.graph.node if n.op_type == "Conv"):
         return src
-    model = onnx.load(src)
+    load_external_data_for_model(model, os.path.dirname(src))
     shapes = {t.name: t.dims for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Conv" and len(node.input) == 2:
@@ -372,18 +373,16 @@ def correct_convolutions(fp32: str, int8: str, feeds: list[dict]) -> int:
     """
     import onnx
     import onnxruntime as ort
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_model
 
-    used = feeds[::max(1, math.ceil(len(feeds) / CORRECTION_FEEDS))]
-    stored_apart = {entry.value for t in onnx.load(int8, load_external_data=False).graph.initializer
-                    for entry in t.external_data if entry.key == "location"}
-    model = onnx.load(int8)
+    used = correction_feeds(feeds)
+    model = onnx.load(int8, load_external_data=False)
+    stored_apart = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
+    load_external_data_for_model(model, os.path.dirname(int8))
     initializers = {t.name: t for t in model.graph.initializer}
     producer = {out: n for n in model.graph.node for out in n.output}
-    readers: dict[str, int] = defaultdict(int)
-    for node in model.graph.node:
-        for name in node.input:
-            readers[name] += 1
+    readers = Counter(name for node in model.graph.node for name in node.input)
 
     def dequantized_initializer(name: str, dtype) -> tuple[str, str] | None:
         """(integer initializer, scale initializer) of a DequantizeLinear output, if that is what it is."""
@@ -412,9 +411,7 @@ def correct_convolutions(fp32: str, int8: str, feeds: list[dict]) -> int:
     reference = onnx.load(fp32, load_external_data=False)
     # The quantizer renames a convolution's output where it was a graph output; names of nodes stay.
     fp32_output = {n.name: n.output[0] for n in reference.graph.node if n.op_type == "Conv"}
-    exposed_names = {fp32_output[node.name] for node, _, _ in convs} - {o.name for o in reference.graph.output}
-    for name in sorted(exposed_names):
-        reference.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    expose_outputs(reference, sorted({fp32_output[node.name] for node, _, _ in convs}))
     exposed = os.path.join(os.path.dirname(fp32), f".exposed-{os.getpid()}-{os.path.basename(fp32)}")
     onnx.save(reference, exposed)
     try:
@@ -422,14 +419,14 @@ def correct_convolutions(fp32: str, int8: str, feeds: list[dict]) -> int:
         for node, weight_scale_name, (bias_name, bias_scale_name) in convs:
             probe = onnx.ModelProto()
             probe.CopyFrom(model)
-            probe.graph.output.append(helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None))
+            expose_outputs(probe, [node.output[0]])
             int8_session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
             bias = numpy_helper.to_array(initializers[bias_name]).astype(np.float64)
             bias_scale = numpy_helper.to_array(initializers[bias_scale_name]).astype(np.float64)
             sums = np.zeros((5, bias.size))  # count, sum q, sum f, sum q^2, sum q*f per channel
             for feed in used:
-                q = _channels_first(int8_session.run([node.output[0]], feed)[0]) - (bias * bias_scale)[:, None]
-                f = _channels_first(fp32_session.run([fp32_output[node.name]], feed)[0])
+                q = channels_first(int8_session.run([node.output[0]], feed)[0]) - (bias * bias_scale)[:, None]
+                f = channels_first(fp32_session.run([fp32_output[node.name]], feed)[0])
                 sums += [np.full(bias.size, q.shape[1]), q.sum(1), f.sum(1), (q * q).sum(1), (q * f).sum(1)]
             count, mean_q, mean_f = sums[0], sums[1] / sums[0], sums[2] / sums[0]
             variance = sums[3] / count - mean_q ** 2
@@ -453,7 +450,23 @@ def correct_convolutions(fp32: str, int8: str, feeds: list[dict]) -> int:
     return len(convs)
 
 
-def _channels_first(output: np.ndarray) -> np.ndarray:
+def correction_feeds(feeds: list[dict]) -> list[dict]:
+    """The CORRECTION_FEEDS (or fewer) evenly spaced feeds the correction fits on."""
+    return feeds[::max(1, math.ceil(len(feeds) / CORRECTION_FEEDS))]
+
+
+def expose_outputs(model, names) -> None:
+    """Make the float tensors ``names`` graph outputs of ``model`` (in place), those not already."""
+    import onnx
+    from onnx import helper
+
+    present = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in present:
+            model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+
+
+def channels_first(output: np.ndarray) -> np.ndarray:
     """(N, C, ...) -> (C, N*...) float64."""
     return np.moveaxis(output, 1, 0).reshape(output.shape[1], -1).astype(np.float64)
 

@@ -3,7 +3,6 @@ nodes, checked against the fp32 graphs; the sets cross-decode with their fp32 tw
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import numpy as np
@@ -128,13 +127,6 @@ def test_a_failing_int8_parity_fails_the_export(tiny_sd, calibration_dir, tmp_pa
     assert not os.path.exists(tmp_path / "y")  # nothing half-written
 
 
-def _with_outputs(path, names) -> bytes:
-    model = onnx.load(path)
-    for name in names:
-        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return model.SerializeToString()
-
-
 def test_the_correction_fits_each_int8_convolution_to_fp32(model_set, calibration_dir, tmp_path):
     """correct_convolutions on the tiny decoder: every int8 convolution is corrected, the graph
     keeps its nodes, the first convolution's channels (whose input no earlier correction
@@ -144,8 +136,8 @@ def test_the_correction_fits_each_int8_convolution_to_fp32(model_set, calibratio
 
     import onnxruntime as ort
     from sdc_export.quantize import (
-        CORRECTION_FEEDS, calibration_images, correct_convolutions, outputs, quantize_file, record_graph_inputs, snr_db,
-        with_conv_biases,
+        calibration_images, channels_first, correct_convolutions, correction_feeds, expose_outputs, outputs,
+        quantize_file, record_graph_inputs, snr_db, with_conv_biases,
     )
 
     feeds = record_graph_inputs(model_set, calibration_images(calibration_dir, 3))["vae_decoder.onnx"]
@@ -160,12 +152,14 @@ def test_the_correction_fits_each_int8_convolution_to_fp32(model_set, calibratio
     assert [(n.op_type, list(n.input)) for n in before] == [(n.op_type, list(n.input)) for n in after]
 
     first = next(n for n in after if n.op_type == "Conv")
-    fitted = feeds[::math.ceil(len(feeds) / CORRECTION_FEEDS)]  # the feeds the fit saw
     means = {}
     for name, path in (("fp32", fp32), ("plain", plain), ("corrected", corrected)):
-        session = ort.InferenceSession(_with_outputs(path, [first.output[0]]), providers=["CPUExecutionProvider"])
-        channels = [np.moveaxis(session.run([first.output[0]], f)[0], 1, 0) for f in fitted]
-        means[name] = np.concatenate([c.reshape(c.shape[0], -1) for c in channels], axis=1).mean(axis=1)
+        model = onnx.load(path)
+        expose_outputs(model, [first.output[0]])
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        fitted = correction_feeds(feeds)  # the feeds the fit saw
+        means[name] = np.concatenate([channels_first(session.run([first.output[0]], f)[0]) for f in fitted],
+                                     axis=1).mean(axis=1)
     plain_error = np.abs(means["plain"] - means["fp32"]).max()
     corrected_error = np.abs(means["corrected"] - means["fp32"]).max()
     assert corrected_error < plain_error / 10, (plain_error, corrected_error)
