@@ -91,6 +91,9 @@ def export_graph(spec: GraphSpec, path: str, opset: int, *, fuse: bool = True) -
 
     dynamic = {name: {0: "batch"} for name in spec.input_names}
     dynamic[spec.input_names[0]].update({2: "height", 3: "width"})
+    for name, example in list(zip(spec.input_names, spec.example))[1:]:
+        if example.ndim == 4:  # a second image-like input (the decoder gradient's target image)
+            dynamic[name].update({2: f"{name}_height", 3: f"{name}_width"})
     dynamic[spec.output_name] = {0: "batch", 2: "out_height", 3: "out_width"}
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as scratch:
         scratch_path = os.path.join(scratch, "graph.onnx")

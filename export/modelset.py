@@ -91,9 +91,11 @@ def sd_defaults(channels: int, scaling_factor: float) -> EncoderDefaults:
 # Working memory per image pixel of each graph on the CPU EP, in bytes: the slope of peak RSS
 # between two image sizes (/usr/bin/time -v, BENCHMARKS.md "Tiled neural stages"), rounded up.
 # The runtime sizes its tiles from these; the UNet's is per image pixel too (latent cell / 64).
+# The decoder gradient keeps every activation of its forward pass for the backward one.
+GRADIENT_MEMORY_PER_PIXEL = 3200
 MEMORY_PER_PIXEL = {
     "sd": {"vae_encoder": 2100, "vae_decoder": 4200, "unet": 5400, "tiny_decoder": 1100},
-    "tae": {"vae_encoder": 1100, "vae_decoder": 1100},
+    "tae": {"vae_encoder": 1100, "vae_decoder": 1100, "decoder_gradient": GRADIENT_MEMORY_PER_PIXEL},
 }
 
 
@@ -182,6 +184,9 @@ def sd_graph_specs(parts: StableDiffusionParts) -> tuple[list[GraphSpec], int, i
 # The graphs whose fp16 output can overflow on some checkpoints (the SD VAE decoder is the
 # known case): an fp16 set may ship them in fp32 as well, for the runtime to fall back on.
 DECODER_ROLES = ("vae_decoder", "tiny_decoder")
+# The decoder gradient runs in the encoder's closed loop only, where fp32 costs only time; a
+# backward pass in fp16 or int8 would lose the small gradients the loop follows.
+FP32_ONLY_ROLES = ("decoder_gradient",)
 
 
 def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, opset: int,
@@ -201,6 +206,8 @@ def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, o
         unknown = sorted(set(named) - set(roles))
         if unknown:
             raise ExportError(f"{flag}: this export has no {', '.join(unknown)} graph (it has {', '.join(roles)})")
+    if set(int8) & set(FP32_ONLY_ROLES):
+        raise ExportError(f"--int8: {', '.join(sorted(set(int8) & set(FP32_ONLY_ROLES)))} is always fp32")
     if set(int8) & set(keep_fp32):
         raise ExportError(f"{', '.join(sorted(set(int8) & set(keep_fp32)))}: both --int8 and --keep-fp32")
     if int8 and not calibration:
@@ -215,7 +222,7 @@ def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, o
         precisions: dict[str, str] = {}
         for spec in specs:
             precision = ("int8" if spec.role in int8 else
-                         "fp16" if fp16 and spec.role not in keep_fp32 else "fp32")
+                         "fp16" if fp16 and spec.role not in keep_fp32 + FP32_ONLY_ROLES else "fp32")
             precisions[spec.role] = precision
             fallback = precision == "fp16" and fp32_fallback and spec.role in DECODER_ROLES
             for graph in [spec] + (spec.parts() if spec.split is not None else []):
@@ -349,7 +356,7 @@ def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAUL
                calibration: list | None = None, sweep_nodes: bool = True, fuse_attention: bool = True,
                progress=None) -> ExportReport:
     """A TAESD-format pair -> model set: image in [0, 1], latent scale 1, no UNet."""
-    from .tae import load_tae_pair, tae_splits
+    from .tae import DecoderGradient, load_tae_pair, tae_splits
 
     encoder, decoder, channels, variant = load_tae_pair(folder)
     lh, lw = parity_latent_size(1)
@@ -359,6 +366,8 @@ def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAUL
     specs = [
         GraphSpec("vae_encoder", encoder, ["image"], "latent", (torch.zeros(1, 3, lh * 8, lw * 8),), encoder_split),
         GraphSpec("vae_decoder", decoder, ["latent"], "image", (torch.zeros(1, channels, lh, lw),), decoder_split),
+        GraphSpec("decoder_gradient", DecoderGradient(decoder), ["latent", "image"], "gradient",
+                  (torch.zeros(1, channels, lh, lw), torch.zeros(1, 3, lh * 8, lw * 8))),
     ]
     _step(progress, "fingerprint weights")
     weights = decoder_sensitivity(decoder, channels, 1.5)

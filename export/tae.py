@@ -137,3 +137,93 @@ def load_tae_decoder(folder: str) -> tuple[nn.Sequential, int]:
         raise ExportError(f"{folder} must hold exactly one *_decoder.pth (found {len(decoders)})")
     decoder, channels, _ = _build(decoders[0], "decoder")
     return decoder, channels
+
+
+class DecoderGradient(nn.Module):
+    """(latent, image) -> d/d latent of sum((clip(decoder(latent), 0, 1) - image)^2).
+
+    The closed-loop encoder (``effort``) descends this gradient without torch, so the backward
+    pass is written out as forward layers ONNX can hold: a convolution's is the transposed
+    convolution with the same weights, nearest 2x upsampling's is a 2x2 sum, ReLU's and
+    tanh's are masks and derivatives of the forward values, GroupNorm's is written from its
+    formula.  It covers exactly the layers ``make_decoder`` builds; ``tests/test_export.py``
+    checks it against torch's autograd."""
+
+    def __init__(self, decoder: nn.Sequential):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, latent, image):
+        decoded, tape = _forward(self.decoder, latent)
+        inside = (decoded > 0) & (decoded < 1)
+        return _backward(self.decoder, tape, 2 * (decoded - image) * inside)
+
+
+def _forward(module: nn.Module, x):
+    """module(x) and what ``_backward`` needs of this pass."""
+    if isinstance(module, nn.Sequential):
+        tape = []
+        for layer in module:
+            x, saved = _forward(layer, x)
+            tape.append(saved)
+        return x, tape
+    if isinstance(module, Block):
+        saved = {}
+        if hasattr(module, "pool"):
+            pooled, saved["pool"] = _forward(module.pool, x)
+            x = x + pooled
+        inner, saved["conv"] = _forward(module.conv, x)
+        out = module.fuse(inner + module.skip(x))
+        saved["fused"] = out > 0
+        return out, saved
+    if isinstance(module, nn.GroupNorm):
+        n, c = x.shape[:2]
+        grouped = x.reshape(n, module.num_groups, -1)
+        mean = grouped.mean(dim=2, keepdim=True)
+        inv_std = torch.rsqrt(((grouped - mean) ** 2).mean(dim=2, keepdim=True) + module.eps)
+        normed = ((grouped - mean) * inv_std).reshape(x.shape)
+        out = normed * module.weight[None, :, None, None] + module.bias[None, :, None, None]
+        return out, (normed, inv_std)
+    out = module(x)
+    if isinstance(module, nn.ReLU):
+        return out, out > 0
+    if isinstance(module, Clamp):
+        return out, out / 3  # tanh(x / 3)
+    if isinstance(module, (nn.Conv2d, nn.Upsample, nn.Identity)):
+        return out, None
+    raise ExportError(f"no gradient for the decoder layer {type(module).__name__}")
+
+
+def _backward(module: nn.Module, saved, grad):
+    """The gradient at ``module``'s input, given ``grad`` at its output."""
+    if isinstance(module, nn.Sequential):
+        for layer, layer_saved in zip(reversed(module), reversed(saved)):
+            grad = _backward(layer, layer_saved, grad)
+        return grad
+    if isinstance(module, Block):
+        grad = grad * saved["fused"]
+        grad = _backward(module.conv, saved["conv"], grad) + _backward(module.skip, None, grad)
+        if hasattr(module, "pool"):
+            grad = grad + _backward(module.pool, saved["pool"], grad)
+        return grad
+    if isinstance(module, nn.GroupNorm):
+        normed, inv_std = saved
+        n = grad.shape[0]
+        scaled = (grad * module.weight[None, :, None, None]).reshape(n, module.num_groups, -1)
+        normed = normed.reshape(n, module.num_groups, -1)
+        out = inv_std * (scaled - scaled.mean(dim=2, keepdim=True)
+                         - normed * (scaled * normed).mean(dim=2, keepdim=True))
+        return out.reshape(grad.shape)
+    if isinstance(module, nn.ReLU):
+        return grad * saved
+    if isinstance(module, Clamp):
+        return grad * (1 - saved * saved)
+    if isinstance(module, nn.Conv2d):
+        # The transposed convolution, written as the convolution with the kernel flipped and
+        # its channel axes swapped (the decoder's convolutions have stride 1): ONNX Runtime
+        # runs Conv in its blocked kernels, ConvTranspose through a column buffer of
+        # 9 x channels floats per pixel, which would double the gradient's memory.
+        return nn.functional.conv2d(grad, module.weight.transpose(0, 1).flip(2, 3), padding=module.padding)
+    if isinstance(module, nn.Upsample):
+        return nn.functional.avg_pool2d(grad, 2) * 4
+    return grad  # nn.Identity

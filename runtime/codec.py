@@ -26,8 +26,9 @@ from .options import (
 )
 
 DECODERS = ("vae_decoder", "tiny_decoder")
-# Quality 1 itself, then a bisection of qualities 1..100: the most files a size search writes.
-SIZE_SEARCH_ENCODES = 1 + math.ceil(math.log2(100))
+# Quality 1 itself, then a bisection of qualities 1..100, then the descent at the quality found:
+# the most files a size search writes.
+SIZE_SEARCH_ENCODES = 2 + math.ceil(math.log2(100))
 # A size search tries qualities with the caller's other options as they are: all but those
 # the quality chooses.
 ENCODE_KEPT_IN_SEARCH = tuple(name for name in ENCODE_OPTION_NAMES
@@ -101,29 +102,34 @@ class SdcCodec:
             resolved = options
         picture = to_picture(image, max_pixels=self.max_pixels)
         latent, size = self._latent_of(picture.rgb, progress)
-        loop = self._loop(size, resolved) if resolved.effort else None
+        loop = self._loop(picture.rgb, resolved) if resolved.effort else None
         candidates = refine.settle(latent, resolved.effort, loop, progress) if loop else None
         alpha = picture.alpha if resolved.alpha == "keep" else None
         metadata = {} if resolved.strip else picture.metadata
 
-        def file_at(options: EncodeOptions) -> bytes:
+        def file_at(options: EncodeOptions, descend: bool = True) -> bytes:
             def code(candidate):
                 return self._code_latent(candidate, size, options, alpha=alpha, metadata=metadata)
             if loop is None:
                 return code(latent)
-            return refine.best_file(picture.rgb, latent, candidates, options.effort, code, loop, progress)
+            return refine.best_file(picture.rgb, latent, candidates, options.effort, code, loop, progress,
+                                    descend=descend)
 
         if resolved.target_bytes is None:
             return SizedEncode(file_at(resolved), resolved.quality, 1)
-        return self._search_size(file_at, resolved, progress)
+        descends = loop is not None and loop.gradient is not None and refine.PASSES[resolved.effort][2] > 0
+        return self._search_size(file_at, resolved, descends, progress)
 
-    def _search_size(self, file_at, options: EncodeOptions, progress) -> SizedEncode:
+    def _search_size(self, file_at, options: EncodeOptions, descends: bool, progress) -> SizedEncode:
+        """Bisects the quality scale on files written without the descent (it costs several
+        decodes per step, and would cost them at every quality tried), then descends once at
+        the quality found, keeping that file where it still fits."""
         target = options.target_bytes
         kept = {name: getattr(options, name) for name in ENCODE_KEPT_IN_SEARCH}
         files: dict[int, bytes] = {}
 
         def fits(quality: int) -> bool:
-            files[quality] = file_at(self.options(quality=quality, **kept))
+            files[quality] = file_at(self.options(quality=quality, **kept), descend=False)
             if progress is not None:
                 progress("size search", len(files), SIZE_SEARCH_ENCODES)
             return len(files[quality]) <= target
@@ -139,13 +145,19 @@ class SdcCodec:
                 fitting = middle
             else:
                 too_large = middle
-        return SizedEncode(files[fitting], fitting, len(files))
+        if not descends:
+            return SizedEncode(files[fitting], fitting, len(files))
+        descended = file_at(self.options(quality=fitting, **kept))
+        return SizedEncode(descended if len(descended) <= target else files[fitting], fitting, len(files) + 1)
 
-    def _loop(self, size: tuple[int, int], options: EncodeOptions) -> refine.Loop:
-        """The closed loop's stages on images of ``size``; the file's UNet steps in the loop
+    def _loop(self, rgb: np.ndarray, options: EncodeOptions) -> refine.Loop:
+        """The closed loop's stages for the image ``rgb``; the file's UNet steps in the loop
         from DENOISE_IN_LOOP_EFFORT, because a decoder of the file runs them."""
-        width, height = size
+        height, width = rgb.shape[:2]
         with_steps = options.effort >= refine.DENOISE_IN_LOOP_EFFORT and options.denoise_steps > 0
+        padded = pad_to(rgb, self.manifest.downscale)
+        # The gradient graph decodes without the UNet steps: it serves sets without a UNet.
+        descent = self.stages.gradient_fits(*padded.shape[:2]) and not options.denoise_steps
 
         def encode(rgb):
             return self.stages.encode(pad_to(rgb, self.manifest.downscale))[0]
@@ -155,7 +167,13 @@ class SdcCodec:
 
         def decode_file(data):  # as a decoder of the file shows it (without any alpha)
             return np.asarray(self.decode(data, denoise_steps=None if with_steps else 0))[..., :3]
-        return refine.Loop(encode, decode, decode_file)
+
+        def gradient(latent):
+            return self.stages.decoder_gradient(latent[None], padded)[0]
+
+        def held(data):
+            return self.decode_latent(data)[1]
+        return refine.Loop(encode, decode, decode_file, gradient if descent else None, held)
 
     def image_to_latent(self, image, /, *, progress=None) -> tuple[np.ndarray, tuple[int, int]]:
         """PIL image or (H, W, 3) uint8 array -> ((C, h, w) float32 raw latent, (width, height))."""

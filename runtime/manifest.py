@@ -22,8 +22,9 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 3
 FAMILIES = ("sd", "tae")
 PRECISIONS = ("fp32", "fp16", "int8")
-# Graph roles a model set may hold.  Encoder and decoder are required.
-GRAPH_ROLES = ("vae_encoder", "vae_decoder", "unet", "tiny_decoder")
+# Graph roles a model set may hold.  Encoder and decoder are required.  ``decoder_gradient``
+# (latent, image -> the squared error's gradient at the latent) serves the encoder's closed loop.
+GRAPH_ROLES = ("vae_encoder", "vae_decoder", "unet", "tiny_decoder", "decoder_gradient")
 
 
 @dataclass(frozen=True)

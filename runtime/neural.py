@@ -194,6 +194,17 @@ class NeuralStages:
                             lambda: _report(progress, "encode", next(counter), len(tiles)))
         return self._run(graph.whole, features) if graph.whole else features
 
+    def gradient_fits(self, height: int, width: int) -> bool:
+        """Whether the set has the decoder's gradient graph and it runs on a ``height`` x
+        ``width`` image whole within the memory budget (it has no tiled form)."""
+        return "decoder_gradient" in self.manifest.graphs and self.tile_for("decoder_gradient", height, width) == 0
+
+    def decoder_gradient(self, latent: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+        """(1, C, h, w) latent and the (h*f, w*f, 3) uint8 image it should decode to -> the
+        gradient at the latent of the decoded image's squared error (in the graph's units)."""
+        graph = self.graph("decoder_gradient")
+        return self._run(graph.file, latent, to_graph_input(pixels, graph.image_range))
+
     def decode(self, latent: np.ndarray, *, decoder: str = "vae_decoder", progress=None) -> np.ndarray:
         """(1, C, h, w) raw latent -> (h*f, w*f, 3) uint8 image.
 

@@ -3,9 +3,9 @@ and moves the latent so that the decoded image comes closer to the input.
 
 The encoder's output E(x) is not the latent the decoder D turns back into the closest image.
 The update ``z <- z + step * (E(x) - E(D(z)))`` uses the encoder as an approximate inverse of
-the decoder, so it needs forward passes of the set's own graphs only: no gradients, no torch.
-Each latent stays in E(x)'s per-channel range, so the 8-bit mapping (and with it the file
-size) does not grow.
+the decoder, so it needs forward passes of the set's own graphs only.  The descent below runs
+a gradient graph that the export writes; neither needs torch.  Each latent stays in E(x)'s
+per-channel range, so the 8-bit mapping (and with it the file size) does not grow.
 
 Two phases:
 - *free* passes refine the unquantized latent.  They do not depend on the latent coding, so
@@ -13,11 +13,18 @@ Two phases:
   the unquantized latent but also its bytes once quantized, and at coarse quantization (the
   palettes) it loses more than it gains; so E(x) and every free pass are *candidates*, each
   coded and decoded as a file, and the best at equal bytes wins (BENCHMARKS.md §7).
-- *quantized* passes start from that winner and run the decoder on the latent as the file
-  will hold it (palette, steps, and the UNet steps where the file asks for them), so the
-  update also corrects the quantization error.  The quantizer moves with the latent, so this
-  loop need not converge: each pass's file is scored the same way, which makes a quantized
-  pass never worse than stopping before it.
+- then, from that winner, the latent is refined as the file will hold it (palette or steps),
+  so that the refinement also corrects the quantization error, in one of two ways:
+  - *descent* steps, where the set ships the decoder's gradient graph (TAE sets) and the
+    image fits it whole: Adam on the squared error of the decoded image, with the gradient
+    taken at the latent the file holds and applied to the unquantized one (the straight-
+    through estimator).  The true gradient knows which latent values the decoder's output
+    depends on most; the encoder-as-inverse update above cannot, so at coarse steps it
+    cannot choose roundings (BENCHMARKS.md §7: several dB at middle qualities).
+  - otherwise *quantized* passes: the update above, run on the file's latent (and through
+    the UNet steps where the file asks for them).
+  The quantizer moves with the latent, so neither need converge: the last file is scored
+  like the candidates, which makes refining never worse than stopping before it.
 
 The bitstream is the same at every effort: the decoder cannot tell.
 """
@@ -28,19 +35,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# effort -> (free passes, quantized passes).  A free pass costs one decode and one encode, and
-# scoring each candidate one more decode; a quantized pass costs two decodes and an encode.
-# On Kodak (BENCHMARKS.md §7) gains flatten after three free passes; the quantized ones add
-# little on average, but each file they pick is never worse at equal bytes.
-PASSES = {0: (0, 0), 1: (1, 0), 2: (2, 0), 3: (3, 0), 4: (3, 1), 5: (4, 1), 6: (4, 2), 7: (5, 3), 8: (5, 4),
-          9: (6, 6)}
+# effort -> (free passes, quantized passes, descent steps).  A free pass costs one decode and
+# one encode, and scoring each candidate one more decode; a quantized pass costs two decodes
+# and an encode; a descent step one run of the gradient graph (about 2.5 decodes) and a coding
+# of the latent.  A set runs either the quantized passes or the descent steps (see above).
+PASSES = {0: (0, 0, 0), 1: (1, 0, 4), 2: (2, 0, 8), 3: (3, 0, 12), 4: (3, 1, 16), 5: (4, 1, 20), 6: (4, 2, 24),
+          7: (5, 3, 32), 8: (5, 4, 40), 9: (6, 6, 48)}
 # From this effort the quantized passes decode through the UNet steps the file asks for.
 DENOISE_IN_LOOP_EFFORT = 8
 # Step sizes: 0.5 converges for the free passes (the probe in issue 10); the quantized passes
 # take a smaller one because the quantizer adds its own error to every update.
 FREE_STEP = 0.5
 QUANTIZED_STEP = 0.3
-# How the quantized passes trade bytes for PSNR when choosing the best file: the slope of the
+# Adam's step for the descent, in raw latent units (TAE latents span about +-3), and its
+# usual moment decays.
+DESCENT_RATE = 0.03
+ADAM_BETAS = (0.9, 0.999)
+# How the loop trades bytes for PSNR when choosing the best file: the slope of the
 # Kodak rate-distortion curve, about 2 dB per doubling of bytes (BENCHMARKS.md §3).
 DB_PER_DOUBLING = 2.0
 
@@ -51,11 +62,16 @@ class Loop:
 
     ``encode``: (H, W, 3) uint8 -> (C, h, w) latent.  ``decode``: latent -> (H, W, 3) uint8,
     the decoder alone.  ``decode_file``: .sdc bytes -> (H, W, 3) uint8 as a decoder of the file
-    shows it (with the file's UNet steps at high effort)."""
+    shows it (with the file's UNet steps at high effort).  ``gradient``: latent -> the gradient
+    of the decoded image's squared error against the input, or None where the set has no
+    gradient graph or the image does not fit it.  ``held``: .sdc bytes -> (C, h, w) latent the
+    file holds, as its decoder dequantizes it."""
 
     encode: object
     decode: object
     decode_file: object
+    gradient: object
+    held: object
 
 
 def psnr(reference: np.ndarray, test: np.ndarray) -> float:
@@ -81,10 +97,10 @@ def settle(latent: np.ndarray, effort: int, loop: Loop, progress=None) -> list[n
 
 
 def best_file(rgb: np.ndarray, latent: np.ndarray, candidates: list[np.ndarray], effort: int, code, loop: Loop,
-              progress=None) -> bytes:
-    """``code(z)`` writes a file for latent z.  Scores the file of each candidate and of each
-    quantized pass of ``effort`` (which starts from the best candidate) by PSNR at equal bytes
-    and returns the best."""
+              progress=None, *, descend: bool = True) -> bytes:
+    """``code(z)`` writes a file for latent z.  Scores the file of each candidate and of the
+    refinement of ``effort`` (quantized passes or the descent, which start from the best
+    candidate; no descent unless ``descend``) by PSNR at equal bytes and returns the best."""
     best, best_score, best_latent, best_shown = b"", -math.inf, None, None
 
     def consider(candidate: np.ndarray) -> np.ndarray:
@@ -97,18 +113,45 @@ def best_file(rgb: np.ndarray, latent: np.ndarray, candidates: list[np.ndarray],
             best, best_score, best_latent, best_shown = data, score, candidate, shown
         return shown
 
-    passes = PASSES[effort][1]
-    files = len(candidates) + passes
+    _, passes, steps = PASSES[effort]
+    if loop.gradient is None or not descend:
+        steps = 0
+    if loop.gradient is not None:
+        passes = 0
+    files = len(candidates) + passes + (steps > 0)
     for done, candidate in enumerate(candidates, 1):
         consider(candidate)
         _report(progress, "score", done, files)
     refined, shown = best_latent, best_shown
     lo, hi = _bounds(latent)
-    for done in range(len(candidates) + 1, files + 1):
+    for done in range(len(candidates) + 1, len(candidates) + passes + 1):
         refined = np.clip(refined + QUANTIZED_STEP * (latent - loop.encode(shown)), lo, hi).astype(np.float32)
         shown = consider(refined)
         _report(progress, "score", done, files)
+    if steps:
+        consider(run_descent(best_latent, steps, code, loop, lo, hi, progress))
+        _report(progress, "score", files, files)
     return best
+
+
+def run_descent(start: np.ndarray, steps: int, code, loop: Loop, lo: np.ndarray, hi: np.ndarray,
+            progress=None) -> np.ndarray:
+    """``steps`` Adam steps from ``start`` on the decoded image's squared error, each gradient
+    taken at the latent the file of the current latent holds (straight through the
+    quantizer, whatever the mode); the latent stays within [lo, hi] per channel."""
+    refined = start.astype(np.float64)
+    first = np.zeros_like(refined)
+    second = np.zeros_like(refined)
+    beta1, beta2 = ADAM_BETAS
+    for step in range(1, steps + 1):
+        gradient = loop.gradient(loop.held(code(refined.astype(np.float32)))).astype(np.float64)
+        first = beta1 * first + (1 - beta1) * gradient
+        second = beta2 * second + (1 - beta2) * gradient * gradient
+        unbiased = first / (1 - beta1 ** step)
+        scale = np.sqrt(second / (1 - beta2 ** step)) + 1e-12
+        refined = np.clip(refined - DESCENT_RATE * unbiased / scale, lo, hi)
+        _report(progress, "descend", step, steps)
+    return refined.astype(np.float32)
 
 
 def _report(progress, stage: str, done: int, total: int) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import TAEF2, assert_one_line_error, make_image, needs_shared, run_cli
-from sdc_export.tae import load_tae_pair, make_decoder
+from sdc_export.tae import DecoderGradient, load_tae_pair, make_decoder
 from sdc_runtime import SdcCodec, SdcModelError, sdc_info
 from sdc_runtime.manifest import Manifest, load_manifest, sha256_file, verify_files
 
@@ -325,6 +325,54 @@ def test_tiny_decoder_folder_needs_no_encoder(taesd_random, tmp_path):
     assert load_tae_decoder(str(only))[1] == 4
 
 
+def _autograd(decoder, latent: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """The reference: torch's own gradient of what DecoderGradient computes."""
+    z = torch.from_numpy(latent).requires_grad_(True)
+    ((decoder(z).clamp(0, 1) - torch.from_numpy(image)) ** 2).sum().backward()
+    return z.grad.numpy()
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_the_decoder_gradient_is_torchs_autograd(pooled):
+    """The backward pass written out layer by layer (TAESD, and TAEF2's pooled blocks with
+    their GroupNorm, its weight and bias drawn at random) against torch's autograd, in float64
+    so that only a wrong formula, not rounding, can part them."""
+    torch.manual_seed(int(pooled))
+    decoder = make_decoder(8, pooled).eval().double()
+    for module in decoder.modules():
+        if isinstance(module, torch.nn.GroupNorm):
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+            torch.nn.init.normal_(module.bias)
+    rng = np.random.default_rng(0)
+    latent = rng.normal(0, 2, (1, 8, 5, 7))
+    image = rng.uniform(0, 1, (1, 3, 40, 56))
+    expected = _autograd(decoder, latent, image)
+    with torch.no_grad():
+        ours = DecoderGradient(decoder)(torch.from_numpy(latent), torch.from_numpy(image)).numpy()
+    assert np.abs(ours - expected).max() <= 1e-9 * np.abs(expected).max()
+
+
+def test_a_tae_set_ships_its_decoder_gradient_in_fp32(tae_set, taesd_random, tmp_path):
+    """The graph in the set is the gradient (against autograd, at a size other than the
+    parity one), it stays fp32 in an fp16 set, and it is never quantized."""
+    decoder = load_tae_pair(taesd_random)[1]
+    rng = np.random.default_rng(1)
+    latent = rng.normal(0, 2, (1, 4, 6, 9)).astype(np.float32)
+    image = rng.uniform(0, 1, (1, 3, 48, 72)).astype(np.float32)
+    gradient = _session(tae_set, "decoder_gradient").run(None, {"latent": latent, "image": image})[0]
+    expected = _autograd(decoder, latent, image)
+    assert np.abs(gradient - expected).max() <= 1e-3 * np.abs(expected).max()
+    fp16 = load_manifest(_export_set(taesd_random, tmp_path / "fp16", "--fp16"))
+    assert fp16.graphs["decoder_gradient"].precision == "fp32" and fp16.graphs["vae_decoder"].precision == "fp16"
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for seed in range(2):
+        make_image(64, 64, seed).save(calibration / f"{seed}.png")
+    result = run_cli("sdc-export", "--model", taesd_random, "--out", str(tmp_path / "x"), "--quiet",
+                     "--int8", "decoder_gradient", "--calibration", str(calibration))
+    assert_one_line_error(result, "decoder_gradient is always fp32")
+
+
 @needs_shared
 def test_taef2_graphs_agree_with_the_torch_modules(taef2_set):
     encoder, decoder, _, _ = load_tae_pair(TAEF2)
@@ -336,6 +384,10 @@ def test_taef2_graphs_agree_with_the_torch_modules(taef2_set):
         with torch.no_grad():
             expected = module(torch.from_numpy(x)).numpy()
         assert np.abs(session.run(None, {name: x})[0] - expected).max() < 1e-3, role
+    image = rng.uniform(0, 1, (1, 3, 48, 80)).astype(np.float32)
+    gradient = _session(taef2_set, "decoder_gradient").run(None, {"latent": latent, "image": image})[0]
+    expected = _autograd(decoder, latent, image)
+    assert np.abs(gradient - expected).max() <= 1e-3 * np.abs(expected).max()
 
 
 # --- fp16 safety: a VAE decoder that overflows fp16 never yields a NaN image ---

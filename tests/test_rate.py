@@ -76,7 +76,7 @@ def test_a_size_target_is_never_exceeded_and_bisects(codec):
 # --- effort: closed-loop encoding ---
 
 def test_efforts_are_increasing_schedules():
-    assert PASSES[0] == (0, 0) and sorted(PASSES) == list(range(10))
+    assert PASSES[0] == (0, 0, 0) and sorted(PASSES) == list(range(10))
     totals = [sum(PASSES[e]) for e in range(10)]
     assert totals == sorted(totals)
 
@@ -112,12 +112,49 @@ def test_effort_is_never_worse_than_effort_0_at_equal_bytes(codec, quality):
         reports = []
         refined = codec.encode(image, quality=quality, effort=effort, denoise_steps=0,
                                progress=lambda *report: reports.append(report))
-        free, quantized = PASSES[effort]
+        free, quantized, _ = PASSES[effort]  # no descent: the SD set has no gradient graph
         # Long work shows progress: every free pass, then every file the loop scores.
         assert [r for r in reports if r[0] == "refine"][-1] == ("refine", free, free)
         assert [r for r in reports if r[0] == "score"][-1] == ("score", free + 1 + quantized, free + 1 + quantized)
         assert score(refined) >= score(plain) - 1e-9
         assert refined == plain or score(refined) > score(plain)
+
+
+@pytest.mark.parametrize("quality", [10, 60])
+def test_a_set_with_a_decoder_gradient_descends_it_unless_the_image_does_not_fit(tae_set, quality):
+    """A TAE set ships its decoder's gradient: the loop descends it (palette and u8 alike)
+    instead of running quantized passes, and scores the descended file like the candidates,
+    so it is never worse at equal bytes.  Where the gradient graph cannot take the image whole
+    within the memory budget, the quantized passes run instead."""
+    image = make_image(64, 48, seed=5)
+    rgb = np.asarray(image)
+    codec = SdcCodec(tae_set)
+
+    def score(data):
+        return psnr(rgb, codec.decode(data)) - 2.0 * math.log2(len(data))
+
+    plain = codec.encode(image, quality=quality, effort=0)
+    reports = []
+    refined = codec.encode(image, quality=quality, effort=2, progress=lambda *report: reports.append(report))
+    free, _, steps = PASSES[2]
+    assert [r for r in reports if r[0] == "descend"] == [("descend", n, steps) for n in range(1, steps + 1)]
+    assert [r for r in reports if r[0] == "score"][-1] == ("score", free + 2, free + 2)
+    assert score(refined) >= score(plain) - 1e-9
+
+    # A size search bisects without the descent, then descends once, at the quality it found.
+    reports.clear()
+    target = len(codec.encode(image, quality=1, effort=0)) + 300
+    result = codec.encode_to_size(image, target_bytes=target, effort=2,
+                                  progress=lambda *report: reports.append(report))
+    assert len(result.data) <= target and result.encodes <= 9
+    assert len([r for r in reports if r[0] == "descend"]) == steps
+
+    tight = SdcCodec(tae_set, memory_limit=161 << 20)  # 1 MiB over the base: the gradient does not fit
+    reports.clear()
+    tight.encode(image, quality=quality, effort=4, progress=lambda *report: reports.append(report))
+    free, quantized, _ = PASSES[4]
+    assert not [r for r in reports if r[0] == "descend"]
+    assert [r for r in reports if r[0] == "score"][-1] == ("score", free + 1 + quantized, free + 1 + quantized)
 
 
 def test_the_latent_stage_alone_refuses_effort_and_targets(codec):
