@@ -92,7 +92,7 @@ class _Progress:
             except ImportError:
                 self.enabled = False
                 return
-            unit = {"denoise": "step", "refine": "pass", "score": "file", "size search": "file"}.get(stage, "tile")
+            unit = {"denoise": "step", "refine": "pass", "descend": "step", "score": "file", "size search": "file"}.get(stage, "tile")
             self.stage, self.bar = stage, tqdm(total=total, desc=stage, unit=unit, leave=False, file=sys.stderr)
         self.bar.update(done - self.bar.n)
 

@@ -37,7 +37,7 @@ import numpy as np
 
 # effort -> (free passes, quantized passes, descent steps).  A free pass costs one decode and
 # one encode, and scoring each candidate one more decode; a quantized pass costs two decodes
-# and an encode; a descent step one run of the gradient graph (about 2.5 decodes) and a coding
+# and an encode; a descent step one run of the gradient graph (about three decodes) and a coding
 # of the latent.  A set runs either the quantized passes or the descent steps (see above).
 PASSES = {0: (0, 0, 0), 1: (1, 0, 4), 2: (2, 0, 8), 3: (3, 0, 12), 4: (3, 1, 16), 5: (4, 1, 20), 6: (4, 2, 24),
           7: (5, 3, 32), 8: (5, 4, 40), 9: (6, 6, 48)}
