@@ -177,8 +177,7 @@ def _forward(module: nn.Module, x):
         saved["fused"] = out > 0
         return out, saved
     if isinstance(module, nn.GroupNorm):
-        n, c = x.shape[:2]
-        grouped = x.reshape(n, module.num_groups, -1)
+        grouped = x.reshape(x.shape[0], module.num_groups, -1)
         mean = grouped.mean(dim=2, keepdim=True)
         inv_std = torch.rsqrt(((grouped - mean) ** 2).mean(dim=2, keepdim=True) + module.eps)
         normed = ((grouped - mean) * inv_std).reshape(x.shape)

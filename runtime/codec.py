@@ -117,8 +117,7 @@ class SdcCodec:
 
         if resolved.target_bytes is None:
             return SizedEncode(file_at(resolved), resolved.quality, 1)
-        descends = loop is not None and loop.gradient is not None and refine.PASSES[resolved.effort][2] > 0
-        return self._search_size(file_at, resolved, descends, progress)
+        return self._search_size(file_at, resolved, refine.descends(resolved.effort, loop), progress)
 
     def _search_size(self, file_at, options: EncodeOptions, descends: bool, progress) -> SizedEncode:
         """Bisects the quality scale on files written without the descent (it costs several

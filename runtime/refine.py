@@ -114,7 +114,7 @@ def best_file(rgb: np.ndarray, latent: np.ndarray, candidates: list[np.ndarray],
         return shown
 
     _, passes, steps = PASSES[effort]
-    if loop.gradient is None or not descend:
+    if not (descend and descends(effort, loop)):
         steps = 0
     if loop.gradient is not None:
         passes = 0
@@ -132,6 +132,11 @@ def best_file(rgb: np.ndarray, latent: np.ndarray, candidates: list[np.ndarray],
         consider(run_descent(best_latent, steps, code, loop, lo, hi, progress))
         _report(progress, "score", files, files)
     return best
+
+
+def descends(effort: int, loop: Loop | None) -> bool:
+    """Whether ``effort`` runs descent steps with this loop (None: no loop at all)."""
+    return loop is not None and loop.gradient is not None and PASSES[effort][2] > 0
 
 
 def run_descent(start: np.ndarray, steps: int, code, loop: Loop, lo: np.ndarray, hi: np.ndarray,
