@@ -33,6 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--calibration-side", type=int, default=None, metavar="N",
                    help="calibrate on centre crops of N pixels (default: the export's, 256; 0: whole images)")
     p.add_argument("--no-sweep", action="store_true", help="quantize without the sensitivity sweep")
+    p.add_argument("--effort", type=int, default=None, metavar="N",
+                   help="the encoder effort the files are coded at (default: the set's own)")
     p.add_argument("--out", required=True, help="folder for int8.json, int8.csv and int8-loss.png")
     p.set_defaults(run=run)
 
@@ -60,6 +62,7 @@ def run(args) -> int:
     folds = [(names[:half], names[half:]), (names[half:], names[:half])]
     os.makedirs(args.out, exist_ok=True)
     reference = SdcCodec(args.models)
+    effort = reference.options(**({} if args.effort is None else {"effort": args.effort})).effort
     rows = []
     bar = tqdm(total=len(names) * len(QUALITIES), desc="int8", unit="code")
     for calibrate, measure in folds:
@@ -81,11 +84,11 @@ def run(args) -> int:
                     rgb = np.asarray(im.convert("RGB"))
                 for mode, quality in QUALITIES.items():
                     bar.set_description_str(f"{name} {mode}")
-                    data = reference.encode(rgb, quality=quality, effort=0)
-                    own = int8.encode(rgb, quality=quality, effort=0) if "vae_encoder" in roles else data
+                    data = reference.encode(rgb, quality=quality, effort=effort)
+                    own = int8.encode(rgb, quality=quality, effort=effort) if "vae_encoder" in roles else data
                     base = psnr(rgb, np.asarray(reference.decode(data)))
                     rows.append({
-                        "image": name, "mode": mode, "quality": quality,
+                        "image": name, "mode": mode, "quality": quality, "effort": effort,
                         "calibrated_on": f"{calibrate[0]}..{calibrate[-1]}", "fp32_psnr": base,
                         "int8_decoder_loss": base - psnr(rgb, np.asarray(int8.decode(data))),
                         "int8_both_loss": base - psnr(rgb, np.asarray(int8.decode(own))),

@@ -170,6 +170,27 @@ def test_the_correction_fits_each_int8_convolution_to_fp32(model_set, calibratio
     assert snr_db(reference, outputs(corrected, feeds)) > snr_db(reference, outputs(plain, feeds))
 
 
+def test_calibration_records_the_latents_of_the_default_effort(tae_set, calibration_dir):
+    """A set whose default effort descends calibrates its decoder on the descended latents its
+    files hold, not only on the encoder's plain latents (issue 9: the decoders calibrate on
+    what the runtime feeds them).  Fails if the recording codes at effort 0."""
+    from sdc_export.quantize import CALIBRATION_QUALITIES, calibration_images, record_graph_inputs
+    from sdc_runtime import SdcCodec
+
+    codec = SdcCodec(tae_set)
+    assert codec.options().effort > 0
+    rgb = calibration_images(calibration_dir, 3)[0]
+    fed = [next(iter(feed.values()))[0] for feed in record_graph_inputs(tae_set, [rgb])["vae_decoder.onnx"]]
+    moved = 0
+    for quality in CALIBRATION_QUALITIES:
+        descended = codec.decode_latent(codec.encode(rgb, quality=quality))[1]
+        plain = codec.decode_latent(codec.encode(rgb, quality=quality, effort=0))[1]
+        moved += not np.array_equal(descended, plain)  # the encoder keeps the plain file where it scores best
+        h, w = descended.shape[1:]
+        assert any(f.shape[0] == descended.shape[0] and np.array_equal(f[:, :h, :w], descended) for f in fed), quality
+    assert moved >= 2
+
+
 @pytest.mark.parametrize("extra,code,needle", [
     (["--int8"], 2, "--int8 needs --calibration DIR"),
     (["--calibration", "."], 2, "apply to --int8 exports only"),
