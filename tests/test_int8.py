@@ -221,8 +221,10 @@ def test_taef2_int8_decoder_keeps_quality_on_kodak(taef2_set, tmp_path, monkeypa
     from sdc_export.cli import main
     from sdc_runtime import SdcCodec
 
-    # A reduced fit for CI time (the export's 10 feeds are what BENCHMARKS.md measures).
+    # A reduced calibration for CI time: 4 feeds for the fit, and the two qualities measured
+    # below (the export's 10 feeds and five qualities are what BENCHMARKS.md measures).
     monkeypatch.setattr(quantize, "CORRECTION_FEEDS", 4)
+    monkeypatch.setattr(quantize, "CALIBRATION_QUALITIES", (10, 60))
     calibration = tmp_path / "calibration"
     calibration.mkdir()
     for i in (13, 14, 15):
