@@ -120,7 +120,7 @@ def calibration_images(folder: str, count: int, side: int = CALIBRATION_SIDE) ->
     return images
 
 
-def record_graph_inputs(model_dir: str, images: list[np.ndarray]) -> dict[str, list[dict]]:
+def record_graph_inputs(model_dir: str, images: list[np.ndarray], progress=None) -> dict[str, list[dict]]:
     """Run the set's codec on ``images`` and record, per graph file, every input feed the
     runtime gives it: the encoder's images, the UNet's latents at the timesteps the runtime
     uses, the decoders' dequantized palette and u8 latents, whole and in tiles, as the set's
@@ -143,7 +143,8 @@ def record_graph_inputs(model_dir: str, images: list[np.ndarray]) -> dict[str, l
         codec = SdcCodec(model_dir, tile_size=tile_size)
         codec.stages = Recording(model_dir, tile_size=tile_size)
         effort = codec.options().effort
-        for rgb in images:
+        for done, rgb in enumerate(images, 1):
+            _step(progress, f"calibrate {'tiled ' if tile_size else ''}{done}/{len(images)}")
             if effort:
                 # The files of the set's default effort: its encoder loop decodes candidates,
                 # and the decoders then read latents descended for the fp32 decoder, which
@@ -309,8 +310,7 @@ def quantize_set(model_dir: str, roles: tuple[str, ...], images: list[np.ndarray
     from sdc_runtime.manifest import load_manifest
 
     manifest = load_manifest(model_dir)
-    _step(progress, "calibrate")
-    calibration = record_graph_inputs(model_dir, images[:-1])
+    calibration = record_graph_inputs(model_dir, images[:-1], progress)
     held_out = record_graph_inputs(model_dir, images[-1:])
     float_nodes, parities, sweeps = {}, [], []
     with tempfile.TemporaryDirectory(prefix=".sdc-int8-", dir=model_dir) as scratch:

@@ -180,7 +180,9 @@ def test_calibration_records_the_latents_of_the_default_effort(tae_set, calibrat
     codec = SdcCodec(tae_set)
     assert codec.options().effort > 0
     rgb = calibration_images(calibration_dir, 3)[0]
-    fed = [next(iter(feed.values()))[0] for feed in record_graph_inputs(tae_set, [rgb])["vae_decoder.onnx"]]
+    steps = []
+    fed = [next(iter(feed.values()))[0] for feed in record_graph_inputs(tae_set, [rgb], steps.append)["vae_decoder.onnx"]]
+    assert steps == ["calibrate 1/1", "calibrate tiled 1/1"]  # the export's progress, image by image
     moved = 0
     for quality in CALIBRATION_QUALITIES:
         descended = codec.decode_latent(codec.encode(rgb, quality=quality))[1]
