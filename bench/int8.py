@@ -25,6 +25,8 @@ QUALITIES = {"palette": 10, "u8": 60}
 
 
 def add_parser(sub) -> None:
+    from sdc_runtime.options import MAX_EFFORT
+
     p = sub.add_parser("int8", help="PSNR lost by int8 graphs, calibrated on disjoint images")
     p.add_argument("--models", required=True, help="an fp32 model set")
     p.add_argument("--images", required=True, help="folder of images (at least 4)")
@@ -33,8 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--calibration-side", type=int, default=None, metavar="N",
                    help="calibrate on centre crops of N pixels (default: the export's, 256; 0: whole images)")
     p.add_argument("--no-sweep", action="store_true", help="quantize without the sensitivity sweep")
-    p.add_argument("--effort", type=int, default=None, metavar="N",
-                   help="the encoder effort the files are coded at (default: the set's own)")
+    p.add_argument("--effort", type=int, default=None, metavar="N", choices=range(MAX_EFFORT + 1),
+                   help=f"the encoder effort the files are coded at, 0..{MAX_EFFORT} (default: the set's own)")
     p.add_argument("--out", required=True, help="folder for int8.json, int8.csv and int8-loss.png")
     p.set_defaults(run=run)
 

@@ -119,6 +119,12 @@ def test_bad_sweep_values_are_one_line_usage_errors(model_set, args):
     assert_one_line_error(result, "--")
 
 
+def test_a_bad_int8_effort_is_a_one_line_usage_error(model_set, tmp_path):
+    result = run_cli("sdc-bench", "int8", "--models", model_set, "--images", ".", "--out", str(tmp_path), "--effort", "12")
+    assert result.returncode == 2
+    assert_one_line_error(result, "--effort")
+
+
 def test_a_missing_image_is_a_one_line_error(model_set, tmp_path):
     result = run_cli("sdc-bench", "stages", "--models", model_set, "--size", "64", "--repeat", "1",
                      "--image", str(tmp_path / "kodim23"))
