@@ -64,7 +64,7 @@ def run(args) -> int:
     folds = [(names[:half], names[half:]), (names[half:], names[:half])]
     os.makedirs(args.out, exist_ok=True)
     reference = SdcCodec(args.models)
-    effort = reference.options(**({} if args.effort is None else {"effort": args.effort})).effort
+    effort = reference.options().effort if args.effort is None else args.effort  # argparse checked the range
     rows = []
     bar = tqdm(total=len(names) * len(QUALITIES), desc="int8", unit="code")
     for calibrate, measure in folds:

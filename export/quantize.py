@@ -151,10 +151,10 @@ def record_graph_inputs(model_dir: str, images: list[np.ndarray], progress=None)
                 # reach ranges the plain latents do not (BENCHMARKS.md §8).
                 for quality in qualities:
                     codec.decode(codec.encode(rgb, quality=quality))
-                continue
-            latent, size = codec.image_to_latent(rgb)  # one encoder run serves every quality
-            for quality in qualities:
-                codec.decode(codec.encode_latent(latent, size, quality=quality))
+            else:
+                latent, size = codec.image_to_latent(rgb)  # one encoder run serves every quality
+                for quality in qualities:
+                    codec.decode(codec.encode_latent(latent, size, quality=quality))
         for file, recorded in codec.stages.feeds.items():
             feeds[file].extend(recorded)
     return dict(feeds)
