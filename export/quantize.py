@@ -300,12 +300,14 @@ def _weight_bytes(path: str) -> dict[str, int]:
 
 
 def quantize_set(model_dir: str, roles: tuple[str, ...], images: list[np.ndarray], *, sweep_nodes: bool = True,
-                 progress=None):
+                 correct: bool = True, progress=None):
     """Quantize the graphs of ``roles`` in the fp32 model set ``model_dir`` in place.
 
     All images but the last calibrate; the last is held out for parity.  Each role's main
     graph is swept (unless not ``sweep_nodes``); its kept nodes stay float in all of the role's
-    files (split parts share the main graph's node names).  Returns ({role: {kept node: SNR gain dB}}, [Int8Parity],
+    files (split parts share the main graph's node names).  Without ``correct`` the
+    convolutions are not corrected: the graphs have the same nodes, kernels and speed, for a
+    speed bench that cannot afford the correction's runs (a full-size UNet's take hours).  Returns ({role: {kept node: SNR gain dB}}, [Int8Parity],
     [SweepResult])."""
     from sdc_runtime.manifest import load_manifest
 
@@ -332,8 +334,9 @@ def quantize_set(model_dir: str, roles: tuple[str, ...], images: list[np.ndarray
                 dst = os.path.join(work, file)  # its final name: external data is named after it
                 biased = with_conv_biases(src, work)
                 quantize_file(biased, dst, calibration[file], os.path.join(work, "ranges.json"), kept)
-                _step(progress, f"correct {file}")
-                correct_convolutions(biased, dst, calibration[file])
+                if correct:
+                    _step(progress, f"correct {file}")
+                    correct_convolutions(biased, dst, calibration[file])
                 parities.append(int8_parity(role if file == graph.file else file.removesuffix(".onnx"), src, dst,
                                             held_out[file], MIN_PARITY_SNR_DB[role], graph.image_range))
                 if os.path.exists(src + ".data") and not os.path.exists(dst + ".data"):

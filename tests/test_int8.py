@@ -170,6 +170,31 @@ def test_the_correction_fits_each_int8_convolution_to_fp32(model_set, calibratio
     assert snr_db(reference, outputs(corrected, feeds)) > snr_db(reference, outputs(plain, feeds))
 
 
+def test_the_speed_bench_quantizes_the_same_graph_without_the_correction(model_set, calibration_dir, tmp_path):
+    """quantize_set(correct=False), which sdc-bench stages --quantize times, writes the graph
+    the export writes, node for node, with the correction's scales and biases left out: its
+    speed is the shipped graph's.  It fails if the switch corrects anyway, or skips more."""
+    import shutil
+
+    from onnx import numpy_helper
+    from sdc_export.quantize import calibration_images, quantize_set
+
+    images = calibration_images(calibration_dir, 3)
+    graphs = {}
+    for correct in (True, False):
+        folder = str(tmp_path / f"correct-{correct}")
+        shutil.copytree(model_set, folder)
+        quantize_set(folder, ("vae_decoder",), images, sweep_nodes=False, correct=correct)
+        graphs[correct] = onnx.load(os.path.join(folder, "vae_decoder.onnx")).graph
+    assert [(n.op_type, list(n.input)) for n in graphs[True].node] == \
+        [(n.op_type, list(n.input)) for n in graphs[False].node]
+    values = {c: {t.name: numpy_helper.to_array(t) for t in g.initializer} for c, g in graphs.items()}
+    int32 = [name for name, v in values[True].items() if v.dtype == np.int32]  # the convolutions' biases
+    assert int32 and any(not np.array_equal(values[True][n], values[False][n]) for n in int32)
+    int8 = [name for name, v in values[True].items() if v.dtype == np.int8]  # the weights themselves
+    assert int8 and all(np.array_equal(values[True][n], values[False][n]) for n in int8)
+
+
 def test_calibration_records_the_latents_of_the_default_effort(tae_set, calibration_dir):
     """A set whose default effort descends calibrates its decoder on the descended latents its
     files hold, not only on the encoder's plain latents (issue 9: the decoders calibrate on
