@@ -75,10 +75,13 @@ def roof(int8: bool, repeat: int) -> dict[str, float]:
     roof; the roof is the fastest of them."""
     import onnxruntime as ort
 
+    from sdc_runtime.neural import session_options
+
     rates = {}
     for kind in (("MatMulInteger", "QLinearConv") if int8 else ("MatMul", "Conv")):
         model, feeds, operations = _kernel_model(kind)
-        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        # The runtime's options: the int8 kernels it runs (exact on CPUs without VNNI).
+        session = ort.InferenceSession(model, session_options(), providers=["CPUExecutionProvider"])
         rates[kind] = operations / median_seconds(lambda: session.run(None, feeds), max(repeat, 5)) / 1e9
     return rates
 
@@ -133,6 +136,7 @@ def run(args) -> dict:
     import onnxruntime as ort
 
     from sdc_runtime.manifest import load_manifest
+    from sdc_runtime.neural import session_options
 
     manifest = load_manifest(args.models)
     graph = manifest.graphs.get(args.graph)
@@ -148,24 +152,27 @@ def run(args) -> dict:
         if args.graph == "unet":
             inputs["timestep"] = np.array([15.0], np.float32)
     level = ort.GraphOptimizationLevel
-    # The runtime's own settings first (NeuralStages.session), then one change at a time.
+    # The runtime's own settings first (session_options), then one change at a time.
     variants = {
-        "runtime: ORT_ENABLE_ALL, no arena, default threads": dict(),
+        "runtime: ORT_ENABLE_ALL, no arena, default threads, exact int8 kernels": dict(),
         "memory arena on": dict(arena=True),
         "graph optimization: basic": dict(level=level.ORT_ENABLE_BASIC),
         "graph optimization: extended": dict(level=level.ORT_ENABLE_EXTENDED),
         "1 intra-op thread": dict(threads=1),
         "no spinning threads": dict(spin=False),
     }
+    if graph.precision == "int8":  # the option changes only int8 kernels
+        variants["saturating u8s8 int8 kernels (x64quantprecision off)"] = dict(exact_int8=False)
     rows = {}
     for name, change in variants.items():
-        options = ort.SessionOptions()
+        options = session_options(change.get("threads"))
+        options.log_severity_level = 3  # overwriting a config entry warns
         options.graph_optimization_level = change.get("level", level.ORT_ENABLE_ALL)
         options.enable_cpu_mem_arena = change.get("arena", False)
-        if "threads" in change:
-            options.intra_op_num_threads = change["threads"]
         if change.get("spin") is False:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if change.get("exact_int8") is False:
+            options.add_session_config_entry("session.x64quantprecision", "0")
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
         feeds = dict(zip(names, inputs.values()))

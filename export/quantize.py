@@ -180,6 +180,12 @@ class _Feeds:
         return self._feeds[self._next - 1]
 
 
+# Ops never quantized.  LayerNormalization has no int8 kernel on the CPU EP (it runs in float
+# between a DequantizeLinear and a QuantizeLinear anyway), and its scale would become an int8
+# weight: where the torch exporter shares one scale between layers (a UNet's norms, all ones
+# at initialisation), ONNX Runtime then fails to open the graph with the exact int8 kernels
+# of session_options ("Attempt to replace the existing tensor").
+FLOAT_OPS = ("LayerNormalization",)
 # Feeds per calibration pass (onnxruntime's strided MinMax needs a divisor of their number).
 MAX_FEEDS_PER_PASS = 8
 
@@ -205,10 +211,13 @@ def quantize_file(src: str, dst: str, feeds: list[dict], cache: str, exclude=())
     """QDQ int8 ``src`` -> ``dst``, calibrated on ``feeds`` once (the ranges are kept in the
     ``cache`` file and reused by later calls with other ``exclude`` lists)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
+    # quantize_static's own default (every op it can quantize), less FLOAT_OPS.
+    op_types = sorted((set(QLinearOpsRegistry) | set(QDQRegistry)) - set(FLOAT_OPS))
     with _quiet():
         quantize_static(src, dst, None if os.path.exists(cache) else _Feeds(feeds),
-                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        quant_format=QuantFormat.QDQ, per_channel=True, op_types_to_quantize=op_types,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(exclude),
                         use_external_data_format=os.path.exists(src + ".data"), calibration_cache_path=cache,
@@ -219,8 +228,10 @@ def quantize_file(src: str, dst: str, feeds: list[dict], cache: str, exclude=())
 
 def outputs(path: str, feeds: list[dict]) -> list[np.ndarray]:
     import onnxruntime as ort
+    from sdc_runtime.neural import session_options
 
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    # The runtime's options: the int8 kernels that the set's users get, exact on every CPU.
+    session = ort.InferenceSession(path, session_options(), providers=["CPUExecutionProvider"])
     return [session.run(None, feed)[0].astype(np.float64) for feed in feeds]
 
 
@@ -387,6 +398,7 @@ def correct_convolutions(fp32: str, int8: str, feeds: list[dict]) -> int:
     import onnxruntime as ort
     from onnx import numpy_helper
     from onnx.external_data_helper import load_external_data_for_model
+    from sdc_runtime.neural import session_options
 
     used = correction_feeds(feeds)
     model = onnx.load(int8, load_external_data=False)
@@ -416,7 +428,7 @@ def correct_convolutions(fp32: str, int8: str, feeds: list[dict]) -> int:
             convs.append((node, weight[1], bias))
     if not convs:
         return 0
-    options = ort.SessionOptions()
+    options = session_options()  # the runtime's: the correction fits the kernels the set will run on
     options.log_severity_level = 3
     # The fp32 graph with every convolution's output exposed; written beside it so that its
     # external data (a UNet's) is found.

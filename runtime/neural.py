@@ -81,6 +81,26 @@ def step_noise(seed: int, shape: tuple[int, ...], steps: int) -> list[np.ndarray
     return [rng.standard_normal(shape, dtype=np.float32) for _ in range(steps)]
 
 
+def session_options(threads: int | None = None):
+    """The ONNX Runtime session options of every graph the codec runs; the export's int8
+    calibration, correction and parity checks run their graphs with the same."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # No memory arena: it grows in powers of two and never shrinks, which would double the
+    # working memory that tiles are sized to bound (measured: BENCHMARKS.md); the graphs'
+    # large buffers gain nothing from pooling.
+    options.enable_cpu_mem_arena = False
+    # int8 graphs on x86 CPUs without VNNI (AVX2, AVX-512F alone): ONNX Runtime's u8s8 kernels
+    # add pairs of products in saturating 16 bits, which wrecks some graphs (the random SD
+    # decoder's int8 parity: 2.4 dB SNR, against 14.0 dB exact; BENCHMARKS.md §8).  This has
+    # them run exact u8u8 kernels there; VNNI CPUs, other providers and fp32 graphs ignore it.
+    options.add_session_config_entry("session.x64quantprecision", "1")
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
 # The memory limit covers the working memory of the neural stages, not the graphs' weights
 # (tiles cannot shrink those).  From it come: what the process needs anyway (Python, numpy,
 # onnxruntime, session buffers), and per image pixel the whole-image buffers the codec keeps
@@ -122,15 +142,9 @@ class NeuralStages:
                 path = os.path.join(self.model_dir, file)
                 if not os.path.isfile(path):
                     raise SdcModelError(f"model set file missing: {path}")
-                options = ort.SessionOptions()
-                # No memory arena: it grows in powers of two and never shrinks, which would
-                # double the working memory that tiles are sized to bound (measured:
-                # BENCHMARKS.md); the graphs' large buffers gain nothing from pooling.
-                options.enable_cpu_mem_arena = False
-                if self._threads:
-                    options.intra_op_num_threads = self._threads
                 try:
-                    self._sessions[file] = ort.InferenceSession(path, options, providers=self._providers)
+                    self._sessions[file] = ort.InferenceSession(path, session_options(self._threads),
+                                                                providers=self._providers)
                 except Exception as exc:  # onnxruntime raises its own untyped errors
                     raise SdcModelError(f"cannot load {file}: {str(exc).splitlines()[0]}") from None
             return self._sessions[file]

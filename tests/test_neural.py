@@ -60,3 +60,48 @@ def test_providers():
 def test_a_missing_graph_is_a_model_error(tae_set):
     with pytest.raises(SdcModelError, match="no unet graph"):
         NeuralStages(tae_set).predict(np.zeros((1, 4, 2, 2), np.float32), np.zeros(1, np.float32))
+
+
+def _saturating_int8_conv(channels: int) -> bytes:
+    """A QDQ graph that ONNX Runtime runs as one int8 convolution (uint8 activations, int8
+    weights, 1x1 kernel): every input 255, every weight 127, the output step one 255th of the
+    exact sum, so the output level is exact only if no partial sum was clipped."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    exact = channels * 255 * 127
+    initializers = [numpy_helper.from_array(np.float32(1), "unit"), numpy_helper.from_array(np.uint8(0), "zero"),
+                    numpy_helper.from_array(np.full((channels, channels, 1, 1), 127, np.int8), "w"),
+                    numpy_helper.from_array(np.ones(channels, np.float32), "w_scale"),
+                    numpy_helper.from_array(np.zeros(channels, np.int8), "w_zero"),
+                    numpy_helper.from_array(np.float32(exact / 255), "y_scale")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "unit", "zero"], ["x_q"]),
+             helper.make_node("DequantizeLinear", ["x_q", "unit", "zero"], ["x_dq"]),
+             helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["w_dq"], axis=0),
+             helper.make_node("Conv", ["x_dq", "w_dq"], ["y"]),
+             helper.make_node("QuantizeLinear", ["y", "y_scale", "zero"], ["y_q"]),
+             helper.make_node("DequantizeLinear", ["y_q", "y_scale", "zero"], ["out"])]
+    shape = [1, channels, 4, 4]
+    graph = helper.make_graph(nodes, "saturating", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)], initializer=initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def test_int8_convolutions_are_exact_on_every_cpu(tae_set):
+    """The runtime's sessions run int8 convolutions exactly, against the integer sum computed
+    here.  On x86 CPUs without VNNI (AVX2, where this project's CI runs) ONNX Runtime's default
+    u8s8 kernel clips each pair of products to 16 bits and returns about half the sum
+    (1048512 for 2072640), which is what broke int8 sets there; with VNNI both are exact."""
+    import onnxruntime as ort
+
+    from sdc_runtime.neural import session_options
+
+    channels = 64
+    session = ort.InferenceSession(_saturating_int8_conv(channels), session_options(),
+                                   providers=["CPUExecutionProvider"])
+    out = session.run(None, {"x": np.full((1, channels, 4, 4), 255, np.float32)})[0]
+    np.testing.assert_array_equal(out, np.float32(channels * 255 * 127))
+    # and every session of a model set is opened with those options
+    stages = NeuralStages(tae_set)
+    options = stages.session(stages.manifest.graphs["vae_decoder"].file).get_session_options()
+    assert options.get_session_config_entry("session.x64quantprecision") == "1"
+    assert not options.enable_cpu_mem_arena
