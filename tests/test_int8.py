@@ -62,6 +62,22 @@ def test_the_manifest_records_precision(int8_sd, model_set):
         assert len(quantized) > 3, role
 
 
+def test_layer_norms_stay_float(int8_sd):
+    """FLOAT_OPS: no LayerNormalization of the int8 UNet reads an int8 scale or bias (its scale
+    made int8 broke the exact-kernel sessions on CPUs without VNNI, BENCHMARKS.md §8), and the
+    UNet opens with the runtime's options."""
+    import onnxruntime as ort
+
+    from sdc_runtime.neural import session_options
+
+    path = os.path.join(int8_sd, "unet.onnx")
+    model = onnx.load(path)
+    dequantized = {out for n in model.graph.node if n.op_type == "DequantizeLinear" for out in n.output}
+    norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    assert norms and not any(dequantized.intersection(n.input[1:]) for n in norms)
+    ort.InferenceSession(path, session_options(), providers=["CPUExecutionProvider"])
+
+
 def test_int8_files_are_smaller(int8_sd, model_set):
     # The tiny graphs' weights are so small that per-channel scales weigh in; the TAEF2 test
     # below holds a real decoder to 0.3x.
