@@ -111,6 +111,10 @@ def graph_flops(path: str, shapes: dict[str, tuple[int, ...]]) -> float:
         shape = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
         dims[value.name] = shape
     weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    # int8 graphs: a weight reaches its Conv or MatMul through a DequantizeLinear of the initializer.
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in weights:
+            weights[node.output[0]] = weights[node.input[0]]
     total = 0.0
     for node in model.graph.node:
         out = dims.get(node.output[0])

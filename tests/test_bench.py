@@ -159,3 +159,12 @@ def test_graph_flops_counts_a_convolution_by_hand(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     # Output 2 x 8 x 10 x 16; each output value takes 3 x 3 x 3 multiply-adds.
     assert graph_flops(path, {"x": (2, 3, 20, 32)}) == 2 * (2 * 8 * 10 * 16) * 27
+    # The same convolution in an int8 graph: its weight comes through a DequantizeLinear.
+    int8 = [numpy_helper.from_array(np.zeros((8, 3, 3, 3), np.int8), "w_q"),
+            numpy_helper.from_array(np.ones(8, np.float32), "w_scale")]
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"], axis=0),
+             helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=int8)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    assert graph_flops(path, {"x": (2, 3, 20, 32)}) == 2 * (2 * 8 * 10 * 16) * 27
