@@ -29,12 +29,13 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("int8", help="PSNR lost by int8 graphs, calibrated on disjoint images")
     p.add_argument("--models", required=True, help="an fp32 model set")
-    p.add_argument("--images", required=True, help="folder of images (at least 4)")
+    p.add_argument("--images", required=True, help="folder of images (at least 6)")
     p.add_argument("--limit", type=int, default=0, help="use the first N images only")
     p.add_argument("--int8", default="vae_decoder,vae_encoder", metavar="GRAPHS", help="graphs to quantize")
     p.add_argument("--calibration-side", type=int, default=None, metavar="N",
                    help="calibrate on centre crops of N pixels (default: the export's, 256; 0: whole images)")
     p.add_argument("--no-sweep", action="store_true", help="quantize without the sensitivity sweep")
+    add_weight_bits_option(p)
     p.add_argument("--effort", type=int, default=None, metavar="N", choices=range(MAX_EFFORT + 1),
                    help=f"the encoder effort the files are coded at, 0..{MAX_EFFORT} (default: the set's own)")
     p.add_argument("--out", required=True, help="folder for int8.json, int8.csv and int8-loss.png")
@@ -58,8 +59,8 @@ def run(args) -> int:
         raise SystemExit("sdc-bench: error: --models must be an fp32 model set")
     names = sorted(n for n in os.listdir(args.images) if n.lower().endswith((".png", ".jpg", ".jpeg")))
     names = names[:args.limit] if args.limit else names
-    if len(names) < 4:
-        raise SystemExit("sdc-bench: error: --images needs at least 4 images")
+    if len(names) < 6:  # two halves of at least 3, the export's minimum calibration
+        raise SystemExit("sdc-bench: error: --images needs at least 6 images")
     half = len(names) // 2
     folds = [(names[:half], names[half:]), (names[half:], names[:half])]
     os.makedirs(args.out, exist_ok=True)
@@ -78,8 +79,8 @@ def run(args) -> int:
             bar.set_description_str(f"quantize on {calibrate[0]}..{calibrate[-1]}")
             _, parity, sweeps = quantize_set(quantized, roles,
                                              calibration_images(images, len(calibrate), side),
-                                             sweep_nodes=not args.no_sweep)
-            _rewrite_precision(quantized, roles)
+                                             sweep_nodes=not args.no_sweep, weight_bits=args.int8_weight_bits)
+            _rewrite_precision(quantized, roles, args.int8_weight_bits)
             int8 = SdcCodec(quantized)
             for name in measure:
                 with Image.open(os.path.join(args.images, name)) as im:
@@ -109,17 +110,25 @@ def run(args) -> int:
     return 0
 
 
-def _rewrite_precision(model_dir: str, roles) -> None:
+def add_weight_bits_option(p) -> None:
+    from sdc_export.quantize import DEFAULT_WEIGHT_BITS
+    from sdc_runtime.manifest import WEIGHT_BITS
+
+    p.add_argument("--int8-weight-bits", type=int, default=DEFAULT_WEIGHT_BITS, choices=WEIGHT_BITS,
+                   help=f"the bits of the int8 weights (default: the export's, {DEFAULT_WEIGHT_BITS})")
+
+
+def _rewrite_precision(model_dir: str, roles, weight_bits: int) -> None:
     """quantize_set rewrites the graphs; the copied manifest still says fp32 for them and
-    lists the fp32 hashes, which the runtime does not check at open (it reads precision for
-    reporting only).  Mark them int8 so the set describes itself truthfully."""
+    lists the fp32 hashes, which the runtime does not check at open.  Mark them int8, with
+    the bits of their weights (which choose the runtime's kernels), as the export would."""
     from sdc_runtime.manifest import MANIFEST_NAME
 
     path = os.path.join(model_dir, MANIFEST_NAME)
     with open(path) as fh:
         data = json.load(fh)
     for role in roles:
-        data["graphs"][role]["precision"] = "int8"
+        data["graphs"][role].update(precision="int8", weight_bits=weight_bits)
     with open(path, "w") as fh:
         json.dump(data, fh)
 

@@ -178,6 +178,8 @@ def markdown(result: dict) -> str:
 
 
 def add_parser(sub):
+    from .int8 import add_weight_bits_option
+
     p = sub.add_parser("stages", help="time each codec stage (medians)")
     p.add_argument("--models", required=True, help="model set")
     p.add_argument("--image", default=None, help="image to crop/resize to SIZE (default: synthetic)")
@@ -194,6 +196,7 @@ def add_parser(sub):
                         " code, without its parity gate: speed does not depend on the weights) and time that")
     p.add_argument("--calibration", default=None, metavar="DIR", help="with --quantize: calibration images")
     p.add_argument("--keep", default=None, metavar="DIR", help="with --quantize: keep the int8 set here")
+    add_weight_bits_option(p)
     p.add_argument("--json", default=None, help="write the raw result here")
     p.set_defaults(run=_main)
 
@@ -211,9 +214,9 @@ def _quantized_copy(args) -> str:
     shutil.copytree(args.models, args.keep)
     # Neither the sweep nor the correction: the correction changes scales and biases only, and
     # on a full-size UNet its runs would take hours.
-    _, parity, _ = quantize_set(args.keep, roles, calibration_images(args.calibration, 2), sweep_nodes=False,
-                                correct=False)
-    _rewrite_precision(args.keep, roles)
+    _, parity, _ = quantize_set(args.keep, roles, calibration_images(args.calibration, 3), sweep_nodes=False,
+                                correct=False, weight_bits=args.int8_weight_bits)
+    _rewrite_precision(args.keep, roles, args.int8_weight_bits)
     for p in parity:
         print(p.line())
     return args.keep

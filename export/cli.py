@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-side", type=int, default=None, metavar="N",
                    help="with --int8: calibrate on centre crops of N pixels (default 256; 0: whole images, a"
                         " slower export)")
+    p.add_argument("--int8-weight-bits", type=int, default=None, metavar="N",
+                   help="with --int8: weights in 7 bits (default), which CPUs without VNNI run on their fast"
+                        " int8 kernels, or 8, which they run on slower exact kernels (README: choosing a"
+                        " precision)")
     p.add_argument("--no-sweep", action="store_true",
                    help="with --int8: skip the sensitivity sweep that keeps the costliest nodes in float"
                         " (a faster export: one quantization per graph instead of one per block)")
@@ -71,15 +75,22 @@ def run(args) -> int:
     if (keep_fp32 or args.fp32_fallback) and not args.fp16:
         raise UsageError("--keep-fp32 and --fp32-fallback apply to --fp16 exports only")
     precision = dict(keep_fp32=keep_fp32, fp32_fallback=args.fp32_fallback, fuse_attention=not args.no_fuse_attention)
-    if args.int8 is None and (args.calibration is not None or args.no_sweep or args.calibration_side is not None):
-        raise UsageError("--calibration, --calibration-side and --no-sweep apply to --int8 exports only")
+    if args.int8 is None and (args.calibration is not None or args.no_sweep or args.calibration_side is not None
+                              or args.int8_weight_bits is not None):
+        raise UsageError("--calibration, --calibration-side, --int8-weight-bits and --no-sweep apply to --int8"
+                         " exports only")
     if args.int8 is not None:
-        from .quantize import CALIBRATION_SIDE, DEFAULT_INT8_ROLES, calibration_images
+        from sdc_runtime.manifest import WEIGHT_BITS
+
+        from .quantize import (
+            CALIBRATION_SIDE, DEFAULT_INT8_ROLES, DEFAULT_WEIGHT_BITS, MIN_CALIBRATION_IMAGES, calibration_images,
+        )
 
         if args.calibration is None:
             raise UsageError("--int8 needs --calibration DIR, a folder of images to calibrate on")
-        if args.calibration_count < 2:
-            raise UsageError(f"--calibration-count must be at least 2, not {args.calibration_count}")
+        if args.calibration_count < MIN_CALIBRATION_IMAGES:
+            raise UsageError(f"--calibration-count must be at least {MIN_CALIBRATION_IMAGES}, not"
+                             f" {args.calibration_count}")
         named = DEFAULT_INT8_ROLES if args.int8 == "default" else tuple(r for r in args.int8.split(",") if r)
         # The default names every decoder; an export without a tiny decoder has one fewer.
         precision["int8"] = tuple(r for r in named if args.int8 != "default" or r != "tiny_decoder"
@@ -87,6 +98,10 @@ def run(args) -> int:
         side = CALIBRATION_SIDE if args.calibration_side is None else args.calibration_side
         if side < 0:
             raise UsageError(f"--calibration-side must be 0 (whole images) or a side in pixels, not {side}")
+        bits = DEFAULT_WEIGHT_BITS if args.int8_weight_bits is None else args.int8_weight_bits
+        if bits not in WEIGHT_BITS:
+            raise UsageError(f"--int8-weight-bits must be {' or '.join(map(str, WEIGHT_BITS))}, not {bits}")
+        precision["weight_bits"] = bits
         precision["calibration"] = calibration_images(args.calibration, args.calibration_count, side)
         precision["sweep_nodes"] = not args.no_sweep
     is_tae = find_pair(args.model) is not None

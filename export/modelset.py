@@ -20,6 +20,7 @@ from .graphs import (
     GraphSpec, UNetEmptyPrompt, VaeDecoder, VaeEncoder, check_parity,
     convert_fp16, export_graph,
 )
+from .quantize import DEFAULT_WEIGHT_BITS
 from .sources import StableDiffusionParts, weights_digest
 
 
@@ -193,14 +194,15 @@ FP32_ONLY_ROLES = ("decoder_gradient",)
 def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, opset: int,
                     force: bool, keep_fp32: tuple[str, ...] = (), fp32_fallback: bool = False,
                     int8: tuple[str, ...] = (), calibration: list | None = None, sweep_nodes: bool = True,
-                    fuse_attention: bool = True, progress=None) -> ExportReport:
+                    weight_bits: int = DEFAULT_WEIGHT_BITS, fuse_attention: bool = True,
+                    progress=None) -> ExportReport:
     """Export ``specs`` into a scratch folder beside ``out``, check parity, write the manifest,
     then move the folder into place.  ``describe(graphs, files, opset)`` builds the Manifest.
 
     With ``fp16``: the roles in ``keep_fp32`` stay fp32; with ``fp32_fallback`` every fp16
     decoder also ships in fp32 (``<file>.fp32.onnx``), which the runtime runs where the fp16
     output is not finite.  The roles in ``int8`` are quantized (``quantize``), calibrated by
-    running the finished set on the ``calibration`` images.  ``fuse_attention``: attention as
+    running the finished set on the ``calibration`` images, their weights in ``weight_bits``.  ``fuse_attention``: attention as
     ONNX Runtime's MultiHeadAttention (``attention.py``), or left as the exporter wrote it."""
     roles = [spec.role for spec in specs]
     for flag, named in (("--keep-fp32", keep_fp32), ("--int8", int8)):
@@ -252,11 +254,11 @@ def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, o
                             parts, opset)
             float_nodes, int8_parity, sweeps = quantize_set(scratch, tuple(r for r in roles if r in int8),
                                                             calibration, sweep_nodes=sweep_nodes,
-                                                            progress=progress)
+                                                            weight_bits=weight_bits, progress=progress)
             parity.extend(int8_parity)
             _check(parity)
             for role, nodes in float_nodes.items():
-                parts.setdefault(role, {})["float_nodes"] = nodes
+                parts.setdefault(role, {}).update(float_nodes=nodes, weight_bits=weight_bits)
         _step(progress, "hash files")
         manifest = _write_manifest(scratch, describe, precisions, parts, opset)
         sizes = {name: os.path.getsize(os.path.join(scratch, name)) for name in os.listdir(scratch)}
@@ -310,7 +312,8 @@ def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool
                             opset: int = DEFAULT_OPSET, force: bool = False, tiny_decoder: str | None = None,
                             keep_fp32: tuple[str, ...] = (), fp32_fallback: bool = False,
                             int8: tuple[str, ...] = (), calibration: list | None = None,
-                            sweep_nodes: bool = True, fuse_attention: bool = True, progress=None) -> ExportReport:
+                            sweep_nodes: bool = True, weight_bits: int = DEFAULT_WEIGHT_BITS,
+                            fuse_attention: bool = True, progress=None) -> ExportReport:
     specs, downscale, multiple = sd_graph_specs(parts)
     vae = parts.vae
     channels = vae.config.latent_channels
@@ -345,7 +348,7 @@ def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool
 
     return write_model_set(out, specs, describe, fp16=fp16, opset=opset, force=force, keep_fp32=keep_fp32,
                            fp32_fallback=fp32_fallback, int8=int8, calibration=calibration, sweep_nodes=sweep_nodes,
-                           fuse_attention=fuse_attention, progress=progress)
+                           weight_bits=weight_bits, fuse_attention=fuse_attention, progress=progress)
 
 
 # TAE latents pass through tanh(x/3)*3 in the decoder: beyond +-6 nothing changes.
@@ -354,8 +357,8 @@ TAE_LATENT_RANGE = 6.0
 
 def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAULT_OPSET, force: bool = False,
                keep_fp32: tuple[str, ...] = (), fp32_fallback: bool = False, int8: tuple[str, ...] = (),
-               calibration: list | None = None, sweep_nodes: bool = True, fuse_attention: bool = True,
-               progress=None) -> ExportReport:
+               calibration: list | None = None, sweep_nodes: bool = True, weight_bits: int = DEFAULT_WEIGHT_BITS,
+               fuse_attention: bool = True, progress=None) -> ExportReport:
     """A TAESD-format pair -> model set: image in [0, 1], latent scale 1, no UNet."""
     from .tae import DecoderGradient, load_tae_pair, tae_splits
 
@@ -389,4 +392,4 @@ def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAUL
 
     return write_model_set(out, specs, describe, fp16=fp16, opset=opset, force=force, keep_fp32=keep_fp32,
                            fp32_fallback=fp32_fallback, int8=int8, calibration=calibration, sweep_nodes=sweep_nodes,
-                           fuse_attention=fuse_attention, progress=progress)
+                           weight_bits=weight_bits, fuse_attention=fuse_attention, progress=progress)

@@ -5,13 +5,14 @@ Calibration feeds each graph what the runtime itself feeds it: the set is run, i
 the calibration images through the codec (encoder, palette and u8 latent coding at several
 qualities, the UNet's denoising steps, the decoders, whole and in tiles), and every graph
 input is recorded.  A sensitivity sweep then finds the nodes whose quantization costs the
-most accuracy, and those stay in float.  Last, each int8 convolution's output channels are
-corrected by the gain and offset that bring them back to the fp32 graph's on the
-calibration feeds (``correct_convolutions``).
+most accuracy, and those stay in float.  Last, each int8 convolution and MatMul is fitted
+again, layer by layer, to the fp32 graph's output on the calibration feeds: its weights,
+rounded by GPTQ, and its bias (``correct_layers``).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import math
@@ -27,6 +28,14 @@ from . import ExportError
 # What --int8 quantizes when it names no graphs: the decoders, whose int8 loss measured within
 # the targets on Kodak (BENCHMARKS.md §8).
 DEFAULT_INT8_ROLES = ("vae_decoder", "tiny_decoder")
+# The bits of int8 weights when the export names none (Graph.weight_bits): 7 runs exact on the
+# fast kernels of every x86 CPU, 8 needs slower exact kernels where there is no VNNI.
+DEFAULT_WEIGHT_BITS = 7
+# The largest magnitude of int8 weights of each span: onnxruntime's quantizer's symmetric
+# ranges (reduce_range for 7 bits), which the refit keeps.
+WEIGHT_LIMIT = {7: 64, 8: 127}
+# Calibration needs images to fit on, one to check the fits on, and one held out for parity.
+MIN_CALIBRATION_IMAGES = 3
 # Calibration images are centre crops of this side: photos' statistics at their own
 # resolution (a downscale would change them), at a size whose saved activations fit memory.
 CALIBRATION_SIDE = 256
@@ -60,6 +69,19 @@ SWEEP_FEEDS = 6
 # loss and 10 at 0.57, within the 0.6 dB target.
 CORRECTION_FEEDS = 10
 MAX_GAIN_CHANGE = 0.1
+# The feeds of the check image that choose each layer's fit (correct_layers): a choice between
+# two candidates needs fewer than a fit, and each costs a run per layer.
+CHECK_FEEDS = 4
+# The refit of a layer's weights (correct_layers): layers with at most MAX_REFIT_COLUMNS
+# weights per output channel (the SD VAE's 512 channels x 3x3), fitted on
+# REFIT_ROWS output positions drawn from the correction feeds, gathered REFIT_CHUNK_ROWS at a
+# time; RIDGE and GPTQ_DAMPING are fractions of the input's mean variance (measured on TAEF2,
+# BENCHMARKS.md §8).
+MAX_REFIT_COLUMNS = 512 * 9
+REFIT_ROWS = 200_000
+REFIT_CHUNK_ROWS = 4096
+RIDGE = 1e-3
+GPTQ_DAMPING = 0.01
 # Export fails when an int8 graph's output SNR against its fp32 graph, on a held-out image,
 # is below this (dB).  The bounds catch a broken quantization, not a small loss: TAEF2's int8
 # decoder measured 25-36 dB, the random-weight tiny SD UNet 14 dB.
@@ -115,8 +137,9 @@ def calibration_images(folder: str, count: int, side: int = CALIBRATION_SIDE) ->
             continue  # not an image: calibration folders hold other files too
         if len(images) == count:
             break
-    if len(images) < 2:
-        raise ExportError(f"--calibration {folder}: needs at least 2 images Pillow can read, found {len(images)}")
+    if len(images) < MIN_CALIBRATION_IMAGES:
+        raise ExportError(f"--calibration {folder}: needs at least {MIN_CALIBRATION_IMAGES} images Pillow can read,"
+                          f" found {len(images)}")
     return images
 
 
@@ -207,9 +230,11 @@ def _quiet():
         root.setLevel(level)
 
 
-def quantize_file(src: str, dst: str, feeds: list[dict], cache: str, exclude=()) -> None:
+def quantize_file(src: str, dst: str, feeds: list[dict], cache: str, exclude=(), *,
+                  weight_bits: int = DEFAULT_WEIGHT_BITS) -> None:
     """QDQ int8 ``src`` -> ``dst``, calibrated on ``feeds`` once (the ranges are kept in the
-    ``cache`` file and reused by later calls with other ``exclude`` lists)."""
+    ``cache`` file and reused by later calls with other ``exclude`` lists); weights in
+    ``weight_bits`` (8, or 7: within [-64, 64])."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
@@ -221,17 +246,19 @@ def quantize_file(src: str, dst: str, feeds: list[dict], cache: str, exclude=())
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(exclude),
                         use_external_data_format=os.path.exists(src + ".data"), calibration_cache_path=cache,
+                        reduce_range=weight_bits == 7,
                         # Ranges are computed a few feeds at a time and merged: all of a UNet's
                         # saved activations at once would not fit in memory.
                         extra_options={"CalibStridedMinMax": _stride(len(feeds))})
 
 
-def outputs(path: str, feeds: list[dict]) -> list[np.ndarray]:
+def outputs(path: str, feeds: list[dict], weight_bits: int = DEFAULT_WEIGHT_BITS) -> list[np.ndarray]:
     import onnxruntime as ort
-    from sdc_runtime.neural import session_options
+    from sdc_runtime.neural import needs_exact_kernels, session_options
 
-    # The runtime's options: the int8 kernels that the set's users get, exact on every CPU.
-    session = ort.InferenceSession(path, session_options(), providers=["CPUExecutionProvider"])
+    # The runtime's options for a graph of these weights: the int8 kernels its users get.
+    session = ort.InferenceSession(path, session_options(exact_int8=needs_exact_kernels(weight_bits)),
+                                   providers=["CPUExecutionProvider"])
     return [session.run(None, feed)[0].astype(np.float64) for feed in feeds]
 
 
@@ -265,7 +292,8 @@ def sweep_units(nodes: list[str]) -> dict[str, list[str]]:
         depth -= 1
 
 
-def sweep(role: str, src: str, feeds: list[dict], scratch: str, progress=None) -> SweepResult:
+def sweep(role: str, src: str, feeds: list[dict], scratch: str, progress=None, *,
+          weight_bits: int = DEFAULT_WEIGHT_BITS) -> SweepResult:
     """Quantize ``src`` with everything int8, then with each unit alone kept in float; keep
     in float the units that gain at least KEEP_GAIN_DB (most first, at most MAX_KEPT), and
     measure the graph with all of them kept."""
@@ -275,8 +303,8 @@ def sweep(role: str, src: str, feeds: list[dict], scratch: str, progress=None) -
     reference = outputs(src, scored)
 
     def snr_with(exclude) -> float:
-        quantize_file(src, trial, feeds, cache, exclude)  # calibrates on all feeds, once
-        return snr_db(reference, outputs(trial, scored))
+        quantize_file(src, trial, feeds, cache, exclude, weight_bits=weight_bits)  # calibrates on all feeds, once
+        return snr_db(reference, outputs(trial, scored, weight_bits))
 
     base = snr_with(())
     units = sweep_units(quantized_nodes(trial))
@@ -311,19 +339,24 @@ def _weight_bytes(path: str) -> dict[str, int]:
 
 
 def quantize_set(model_dir: str, roles: tuple[str, ...], images: list[np.ndarray], *, sweep_nodes: bool = True,
-                 correct: bool = True, progress=None):
+                 correct: bool = True, weight_bits: int = DEFAULT_WEIGHT_BITS, progress=None):
     """Quantize the graphs of ``roles`` in the fp32 model set ``model_dir`` in place.
 
-    All images but the last calibrate; the last is held out for parity.  Each role's main
-    graph is swept (unless not ``sweep_nodes``); its kept nodes stay float in all of the role's
-    files (split parts share the main graph's node names).  Without ``correct`` the
-    convolutions are not corrected: the graphs have the same nodes, kernels and speed, for a
-    speed bench that cannot afford the correction's runs (a full-size UNet's take hours).  Returns ({role: {kept node: SNR gain dB}}, [Int8Parity],
-    [SweepResult])."""
+    All images but the last calibrate the ranges; the last is held out for parity.  Each
+    role's main graph is swept (unless not ``sweep_nodes``); its kept nodes stay float in all
+    of the role's files (split parts share the main graph's node names).  The layer correction
+    fits on all the calibration images but the last, which checks its fits (``correct_layers``).
+    Without ``correct`` the layers are not corrected: the graphs have the same nodes, kernels
+    and speed, for a speed bench that cannot afford the correction's runs (a full-size UNet's
+    take hours).  Returns ({role: {kept node: SNR gain dB}}, [Int8Parity], [SweepResult])."""
     from sdc_runtime.manifest import load_manifest
 
+    if len(images) < MIN_CALIBRATION_IMAGES:
+        raise ExportError(f"int8 calibration needs at least {MIN_CALIBRATION_IMAGES} images, not {len(images)}")
     manifest = load_manifest(model_dir)
-    calibration = record_graph_inputs(model_dir, images[:-1], progress)
+    fitted = record_graph_inputs(model_dir, images[:-2], progress)
+    checks = record_graph_inputs(model_dir, images[-2:-1])
+    calibration = {file: fitted[file] + checks[file] for file in fitted}
     held_out = record_graph_inputs(model_dir, images[-1:])
     float_nodes, parities, sweeps = {}, [], []
     with tempfile.TemporaryDirectory(prefix=".sdc-int8-", dir=model_dir) as scratch:
@@ -332,7 +365,7 @@ def quantize_set(model_dir: str, roles: tuple[str, ...], images: list[np.ndarray
             kept: tuple[str, ...] = ()
             if sweep_nodes:
                 result = sweep(role, os.path.join(model_dir, graph.file), calibration[graph.file],
-                               tempfile.mkdtemp(dir=scratch), progress)
+                               tempfile.mkdtemp(dir=scratch), progress, weight_bits=weight_bits)
                 sweeps.append(result)
                 kept = result.kept
             float_nodes[role] = {node: round(result.gains_db[_unit_of(node, result)], 3) for node in kept}
@@ -344,12 +377,14 @@ def quantize_set(model_dir: str, roles: tuple[str, ...], images: list[np.ndarray
                 work = tempfile.mkdtemp(dir=scratch)
                 dst = os.path.join(work, file)  # its final name: external data is named after it
                 biased = with_conv_biases(src, work)
-                quantize_file(biased, dst, calibration[file], os.path.join(work, "ranges.json"), kept)
+                quantize_file(biased, dst, calibration[file], os.path.join(work, "ranges.json"), kept,
+                              weight_bits=weight_bits)
                 if correct:
                     _step(progress, f"correct {file}")
-                    correct_convolutions(biased, dst, calibration[file])
+                    correct_layers(biased, dst, fitted[file], checks[file], weight_bits=weight_bits)
                 parities.append(int8_parity(role if file == graph.file else file.removesuffix(".onnx"), src, dst,
-                                            held_out[file], MIN_PARITY_SNR_DB[role], graph.image_range))
+                                            held_out[file], MIN_PARITY_SNR_DB[role], graph.image_range,
+                                            weight_bits))
                 if os.path.exists(src + ".data") and not os.path.exists(dst + ".data"):
                     os.remove(src + ".data")  # the int8 graph fits one file
                 for name in os.listdir(work):
@@ -360,7 +395,7 @@ def quantize_set(model_dir: str, roles: tuple[str, ...], images: list[np.ndarray
 
 def with_conv_biases(src: str, folder: str) -> str:
     """``src``, or where some of its convolutions have no bias, a copy in ``folder`` where they
-    have a zero one: the int8 graph then holds a bias for ``correct_convolutions`` to set."""
+    have a zero one: the int8 graph then holds a bias for ``correct_layers`` to set."""
     import onnx
     from onnx import numpy_helper
     from onnx.external_data_helper import load_external_data_for_model
@@ -381,26 +416,35 @@ def with_conv_biases(src: str, folder: str) -> str:
     return path
 
 
-def correct_convolutions(fp32: str, int8: str, feeds: list[dict]) -> int:
-    """Correct the int8 graph file ``int8`` in place, one convolution at a time in graph order:
-    each output channel gets the gain g and offset b that fit, by least squares on the
-    calibration feeds, its int8 output (less its bias) to the fp32 graph's output, given
-    what the int8 layers before it feed it.  g scales the channel's int8 weight scale, b
-    replaces its int32 bias, so the graph keeps its shape and kernels.  Returns how many
-    convolutions were corrected.
+def correct_layers(fp32: str, int8: str, feeds: list[dict], checks: list[dict], *,
+                   weight_bits: int = DEFAULT_WEIGHT_BITS) -> int:
+    """Correct the int8 graph file ``int8`` in place, one layer (convolution or MatMul with int8
+    weights) at a time in graph order, each fitted, by least squares on the calibration
+    ``feeds``, to the fp32 graph's output given what the int8 layers before it (already
+    corrected) feed it.  The graph keeps its nodes, shapes and kernels: only int8 weights,
+    their scales and the int32 biases change.  Returns how many layers were corrected.
 
-    Why: 8-bit activations and weights shift and shrink each channel's output systematically,
-    and the errors add up over the layers; correcting each layer for the ones before it takes
-    most of that out (TAEF2's decoder, u8 latents: mean loss 0.36 -> 0.12 dB, BENCHMARKS.md §8).
-    Fitting the offset alone (classic bias correction) took 0.36 -> 0.33 dB.
+    Each layer of at most MAX_REFIT_COLUMNS weights per output channel has two candidate fits:
+    its weights and bias refitted whole, rounded to ``weight_bits`` by GPTQ (``fit_weights``),
+    or a gain and offset per output channel on the quantizer's weights (``fit_gain_offset``; a
+    MatMul, without a bias, keeps its weights).  It keeps the one whose output is closer to
+    fp32's on ``checks``, the feeds of a calibration image the fits did not see: the refit has
+    ~K times the parameters and can learn the fitted images instead of the layer (measured on
+    the random tiny SD encoder: 22 dB SNR gained-and-offset, 16 dB refitted).  Wider
+    convolutions (a full-size UNet's, whose second moments would not fit memory) get the gain
+    and offset; wider MatMuls stay as quantized.
+
+    Why: int8 activations and weights shift and shrink each channel's output systematically,
+    and the errors add up over the layers; fitting each layer to undo what the ones before it
+    did takes most of that out (BENCHMARKS.md §8).
     """
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
     from onnx.external_data_helper import load_external_data_for_model
-    from sdc_runtime.neural import session_options
+    from sdc_runtime.neural import needs_exact_kernels, session_options
 
-    used = correction_feeds(feeds)
+    used, checked = correction_feeds(feeds), correction_feeds(checks, CHECK_FEEDS)
     model = onnx.load(int8, load_external_data=False)
     stored_apart = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
     load_external_data_for_model(model, os.path.dirname(int8))
@@ -414,69 +458,285 @@ def correct_convolutions(fp32: str, int8: str, feeds: list[dict]) -> int:
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in initializers:
             return None
         if initializers[dq.input[0]].data_type != dtype or dq.input[1] not in initializers \
-                or readers[dq.input[1]] != 1:
+                or readers[dq.input[0]] != 1 or readers[dq.input[1]] != 1:
             return None
         return dq.input[0], dq.input[1]
 
-    convs = []
+    layers = []  # (node, (weight, weight scale), (bias, bias scale) or None)
     for node in model.graph.node:
-        if node.op_type != "Conv" or len(node.input) < 3:
-            continue
-        weight = dequantized_initializer(node.input[1], onnx.TensorProto.INT8)
-        bias = dequantized_initializer(node.input[2], onnx.TensorProto.INT32)
-        if weight and bias and numpy_helper.to_array(initializers[weight[1]]).ndim == 1:
-            convs.append((node, weight[1], bias))
-    if not convs:
+        weight = dequantized_initializer(node.input[1], onnx.TensorProto.INT8) if len(node.input) > 1 else None
+        if weight is None or numpy_helper.to_array(initializers[weight[1]]).ndim != 1:
+            continue  # float or per-tensor weights: nothing to fit per channel
+        if node.op_type == "Conv" and len(node.input) > 2:
+            bias = dequantized_initializer(node.input[2], onnx.TensorProto.INT32)
+            if bias:
+                layers.append((node, weight, bias))
+        elif node.op_type == "MatMul" and len(initializers[weight[0]].dims) == 2 \
+                and initializers[weight[0]].dims[0] <= MAX_REFIT_COLUMNS \
+                and initializers[weight[0]].dims[1] == numpy_helper.to_array(initializers[weight[1]]).size:
+            layers.append((node, weight, None))  # one scale per output column
+    if not layers:
         return 0
-    options = session_options()  # the runtime's: the correction fits the kernels the set will run on
+    # The runtime's options: the correction fits the kernels the set will run on.
+    options = session_options(exact_int8=needs_exact_kernels(weight_bits))
     options.log_severity_level = 3
-    # The fp32 graph with every convolution's output exposed; written beside it so that its
-    # external data (a UNet's) is found.
+    # The fp32 graph with every corrected layer's output exposed; written beside it so that
+    # its external data (a UNet's) is found.
     reference = onnx.load(fp32, load_external_data=False)
-    # The quantizer renames a convolution's output where it was a graph output; names of nodes stay.
-    fp32_output = {n.name: n.output[0] for n in reference.graph.node if n.op_type == "Conv"}
-    expose_outputs(reference, sorted({fp32_output[node.name] for node, _, _ in convs}))
+    # The quantizer renames a node's output where it was a graph output; names of nodes stay.
+    fp32_output = {n.name: n.output[0] for n in reference.graph.node if n.op_type in ("Conv", "MatMul")}
+    expose_outputs(reference, sorted({fp32_output[node.name] for node, _, _ in layers}))
     exposed = os.path.join(os.path.dirname(fp32), f".exposed-{os.getpid()}-{os.path.basename(fp32)}")
     onnx.save(reference, exposed)
     try:
         fp32_session = ort.InferenceSession(exposed, options, providers=["CPUExecutionProvider"])
-        for node, weight_scale_name, (bias_name, bias_scale_name) in convs:
+        for node, (weight_name, weight_scale_name), bias_names in layers:
+            names = (weight_name, weight_scale_name) + (bias_names or ())
+            arrays = {name: numpy_helper.to_array(initializers[name]).astype(np.float64)
+                      for name in names}
+            weight = numpy_helper.to_array(initializers[weight_name])
+            geometry = _conv_geometry(node, weight.shape) if bias_names else None
+            rows_of = None
+            if bias_names is None:
+                rows_of = matmul_rows
+            elif geometry is not None and np.prod(weight.shape[1:]) <= MAX_REFIT_COLUMNS:
+                rows_of = functools.partial(conv_rows, geometry=geometry)
             probe = onnx.ModelProto()
             probe.CopyFrom(model)
-            expose_outputs(probe, [node.output[0]])
+            fetched = node.input[0] if rows_of else node.output[0]
+            expose_outputs(probe, [fetched])
             int8_session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            bias = numpy_helper.to_array(initializers[bias_name]).astype(np.float64)
-            bias_scale = numpy_helper.to_array(initializers[bias_scale_name]).astype(np.float64)
-            sums = np.zeros((5, bias.size))  # count, sum q, sum f, sum q^2, sum q*f per channel
-            for feed in used:
-                q = channels_first(int8_session.run([node.output[0]], feed)[0]) - (bias * bias_scale)[:, None]
-                f = channels_first(fp32_session.run([fp32_output[node.name]], feed)[0])
-                sums += [np.full(bias.size, q.shape[1]), q.sum(1), f.sum(1), (q * q).sum(1), (q * f).sum(1)]
-            count, mean_q, mean_f = sums[0], sums[1] / sums[0], sums[2] / sums[0]
-            variance = sums[3] / count - mean_q ** 2
-            covariance = sums[4] / count - mean_q * mean_f
-            gain = np.ones_like(mean_q)
-            live = variance > 1e-12 * np.maximum(mean_q ** 2, 1e-30)
-            gain[live] = covariance[live] / variance[live]
-            gain = np.clip(gain, 1 - MAX_GAIN_CHANGE, 1 + MAX_GAIN_CHANGE)
-            offset = mean_f - gain * mean_q
-            weight_scale = numpy_helper.to_array(initializers[weight_scale_name]).astype(np.float64)
-            new_bias_scale = (bias_scale * gain).astype(np.float32)
-            new_bias = np.clip(np.rint(offset / new_bias_scale), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
-            for name, value in ((weight_scale_name, (weight_scale * gain).astype(np.float32)),
-                                (bias_scale_name, new_bias_scale), (bias_name, new_bias)):
-                initializers[name].CopyFrom(numpy_helper.from_array(value, name))
+
+            def pairs(group):
+                for feed in group:
+                    yield int8_session.run([fetched], feed)[0], fp32_session.run([fp32_output[node.name]], feed)[0]
+
+            # The layer as quantized: weights (O, K) as the fits see them (MatMul's are (K, O)).
+            weight_scale = arrays[weight_scale_name]
+            if bias_names is None:
+                quantized = (arrays[weight_name] * weight_scale[None, :]).T
+                bias = np.zeros(len(quantized))
+            else:
+                quantized = arrays[weight_name].reshape(len(weight), -1) * weight_scale[:, None]
+                bias = arrays[bias_names[0]] * arrays[bias_names[1]]
+            if rows_of is None:  # a wide convolution: gain and offset from its int8 outputs
+                gain, offset = fit_gain_offset(output_moments(pairs(used), bias))
+                values = _gain_offset_values(gain, offset, weight_scale, arrays[bias_names[1]])
+            else:
+                fit, check = (layer_moments(pairs(group), rows_of, quantized.shape[1], len(quantized))
+                              for group in (used, checked))
+                rounded, scale, refit_bias = fit_weights(fit, quantized, weight_bits, intercept=bias_names is not None)
+                refit = (rounded * scale[:, None], refit_bias if bias_names else bias)
+                if bias_names is None:
+                    kept = (quantized, bias)
+                else:
+                    gain, offset = fit_gain_offset(fit.of_layer(quantized))
+                    kept = (quantized * gain[:, None], offset)
+                if check.error(*refit) < check.error(*kept):
+                    values = (rounded.astype(np.int8).reshape(weight.shape) if bias_names else rounded.T.astype(np.int8),
+                              scale.astype(np.float32))
+                    if bias_names:
+                        # The bias's scale is the input's times the weight's: keep that with the new scale.
+                        bias_scale = arrays[bias_names[1]] * scale / np.where(weight_scale > 0, weight_scale, 1.0)
+                        values += (_int32(refit_bias / bias_scale), bias_scale.astype(np.float32))
+                elif bias_names is None:
+                    values = (None, None)
+                else:
+                    values = _gain_offset_values(gain, offset, weight_scale, arrays[bias_names[1]])
+            for name, value in zip(names, values):
+                if value is not None:
+                    initializers[name].CopyFrom(numpy_helper.from_array(value, name))
     finally:
         os.remove(exposed)
     onnx.save(model, int8)  # one file: int8 weights are a quarter of fp32's, within protobuf's 2 GB
     for location in stored_apart:
         os.remove(os.path.join(os.path.dirname(int8), location))
-    return len(convs)
+    return len(layers)
 
 
-def correction_feeds(feeds: list[dict]) -> list[dict]:
-    """The CORRECTION_FEEDS (or fewer) evenly spaced feeds the correction fits on."""
-    return feeds[::max(1, math.ceil(len(feeds) / CORRECTION_FEEDS))]
+@dataclass(frozen=True)
+class ConvGeometry:
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    dilations: tuple[int, int]
+    pads: tuple[int, int, int, int]  # top, left, bottom, right
+
+
+def _conv_geometry(node, weight_shape) -> ConvGeometry | None:
+    """A 2-D, ungrouped, explicitly padded convolution's geometry; None for the others, which
+    the refit does not handle (they get the gain and offset)."""
+    attributes = {a.name: (list(a.ints) if a.ints else (a.s.decode() if a.s else a.i)) for a in node.attribute}
+    if len(weight_shape) != 4 or attributes.get("group", 1) != 1 or attributes.get("auto_pad", "NOTSET") != "NOTSET":
+        return None
+    pads = attributes.get("pads", [0, 0, 0, 0])
+    return ConvGeometry(tuple(weight_shape[2:]), tuple(attributes.get("strides", [1, 1])),
+                        tuple(attributes.get("dilations", [1, 1])), (pads[0], pads[1], pads[2], pads[3]))
+
+
+def conv_rows(x: np.ndarray, y: np.ndarray, count: int, rng, *, geometry: ConvGeometry):
+    """``count`` (or all, if fewer) output positions of a convolution, drawn by ``rng``, as
+    chunks of (input patches (rows, C*kh*kw) in the weights' layout, outputs (rows, O)),
+    float64.  ``x`` is its input, ``y`` its output, NCHW."""
+    n, _, out_h, out_w = y.shape
+    positions = n * out_h * out_w
+    chosen = np.sort(rng.choice(positions, count, replace=False)) if count < positions else np.arange(positions)
+    top, left, bottom, right = geometry.pads
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    ky = np.arange(geometry.kernel[0]) * geometry.dilations[0]
+    kx = np.arange(geometry.kernel[1]) * geometry.dilations[1]
+    for chunk in np.array_split(chosen, max(1, len(chosen) // REFIT_CHUNK_ROWS)):
+        b, rest = np.divmod(chunk, out_h * out_w)
+        oy, ox = np.divmod(rest, out_w)
+        iy = (oy * geometry.strides[0])[:, None] + ky[None, :]  # (rows, kh)
+        ix = (ox * geometry.strides[1])[:, None] + kx[None, :]  # (rows, kw)
+        patches = padded[b[:, None, None, None], np.arange(x.shape[1])[None, :, None, None],
+                         iy[:, None, :, None], ix[:, None, None, :]]  # (rows, C, kh, kw)
+        yield patches.reshape(len(chunk), -1).astype(np.float64), y[b, :, oy, ox].astype(np.float64)
+
+
+def matmul_rows(x: np.ndarray, y: np.ndarray, count: int, rng):
+    """``count`` (or all, if fewer) rows of a MatMul's input (..., K) and output (..., N),
+    drawn by ``rng``, as chunks like ``conv_rows``'."""
+    rows_x, rows_y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    chosen = np.sort(rng.choice(len(rows_x), count, replace=False)) if count < len(rows_x) else np.arange(len(rows_x))
+    for chunk in np.array_split(chosen, max(1, len(chosen) // REFIT_CHUNK_ROWS)):
+        yield rows_x[chunk].astype(np.float64), rows_y[chunk].astype(np.float64)
+
+
+class Moments:
+    """Sums over rows of a layer's inputs x (K) and outputs y (O): enough for a least-squares
+    fit of y = W x + b, and for the squared error of any such W, b, without keeping the rows."""
+
+    def __init__(self, inputs: int, outputs: int):
+        self.count = 0
+        self.sum_x, self.sum_y, self.yy = np.zeros(inputs), np.zeros(outputs), np.zeros(outputs)
+        self.xx, self.xy = np.zeros((inputs, inputs)), np.zeros((inputs, outputs))
+
+    def add(self, rows_x: np.ndarray, rows_y: np.ndarray) -> None:
+        self.count += len(rows_x)
+        self.sum_x += rows_x.sum(0)
+        self.sum_y += rows_y.sum(0)
+        self.yy += np.square(rows_y).sum(0)
+        self.xx += rows_x.T @ rows_x
+        self.xy += rows_x.T @ rows_y
+
+    def error(self, weights: np.ndarray, bias: np.ndarray) -> float:
+        """Mean over the rows of |y - (W x + b)|^2."""
+        n = self.count
+        per_channel = (self.yy / n - 2 * np.sum(weights * self.xy.T, 1) / n - 2 * bias * self.sum_y / n
+                       + np.sum((weights @ self.xx) * weights, 1) / n + 2 * bias * (weights @ self.sum_x) / n
+                       + bias ** 2)
+        return float(per_channel.sum())
+
+    def of_layer(self, weights: np.ndarray) -> ChannelStats:
+        """The per-channel statistics of p = W x against y."""
+        mean_x, mean_y = self.sum_x / self.count, self.sum_y / self.count
+        covariance = self.xx / self.count - np.outer(mean_x, mean_x)
+        cross = self.xy / self.count - np.outer(mean_x, mean_y)
+        return ChannelStats(weights @ mean_x, np.sum((weights @ covariance) * weights, 1),
+                            np.sum(weights * cross.T, 1), mean_y)
+
+
+@dataclass
+class ChannelStats:
+    """Per output channel: mean and variance of a layer's output p (less its bias), its
+    covariance with the fp32 output f, and the mean of f."""
+
+    mean_p: np.ndarray
+    var_p: np.ndarray
+    cov_pf: np.ndarray
+    mean_f: np.ndarray
+
+
+def layer_moments(pairs, rows_of, inputs: int, outputs: int) -> Moments:
+    """The Moments of REFIT_ROWS rows drawn evenly from (input, fp32 output) pairs."""
+    rng = np.random.default_rng(0)
+    pairs = list(pairs)
+    moments = Moments(inputs, outputs)
+    for x, y in pairs:
+        for rows_x, rows_y in rows_of(x, y, max(1, REFIT_ROWS // len(pairs)), rng):
+            moments.add(rows_x, rows_y)
+    return moments
+
+
+def output_moments(pairs, bias: np.ndarray) -> ChannelStats:
+    """ChannelStats of a layer from (int8 output, fp32 output) pairs, NC..., its ``bias`` taken out."""
+    sums = np.zeros((5, bias.size))  # count, sum p, sum f, sum p^2, sum p*f per channel
+    for q, f in pairs:
+        p = channels_first(q) - bias[:, None]
+        f = channels_first(f)
+        sums += [np.full(bias.size, p.shape[1]), p.sum(1), f.sum(1), (p * p).sum(1), (p * f).sum(1)]
+    count, mean_p, mean_f = sums[0], sums[1] / sums[0], sums[2] / sums[0]
+    return ChannelStats(mean_p, sums[3] / count - mean_p ** 2, sums[4] / count - mean_p * mean_f, mean_f)
+
+
+def fit_gain_offset(stats: ChannelStats) -> tuple[np.ndarray, np.ndarray]:
+    """Each output channel's gain g (within MAX_GAIN_CHANGE of 1) and offset b of f = g p + b,
+    by least squares."""
+    gain = np.ones_like(stats.mean_p)
+    live = stats.var_p > 1e-12 * np.maximum(stats.mean_p ** 2, 1e-30)
+    gain[live] = stats.cov_pf[live] / stats.var_p[live]
+    gain = np.clip(gain, 1 - MAX_GAIN_CHANGE, 1 + MAX_GAIN_CHANGE)
+    return gain, stats.mean_f - gain * stats.mean_p
+
+
+def _gain_offset_values(gain, offset, weight_scale, bias_scale):
+    """(None, weight scales, int32 bias, bias scales) of a convolution given a gain and offset:
+    the gain scales its weight scale (and so its bias's), the offset replaces its bias."""
+    bias_scale = bias_scale * gain
+    return None, (weight_scale * gain).astype(np.float32), _int32(offset / bias_scale), bias_scale.astype(np.float32)
+
+
+def _int32(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(values), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+
+
+def fit_weights(moments: Moments, prior: np.ndarray, weight_bits: int, *, intercept: bool):
+    """(integers (O, K), per-row scales (O), bias (O) or None) of the layer y = W x (+ b) that
+    best maps the int8 graph's inputs to the fp32 graph's outputs: ridge least squares
+    (shrinking towards ``prior``, the quantizer's weights, so that input directions the
+    calibration never excites keep them), rounded to ``weight_bits`` by GPTQ (Frantar et al.
+    2022: one input column at a time, the rounding error spread over the columns not yet
+    rounded through the inverse input second moment), and the bias fitted again to the
+    rounded weights.  A constant input leaves the prior's weights, rounded."""
+    columns = prior.shape[1]
+    mean_x, mean_y = moments.sum_x / moments.count, moments.sum_y / moments.count
+    # With a bias the fit is of deviations from the means; without one, of the raw products.
+    second = moments.xx / moments.count - (np.outer(mean_x, mean_x) if intercept else 0)
+    cross = moments.xy / moments.count - (np.outer(mean_x, mean_y) if intercept else 0)
+    level = max(float(np.mean(np.diag(second))), 1e-30)
+    ridge = RIDGE * level * np.eye(columns)
+    fitted = np.linalg.solve(second + ridge, cross + ridge @ prior.T).T  # (O, K)
+    top = WEIGHT_LIMIT[weight_bits]
+    scale = np.abs(fitted).max(1) / top
+    scale[scale == 0] = 1.0
+    rounded = gptq_round(fitted, scale, top, second + GPTQ_DAMPING * level * np.eye(columns))
+    bias = mean_y - (rounded * scale[:, None]) @ mean_x if intercept else None
+    return rounded, scale, bias
+
+
+def gptq_round(weights: np.ndarray, scale: np.ndarray, top: int, hessian: np.ndarray,
+               block: int = 128) -> np.ndarray:
+    """Integers in [-top, top] for ``weights`` (O, K) at per-row ``scale``, rounded one column
+    at a time, each column's error compensated on the later columns through the upper
+    Cholesky factor of ``hessian``'s inverse (GPTQ, with its lazy block updates)."""
+    work = weights / scale[:, None]  # in units of the step: the error terms are then integers' errors
+    factor = np.linalg.cholesky(np.linalg.inv(hessian)).T  # upper: inverse = factor.T @ factor
+    rounded = np.zeros_like(work)
+    for start in range(0, work.shape[1], block):
+        end = min(start + block, work.shape[1])
+        errors = np.zeros((work.shape[0], end - start))
+        for i in range(start, end):
+            rounded[:, i] = np.clip(np.rint(work[:, i]), -top, top)
+            errors[:, i - start] = (work[:, i] - rounded[:, i]) / factor[i, i]
+            work[:, i + 1:end] -= np.outer(errors[:, i - start], factor[i, i + 1:end])
+        work[:, end:] -= errors @ factor[start:end, end:]
+    return rounded
+
+
+def correction_feeds(feeds: list[dict], count: int | None = None) -> list[dict]:
+    """``count`` (default CORRECTION_FEEDS) or fewer evenly spaced feeds of ``feeds``."""
+    return feeds[::max(1, math.ceil(len(feeds) / (count or CORRECTION_FEEDS)))]
 
 
 def expose_outputs(model, names) -> None:
@@ -500,8 +760,8 @@ def _unit_of(node: str, result: SweepResult) -> str:
 
 
 def int8_parity(name: str, fp32: str, int8: str, feeds: list[dict], tolerance_db: float,
-                image_range: tuple[float, float]) -> Int8Parity:
-    reference, actual = outputs(fp32, feeds), outputs(int8, feeds)
+                image_range: tuple[float, float], weight_bits: int = DEFAULT_WEIGHT_BITS) -> Int8Parity:
+    reference, actual = outputs(fp32, feeds), outputs(int8, feeds, weight_bits)
     snr = snr_db(reference, actual)
     psnr = None
     if not name.startswith(("unet", "vae_encoder")) and ".whole" not in name:  # outputs an image

@@ -22,6 +22,8 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 3
 FAMILIES = ("sd", "tae")
 PRECISIONS = ("fp32", "fp16", "int8")
+# The spans of int8 graphs' weights (Graph.weight_bits).
+WEIGHT_BITS = (7, 8)
 # Graph roles a model set may hold.  Encoder and decoder are required.  ``decoder_gradient``
 # (latent, image -> the squared error's gradient at the latent) serves the encoder's closed loop.
 GRAPH_ROLES = ("vae_encoder", "vae_decoder", "unet", "tiny_decoder", "decoder_gradient")
@@ -50,6 +52,9 @@ class Graph:
     # int8 graphs only: the nodes the export's sensitivity sweep kept in float, each with the
     # output SNR (dB, against fp32, on the calibration set) that keeping it float gained.
     float_nodes: dict[str, float] | None = None
+    # int8 graphs only: the bits their int8 weights span, 8 or 7 (within [-64, 64]).  With 7
+    # the runtime runs the CPUs' fast u8s8 kernels, exact for such weights (neural.py).
+    weight_bits: int | None = None
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,8 @@ class Manifest:
             data["defaults"] = EncoderDefaults(**defaults)
             data["graphs"] = {
                 role: Graph(g["file"], g["precision"], tuple(g["image_range"]), float(g["memory_per_pixel"]),
-                            g.get("whole"), g.get("tiled"), g.get("fallback"), g.get("float_nodes"))
+                            g.get("whole"), g.get("tiled"), g.get("fallback"), g.get("float_nodes"),
+                            g.get("weight_bits"))
                 for role, g in data["graphs"].items()
             }
             if data.get("scheduler") is not None:
@@ -167,6 +173,8 @@ class Manifest:
             if graph.float_nodes is not None and (graph.precision != "int8" or not all(
                     isinstance(n, str) and isinstance(g, (int, float)) for n, g in graph.float_nodes.items())):
                 bad(f"{role}: float_nodes map node names to SNR gains, in int8 graphs only")
+            if graph.weight_bits is not None and (graph.precision != "int8" or graph.weight_bits not in WEIGHT_BITS):
+                bad(f"{role}: weight_bits is 7 or 8, in int8 graphs only")
             for file in own + list((graph.fallback or {}).values()):
                 if file not in self.files or os.path.basename(file) != file:
                     bad(f"graph file {file!r} not listed in files")

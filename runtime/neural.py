@@ -81,6 +81,14 @@ def step_noise(seed: int, shape: tuple[int, ...], steps: int) -> list[np.ndarray
     return [rng.standard_normal(shape, dtype=np.float32) for _ in range(steps)]
 
 
+def needs_exact_kernels(weight_bits: int | None) -> bool:
+    """Whether int8 graphs whose weights span ``weight_bits`` (the manifest's; None for graphs
+    of older sets, which are 8) need the exact kernels of ``session_options`` on CPUs without
+    VNNI.  Those CPUs' fast u8s8 kernels add pairs of products in 16 bits: with 7-bit weights
+    (|w| <= 64) a pair is at most 2 x 255 x 64 = 32640 and never saturates."""
+    return (weight_bits or 8) > 7
+
+
 def session_options(threads: int | None = None, *, exact_int8: bool = True):
     """The ONNX Runtime session options of every graph the codec runs; the export's int8
     calibration, correction and parity checks run their graphs with the same.  Not
@@ -144,7 +152,9 @@ class NeuralStages:
                 if not os.path.isfile(path):
                     raise SdcModelError(f"model set file missing: {path}")
                 try:
-                    self._sessions[file] = ort.InferenceSession(path, session_options(self._threads),
+                    graph = self.manifest.graphs.get(self._roles.get(file))
+                    exact = needs_exact_kernels(graph.weight_bits if graph is not None else None)
+                    self._sessions[file] = ort.InferenceSession(path, session_options(self._threads, exact_int8=exact),
                                                                 providers=self._providers)
                 except Exception as exc:  # onnxruntime raises its own untyped errors
                     raise SdcModelError(f"cannot load {file}: {str(exc).splitlines()[0]}") from None

@@ -60,6 +60,11 @@ def test_the_manifest_records_precision(int8_sd, model_set):
         quantized, _ = _int8_weights(os.path.join(int8_sd, graph["file"]))
         assert graph["float_nodes"] == {}  # --no-sweep: nothing kept in float
         assert len(quantized) > 3, role
+        # The export's default weight span, 7 bits, which the runtime runs on the fast kernels.
+        assert graph["weight_bits"] == 7, role
+        model = onnx.load(os.path.join(int8_sd, graph["file"]))
+        int8 = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+        assert max(int(np.abs(w.astype(np.int16)).max()) for w in int8) == 64, role
 
 
 def test_layer_norms_stay_float(int8_sd):
@@ -104,7 +109,7 @@ def test_int8_and_fp32_sets_cross_decode(int8_sd, model_set):
 
 def test_export_prints_int8_parity_and_sweep(tiny_sd, calibration_dir, tmp_path):
     result = run_cli("sdc-export", "--model", tiny_sd, "--out", str(tmp_path / "x"), "--quiet",
-                     "--int8", "--calibration", calibration_dir, "--calibration-count", "2")
+                     "--int8", "--calibration", calibration_dir, "--calibration-count", "3")
     assert result.returncode == 0, result.stderr.decode()
     out = result.stdout.decode()
     assert "vae_decoder  int8: SNR" in out and "ok" in out
@@ -128,7 +133,7 @@ def test_int8_combines_with_fp16(tiny_sd, calibration_dir, tmp_path):
 
     out = tmp_path / "mixed"
     assert main(["--model", tiny_sd, "--out", str(out), "--quiet", "--fp16", "--int8", "unet",
-                 "--calibration", calibration_dir, "--calibration-count", "2", "--no-sweep"]) == 0
+                 "--calibration", calibration_dir, "--calibration-count", "3", "--no-sweep"]) == 0
     assert {role: g["precision"] for role, g in _manifest(out)["graphs"].items()} == \
         {"vae_encoder": "fp16", "vae_decoder": "fp16", "unet": "int8"}
 
@@ -139,32 +144,39 @@ def test_a_failing_int8_parity_fails_the_export(tiny_sd, calibration_dir, tmp_pa
 
     monkeypatch.setitem(quantize.MIN_PARITY_SNR_DB, "vae_decoder", 200.0)
     assert main(["--model", tiny_sd, "--out", str(tmp_path / "y"), "--quiet", "--int8", "vae_decoder",
-                 "--calibration", calibration_dir, "--calibration-count", "2", "--no-sweep"]) == 1
+                 "--calibration", calibration_dir, "--calibration-count", "3", "--no-sweep"]) == 1
     assert not os.path.exists(tmp_path / "y")  # nothing half-written
 
 
-def test_the_correction_fits_each_int8_convolution_to_fp32(model_set, calibration_dir, tmp_path):
-    """correct_convolutions on the tiny decoder: every int8 convolution is corrected, the graph
-    keeps its nodes, the first convolution's channels (whose input no earlier correction
-    moves) come out with the fp32 means, and the whole graph comes closer to fp32.
-    Mutation-checked: it fails if the offset or the gain is applied with the wrong sign."""
+@pytest.mark.parametrize("refit", [True, False], ids=["refit", "gain-offset"])
+def test_the_correction_fits_each_int8_convolution_to_fp32(model_set, calibration_dir, tmp_path, monkeypatch, refit):
+    """correct_layers on the tiny decoder, refitting every layer's weights or (as it does for
+    convolutions wider than MAX_REFIT_COLUMNS) fitting gains and offsets: every int8
+    convolution (and, refitting, MatMul) is corrected, the graph keeps its nodes, the first convolution's channels
+    (whose input no earlier correction moves) come out with the fp32 means and a smaller
+    squared error, and the whole graph does no worse.  Mutation-checked: it fails if the
+    offset or the gain is applied with the wrong sign."""
     import shutil
 
     import onnxruntime as ort
+    from sdc_export import quantize
     from sdc_export.quantize import (
-        calibration_images, channels_first, correct_convolutions, correction_feeds, expose_outputs, outputs,
+        calibration_images, channels_first, correct_layers, correction_feeds, expose_outputs, outputs,
         quantize_file, record_graph_inputs, snr_db, with_conv_biases,
     )
     from sdc_runtime.neural import session_options
 
+    if not refit:
+        monkeypatch.setattr(quantize, "MAX_REFIT_COLUMNS", 0)
     feeds = record_graph_inputs(model_set, calibration_images(calibration_dir, 3))["vae_decoder.onnx"]
     fp32 = with_conv_biases(os.path.join(model_set, "vae_decoder.onnx"), str(tmp_path))
     plain, corrected = str(tmp_path / "plain.onnx"), str(tmp_path / "corrected.onnx")
     quantize_file(fp32, plain, feeds, str(tmp_path / "ranges.json"))
     shutil.copy(plain, corrected)
     quantized, _ = _int8_weights(plain)
-    assert correct_convolutions(fp32, corrected, feeds) == sum(
-        1 for n in onnx.load(plain).graph.node if n.op_type == "Conv" and n.name in quantized) > 3
+    fitted_ops = ("Conv", "MatMul") if refit else ("Conv",)
+    assert correct_layers(fp32, corrected, feeds) == sum(
+        1 for n in onnx.load(plain).graph.node if n.op_type in fitted_ops and n.name in quantized) > 3
     before, after = onnx.load(plain).graph.node, onnx.load(corrected).graph.node
     assert [(n.op_type, list(n.input)) for n in before] == [(n.op_type, list(n.input)) for n in after]
 
@@ -181,22 +193,23 @@ def test_the_correction_fits_each_int8_convolution_to_fp32(model_set, calibratio
     plain_error = np.abs(means["plain"] - means["fp32"]).max()
     corrected_error = np.abs(means["corrected"] - means["fp32"]).max()
     assert corrected_error < plain_error / 10, (plain_error, corrected_error)
-    # The gain and offset are the least-squares fit of that output to fp32's: its squared error
-    # on those feeds can only fall (beyond the int32 bias's rounding).
+    # Either fit is least squares of that output to fp32's: its squared error on those feeds
+    # falls (the refit's rounding of its weights is what could undo that).
     squared = {name: float(np.square(values[name] - values["fp32"]).sum()) for name in ("plain", "corrected")}
     assert squared["corrected"] < squared["plain"], squared
 
     # Over the whole random-weight graph the 8-bit output's own step dominates what is left
-    # (17.1 dB SNR either way): the real-weight gain (TAEF2: 0.36 -> 0.12 dB loss) is the
-    # quality test's below.  Here the correction only has to do no harm.
+    # (17.1 dB SNR either way): the real-weight gain is the quality test's below.  Here the
+    # correction only has to do no harm.
     reference = outputs(fp32, feeds)
     assert snr_db(reference, outputs(corrected, feeds)) > snr_db(reference, outputs(plain, feeds)) - 0.2
 
 
 def test_the_speed_bench_quantizes_the_same_graph_without_the_correction(model_set, calibration_dir, tmp_path):
     """quantize_set(correct=False), which sdc-bench stages --quantize times, writes the graph
-    the export writes, node for node, with the correction's scales and biases left out: its
-    speed is the shipped graph's.  It fails if the switch corrects anyway, or skips more."""
+    the export writes, node for node and tensor for tensor (names, types, shapes), with the
+    correction's weights, scales and biases left out: its speed is the shipped graph's.  It
+    fails if the switch corrects anyway, or skips more."""
     import shutil
 
     from onnx import numpy_helper
@@ -214,8 +227,8 @@ def test_the_speed_bench_quantizes_the_same_graph_without_the_correction(model_s
     values = {c: {t.name: numpy_helper.to_array(t) for t in g.initializer} for c, g in graphs.items()}
     int32 = [name for name, v in values[True].items() if v.dtype == np.int32]  # the convolutions' biases
     assert int32 and any(not np.array_equal(values[True][n], values[False][n]) for n in int32)
-    int8 = [name for name, v in values[True].items() if v.dtype == np.int8]  # the weights themselves
-    assert int8 and all(np.array_equal(values[True][n], values[False][n]) for n in int8)
+    assert {n: (v.dtype, v.shape) for n, v in values[True].items()} == \
+        {n: (v.dtype, v.shape) for n, v in values[False].items()}
 
 
 def test_calibration_records_the_latents_of_the_default_effort(tae_set, calibration_dir):
@@ -247,11 +260,13 @@ def test_calibration_records_the_latents_of_the_default_effort(tae_set, calibrat
     (["--no-sweep"], 2, "apply to --int8 exports only"),
     (["--calibration-side", "0"], 2, "apply to --int8 exports only"),
     (["--int8", "--calibration", "CAL", "--calibration-side", "-1"], 2, "--calibration-side must be 0"),
-    (["--int8", "--calibration", ".", "--calibration-count", "1"], 2, "--calibration-count must be at least 2"),
+    (["--int8", "--calibration", ".", "--calibration-count", "2"], 2, "--calibration-count must be at least 3"),
+    (["--int8-weight-bits", "8"], 2, "apply to --int8 exports only"),
+    (["--int8", "--calibration", ".", "--int8-weight-bits", "4"], 2, "--int8-weight-bits must be 7 or 8"),
     (["--int8", "text_encoder", "--calibration", "CAL"], 1, "no text_encoder graph"),
     (["--int8", "unet", "--fp16", "--keep-fp32", "unet", "--calibration", "CAL"], 1, "both --int8 and --keep-fp32"),
     (["--int8", "--calibration", "/nonexistent"], 1, "is not a folder"),
-    (["--int8", "--calibration", "EMPTY"], 1, "needs at least 2 images"),
+    (["--int8", "--calibration", "EMPTY"], 1, "needs at least 3 images"),
 ])
 def test_int8_options_are_checked(tiny_sd, calibration_dir, tmp_path, extra, code, needle):
     (tmp_path / "empty").mkdir()
@@ -303,3 +318,98 @@ def test_calibration_images_are_crops_or_whole(tmp_path):
     assert [im.shape for im in calibration_images(str(tmp_path), 8, 0)] == [(200, 300, 3), (120, 100, 3)]
     whole = np.asarray(Image.open(tmp_path / "0.png").convert("RGB"))
     assert np.array_equal(calibration_images(str(tmp_path), 8, 0)[0], whole)
+
+
+def _reference_gptq(weights, scale, top, hessian):
+    """GPTQ as its optimal-brain-quantizer derivation states it, slowly: round one column, then
+    move the columns not yet rounded by the rounding error times the row of the inverse
+    Hessian *of those columns and this one*, recomputed at each step (no Cholesky factor, no
+    lazy blocks)."""
+    work = weights / scale[:, None]
+    rounded = np.zeros_like(work)
+    for i in range(work.shape[1]):
+        inverse = np.linalg.inv(hessian[i:, i:])
+        rounded[:, i] = np.clip(np.rint(work[:, i]), -top, top)
+        error = work[:, i] - rounded[:, i]
+        work[:, i + 1:] -= np.outer(error / inverse[0, 0], inverse[0, 1:])
+    return rounded
+
+
+def test_gptq_rounding_matches_its_slow_reference():
+    from sdc_export.quantize import gptq_round
+
+    rng = np.random.default_rng(1)
+    inputs = rng.standard_normal((400, 12)) @ rng.standard_normal((12, 12))  # correlated columns
+    hessian = inputs.T @ inputs / len(inputs) + 0.01 * np.eye(12)
+    weights = rng.standard_normal((5, 12))
+    scale = np.abs(weights).max(1) / 63
+    expected = _reference_gptq(weights, scale, 63, hessian)
+    for block in (128, 5):  # one block, and lazy updates across blocks
+        np.testing.assert_array_equal(gptq_round(weights, scale, 63, hessian, block=block), expected)
+    assert np.abs(expected).max() <= 63
+    # It rounds for the output, not the weights: a smaller output error than rounding to nearest.
+    nearest = np.rint(weights / scale[:, None])
+
+    def output_error(q):
+        return float(np.square(inputs @ (q * scale[:, None] - weights).T).sum())
+    assert output_error(expected) < output_error(nearest)
+
+
+@pytest.mark.parametrize("strides,pads,dilations", [((1, 1), (1, 1, 1, 1), (1, 1)), ((2, 2), (0, 1, 1, 0), (1, 1)),
+                                                    ((1, 2), (2, 2, 2, 2), (2, 2))])
+def test_conv_rows_are_the_convolution_s_patches(strides, pads, dilations):
+    """Each row of patches times the weights gives the convolution's output at that position
+    (torch's conv2d is the reference), for strides, asymmetric padding and dilation."""
+    import torch
+    from sdc_export.quantize import ConvGeometry, conv_rows
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 9, 10)).astype(np.float32)
+    weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    top, left, bottom, right = pads
+    padded = torch.nn.functional.pad(torch.from_numpy(x), (left, right, top, bottom))
+    y = torch.nn.functional.conv2d(padded, torch.from_numpy(weight), stride=strides, dilation=dilations).numpy()
+    geometry = ConvGeometry((3, 3), strides, dilations, pads)
+    for count in (7, 10 ** 6):  # a sample, and every position
+        chunks = list(conv_rows(x, y, count, np.random.default_rng(0), geometry=geometry))
+        rows_x = np.concatenate([c[0] for c in chunks])
+        rows_y = np.concatenate([c[1] for c in chunks])
+        assert len(rows_x) == min(count, y.shape[0] * y.shape[2] * y.shape[3])
+        np.testing.assert_allclose(rows_x @ weight.reshape(4, -1).T.astype(np.float64), rows_y, atol=1e-4)
+
+
+def test_the_refit_recovers_a_convolution_from_its_inputs_and_outputs():
+    """Given inputs and the outputs of a known convolution, fit_weights returns integer
+    weights (within [-64, 64] for 7 bits) and a bias whose output is closer to those outputs
+    than the known weights rounded to nearest at the same bits; the Moments it fits from
+    give each candidate's squared error as the rows themselves do."""
+    import torch
+    from sdc_export.quantize import ConvGeometry, Moments, conv_rows, fit_gain_offset, fit_weights
+
+    rng = np.random.default_rng(3)
+    true_weight = rng.standard_normal((6, 4, 3, 3)) * 0.1
+    true_bias = rng.standard_normal(6)
+    x = (rng.standard_normal((3, 4, 16, 16)) + 3).astype(np.float32)  # a mean for the bias to carry
+    y = (torch.nn.functional.conv2d(torch.from_numpy(x).double(), torch.from_numpy(true_weight), padding=1).numpy()
+         + true_bias[None, :, None, None])
+    step = np.abs(true_weight).reshape(6, -1).max(1) / 64
+    nearest = np.rint(true_weight.reshape(6, -1) / step[:, None]) * step[:, None]
+    rows_x, rows_y = map(np.concatenate, zip(*conv_rows(x, y, 10 ** 6, np.random.default_rng(0),
+                                                          geometry=ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)))))
+    moments = Moments(36, 6)
+    moments.add(rows_x, rows_y)
+    rounded, scale, bias = fit_weights(moments, nearest, 7, intercept=True)
+    assert np.abs(rounded).max() == 64 and np.array_equal(rounded, np.rint(rounded))
+
+    def error(weights, offset):
+        return float(np.mean(np.sum(np.square(rows_y - rows_x @ weights.T - offset), 1)))
+    refitted = rounded * scale[:, None]
+    assert error(refitted, bias) < error(nearest, true_bias)
+    for candidate in ((refitted, bias), (nearest, true_bias)):
+        np.testing.assert_allclose(moments.error(*candidate), error(*candidate), rtol=1e-6)
+    # The other candidate, a least-squares gain and offset on the rounded weights: no worse than
+    # the true bias, and both candidates' errors as the Moments compute them.
+    gain, offset = fit_gain_offset(moments.of_layer(nearest))
+    assert error(nearest * gain[:, None], offset) <= error(nearest, true_bias)
+    np.testing.assert_allclose(moments.error(nearest * gain[:, None], offset), error(nearest * gain[:, None], offset),
+                               rtol=1e-6)

@@ -62,15 +62,15 @@ def test_a_missing_graph_is_a_model_error(tae_set):
         NeuralStages(tae_set).predict(np.zeros((1, 4, 2, 2), np.float32), np.zeros(1, np.float32))
 
 
-def _saturating_int8_conv(channels: int) -> bytes:
+def _saturating_int8_conv(channels: int, weight: int = 127) -> bytes:
     """A QDQ graph that ONNX Runtime runs as one int8 convolution (uint8 activations, int8
-    weights, 1x1 kernel): every input 255, every weight 127, the output step one 255th of the
-    exact sum, so the output level is exact only if no partial sum was clipped."""
+    weights, 1x1 kernel): every input 255, every weight ``weight``, the output step one 255th
+    of the exact sum, so the output level is exact only if no partial sum was clipped."""
     from onnx import TensorProto, helper, numpy_helper
 
-    exact = channels * 255 * 127
+    exact = channels * 255 * weight
     initializers = [numpy_helper.from_array(np.float32(1), "unit"), numpy_helper.from_array(np.uint8(0), "zero"),
-                    numpy_helper.from_array(np.full((channels, channels, 1, 1), 127, np.int8), "w"),
+                    numpy_helper.from_array(np.full((channels, channels, 1, 1), weight, np.int8), "w"),
                     numpy_helper.from_array(np.ones(channels, np.float32), "w_scale"),
                     numpy_helper.from_array(np.zeros(channels, np.int8), "w_zero"),
                     numpy_helper.from_array(np.float32(exact / 255), "y_scale")]
@@ -105,3 +105,33 @@ def test_int8_convolutions_are_exact_on_every_cpu(tae_set):
     options = stages.session(stages.manifest.graphs["vae_decoder"].file).get_session_options()
     assert options.get_session_config_entry("session.x64quantprecision") == "1"
     assert not options.enable_cpu_mem_arena
+
+
+def test_seven_bit_int8_graphs_run_exact_on_the_fast_kernels(tae_set, tmp_path):
+    """Weights within [-64, 64] keep a pair of u8 x s8 products (at most 2 x 255 x 64) within
+    16 bits, so the CPUs' fast kernels are exact for them: the runtime opens graphs whose
+    manifest says ``weight_bits`` 7 without the exact kernels, and 8-bit ones (and sets that
+    do not say) with them."""
+    import json
+    import shutil
+
+    import onnxruntime as ort
+
+    from sdc_runtime.neural import session_options
+
+    channels = 64
+    fast = ort.InferenceSession(_saturating_int8_conv(channels, 64), session_options(exact_int8=False),
+                                providers=["CPUExecutionProvider"])
+    out = fast.run(None, {"x": np.full((1, channels, 4, 4), 255, np.float32)})[0]
+    np.testing.assert_array_equal(out, np.float32(channels * 255 * 64))
+
+    folder = tmp_path / "set"
+    shutil.copytree(tae_set, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for role, bits in (("vae_decoder", 7), ("vae_encoder", 8)):  # the manifest is all the runtime reads here
+        manifest["graphs"][role].update(precision="int8", weight_bits=bits)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    stages = NeuralStages(folder)
+    entries = {role: stages.session(stages.manifest.graphs[role].file).get_session_options()
+               .get_session_config_entry("session.x64quantprecision") for role in ("vae_decoder", "vae_encoder")}
+    assert entries == {"vae_decoder": "0", "vae_encoder": "1"}
