@@ -1,5 +1,5 @@
 """sdc-export --model SRC --out DIR [--fp16 [--keep-fp32 GRAPHS] [--fp32-fallback]]
-[--int8 [GRAPHS] --calibration DIR [--calibration-count N]] [--opset N] [--force]"""
+[--int8 [GRAPHS] --calibration DIR [--calibration-count N] [--int8-weight-bits 7|8]] [--opset N] [--force]"""
 from __future__ import annotations
 
 import argparse
@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", metavar="DIR", default=None,
                    help="with --int8: a folder of images (photos like the ones to compress) to calibrate on")
     p.add_argument("--calibration-count", type=int, default=8, metavar="N",
-                   help="with --int8: calibrate on the first N images of DIR, the last held out for parity"
-                        " (default 8)")
+                   help="with --int8: calibrate on the first N images of DIR (at least 3), the last held out"
+                        " for parity (default 8)")
     p.add_argument("--calibration-side", type=int, default=None, metavar="N",
                    help="with --int8: calibrate on centre crops of N pixels (default 256; 0: whole images, a"
                         " slower export)")

@@ -287,8 +287,9 @@ def test_taef2_int8_decoder_keeps_quality_on_kodak(taef2_set, tmp_path, monkeypa
     from sdc_export.cli import main
     from sdc_runtime import SdcCodec
 
-    # A reduced calibration for CI time: 4 feeds for the fit, and the two qualities measured
-    # below (the export's 10 feeds and five qualities are what BENCHMARKS.md measures).
+    # A reduced calibration for CI time: 4 feeds for the fit, the two qualities measured below,
+    # and no sweep (the export's 10 feeds, five qualities and sweep are what BENCHMARKS.md
+    # measures; the tiny SD export tests the sweep).
     monkeypatch.setattr(quantize, "CORRECTION_FEEDS", 4)
     monkeypatch.setattr(quantize, "CALIBRATION_QUALITIES", (10, 60))
     calibration = tmp_path / "calibration"
@@ -297,7 +298,7 @@ def test_taef2_int8_decoder_keeps_quality_on_kodak(taef2_set, tmp_path, monkeypa
         os.symlink(os.path.join(KODAK, f"kodim{i}.png"), calibration / f"kodim{i}.png")
     out = tmp_path / "taef2-int8"
     assert main(["--model", TAEF2, "--out", str(out), "--quiet", "--int8", "--calibration", str(calibration),
-                 "--calibration-count", "3"]) == 0
+                 "--calibration-count", "3", "--no-sweep"]) == 0
     fp32, int8 = SdcCodec(taef2_set), SdcCodec(str(out))
     assert os.path.getsize(out / "vae_decoder.onnx") <= 0.3 * os.path.getsize(os.path.join(taef2_set, "vae_decoder.onnx"))
     for name in ("kodim01", "kodim07"):
@@ -311,11 +312,13 @@ def test_taef2_int8_decoder_keeps_quality_on_kodak(taef2_set, tmp_path, monkeypa
 def test_calibration_images_are_crops_or_whole(tmp_path):
     from sdc_export.quantize import calibration_images
 
-    for i, size in enumerate([(300, 200), (100, 120)]):
+    for i, size in enumerate([(300, 200), (100, 120), (160, 90)]):
         make_image(*size, seed=i).save(tmp_path / f"{i}.png")
     (tmp_path / "notes.txt").write_text("not an image")
-    assert [im.shape for im in calibration_images(str(tmp_path), 8, 150)] == [(150, 150, 3), (120, 100, 3)]
-    assert [im.shape for im in calibration_images(str(tmp_path), 8, 0)] == [(200, 300, 3), (120, 100, 3)]
+    assert [im.shape for im in calibration_images(str(tmp_path), 8, 150)] == [(150, 150, 3), (120, 100, 3),
+                                                                              (90, 150, 3)]
+    assert [im.shape for im in calibration_images(str(tmp_path), 8, 0)] == [(200, 300, 3), (120, 100, 3),
+                                                                            (90, 160, 3)]
     whole = np.asarray(Image.open(tmp_path / "0.png").convert("RGB"))
     assert np.array_equal(calibration_images(str(tmp_path), 8, 0)[0], whole)
 
