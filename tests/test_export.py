@@ -368,7 +368,7 @@ def test_a_tae_set_ships_its_decoder_gradient_in_fp32(tae_set, taesd_random, tmp
     assert fp16.graphs["decoder_gradient"].precision == "fp32" and fp16.graphs["vae_decoder"].precision == "fp16"
     calibration = tmp_path / "calibration"
     calibration.mkdir()
-    for seed in range(2):
+    for seed in range(3):
         make_image(64, 64, seed).save(calibration / f"{seed}.png")
     result = run_cli("sdc-export", "--model", taesd_random, "--out", str(tmp_path / "x"), "--quiet",
                      "--int8", "decoder_gradient", "--calibration", str(calibration))

@@ -168,14 +168,16 @@ def test_the_correction_fits_each_int8_convolution_to_fp32(model_set, calibratio
 
     if not refit:
         monkeypatch.setattr(quantize, "MAX_REFIT_COLUMNS", 0)
-    feeds = record_graph_inputs(model_set, calibration_images(calibration_dir, 3))["vae_decoder.onnx"]
+    images = calibration_images(calibration_dir, 3)
+    fitted, checks = (record_graph_inputs(model_set, group)["vae_decoder.onnx"] for group in (images[:2], images[2:]))
+    feeds = fitted + checks
     fp32 = with_conv_biases(os.path.join(model_set, "vae_decoder.onnx"), str(tmp_path))
     plain, corrected = str(tmp_path / "plain.onnx"), str(tmp_path / "corrected.onnx")
     quantize_file(fp32, plain, feeds, str(tmp_path / "ranges.json"))
     shutil.copy(plain, corrected)
     quantized, _ = _int8_weights(plain)
     fitted_ops = ("Conv", "MatMul") if refit else ("Conv",)
-    assert correct_layers(fp32, corrected, feeds) == sum(
+    assert correct_layers(fp32, corrected, fitted, checks) == sum(
         1 for n in onnx.load(plain).graph.node if n.op_type in fitted_ops and n.name in quantized) > 3
     before, after = onnx.load(plain).graph.node, onnx.load(corrected).graph.node
     assert [(n.op_type, list(n.input)) for n in before] == [(n.op_type, list(n.input)) for n in after]
@@ -187,8 +189,8 @@ def test_the_correction_fits_each_int8_convolution_to_fp32(model_set, calibratio
         expose_outputs(model, [first.output[0]])
         session = ort.InferenceSession(model.SerializeToString(), session_options(),
                                        providers=["CPUExecutionProvider"])
-        fitted = correction_feeds(feeds)  # the feeds the fit saw
-        values[name] = np.concatenate([channels_first(session.run([first.output[0]], f)[0]) for f in fitted], axis=1)
+        seen = correction_feeds(fitted)  # the feeds the fit saw
+        values[name] = np.concatenate([channels_first(session.run([first.output[0]], f)[0]) for f in seen], axis=1)
     means = {name: v.mean(axis=1) for name, v in values.items()}
     plain_error = np.abs(means["plain"] - means["fp32"]).max()
     corrected_error = np.abs(means["corrected"] - means["fp32"]).max()
