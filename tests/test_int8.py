@@ -280,11 +280,12 @@ def test_int8_options_are_checked(tiny_sd, calibration_dir, tmp_path, extra, cod
 
 @needs_shared
 def test_taef2_int8_decoder_keeps_quality_on_kodak(taef2_set, tmp_path, monkeypatch):
-    """The quality floor on real weights: calibrated on Kodak 13-15, measured on kodim01 and
-    kodim07 (disjoint), on effort-0 files.  With the convolution correction these measured
-    -0.09 to 0.00 dB at Q10 and Q60 (10 feeds, calibrated on effort-0 files); without it, 0.03
-    to 0.32 dB, so the floor fails if the correction is lost (Kodak-24, 12 calibration images:
-    0.12 dB mean at u8; at the default effort 0.38, BENCHMARKS.md §8)."""
+    """The quality floor on real weights: the export's default (7-bit weights, layers refitted
+    or gained and offset by the check image), calibrated on Kodak 13-15 (fitted on 13, checked
+    on 14, 15 held out for parity), measured on kodim01 and kodim07 (disjoint), on effort-0
+    files.  With the earlier gain-and-offset correction alone these measured -0.09 to 0.00 dB
+    at Q10 and Q60, and without any correction 0.03 to 0.32 dB, so the floor fails if the
+    correction is lost (BENCHMARKS.md §8)."""
     from sdc_export import quantize
     from sdc_export.cli import main
     from sdc_runtime import SdcCodec
