@@ -64,13 +64,13 @@ MAX_SWEEP_UNITS = 24
 SWEEP_FEEDS = 6
 # The per-channel correction of the int8 convolutions: fitted on this many calibration feeds,
 # evenly spaced, and never moving a channel's gain by more than MAX_GAIN_CHANGE (measured gains
-# moved by at most 0.06).  It costs one run of the fp32 and of the int8 graph per feed per
-# convolution.  On Kodak-24 (BENCHMARKS.md §8) 4 feeds left the worst image at 0.61 dB of u8
-# loss and 10 at 0.57, within the 0.6 dB target.
+# moved by at most 0.06).  It costs one run of the fp32 and of the int8 graph per feed.  On
+# Kodak-24 (BENCHMARKS.md §8) 4 feeds left the worst image at 0.61 dB of u8 loss and 10 at
+# 0.57, within the 0.6 dB target.
 CORRECTION_FEEDS = 10
 MAX_GAIN_CHANGE = 0.1
 # The feeds of the check image that choose each layer's fit (correct_layers): a choice between
-# two candidates needs fewer than a fit, and each costs a run per layer.
+# two candidates needs fewer than a fit.
 CHECK_FEEDS = 4
 # The refit of a layer's weights (correct_layers): layers with at most MAX_REFIT_COLUMNS
 # weights per output channel (the SD VAE's 512 channels x 3x3), fitted on
@@ -424,22 +424,16 @@ def correct_layers(fp32: str, int8: str, feeds: list[dict], checks: list[dict], 
     corrected) feed it.  The graph keeps its nodes, shapes and kernels: only int8 weights,
     their scales and the int32 biases change.  Returns how many layers were corrected.
 
-    Each layer of at most MAX_REFIT_COLUMNS weights per output channel has two candidate fits:
-    its weights and bias refitted whole, rounded to ``weight_bits`` by GPTQ (``fit_weights``),
-    or a gain and offset per output channel on the quantizer's weights (``fit_gain_offset``; a
-    MatMul, without a bias, keeps its weights).  It keeps the one whose output is closer to
-    fp32's on ``checks``, the feeds of a calibration image the fits did not see: the refit has
-    ~K times the parameters and can learn the fitted images instead of the layer (measured on
-    the random tiny SD encoder: 22 dB SNR gained-and-offset, 16 dB refitted).  Wider
-    convolutions (a full-size UNet's, whose second moments would not fit memory) get the gain
-    and offset; wider MatMuls stay as quantized.
+    Each layer's candidates and the choice between them are ``fit_layer``'s, judged on
+    ``checks``, the feeds of a calibration image the fits did not see.  Both graphs are run
+    once over the feeds, a stretch between two layers at a time (``GraphStepper``), not once
+    per layer.
 
     Why: int8 activations and weights shift and shrink each channel's output systematically,
     and the errors add up over the layers; fitting each layer to undo what the ones before it
     did takes most of that out (BENCHMARKS.md §8).
     """
     import onnx
-    import onnxruntime as ort
     from onnx import numpy_helper
     from onnx.external_data_helper import load_external_data_for_model
     from sdc_runtime.neural import needs_exact_kernels, session_options
@@ -480,78 +474,188 @@ def correct_layers(fp32: str, int8: str, feeds: list[dict], checks: list[dict], 
     # The runtime's options: the correction fits the kernels the set will run on.
     options = session_options(exact_int8=needs_exact_kernels(weight_bits))
     options.log_severity_level = 3
-    # The fp32 graph with every corrected layer's output exposed; written beside it so that
-    # its external data (a UNet's) is found.
-    reference = onnx.load(fp32, load_external_data=False)
+    reference = onnx.load(fp32)
     # The quantizer renames a node's output where it was a graph output; names of nodes stay.
     fp32_output = {n.name: n.output[0] for n in reference.graph.node if n.op_type in ("Conv", "MatMul")}
-    expose_outputs(reference, sorted({fp32_output[node.name] for node, _, _ in layers}))
-    exposed = os.path.join(os.path.dirname(fp32), f".exposed-{os.getpid()}-{os.path.basename(fp32)}")
-    onnx.save(reference, exposed)
-    try:
-        fp32_session = ort.InferenceSession(exposed, options, providers=["CPUExecutionProvider"])
-        for node, (weight_name, weight_scale_name), bias_names in layers:
-            names = (weight_name, weight_scale_name) + (bias_names or ())
-            arrays = {name: numpy_helper.to_array(initializers[name]).astype(np.float64)
-                      for name in names}
-            weight = numpy_helper.to_array(initializers[weight_name])
-            geometry = _conv_geometry(node, weight.shape) if bias_names else None
-            rows_of = None
-            if bias_names is None:
-                rows_of = matmul_rows
-            elif geometry is not None and np.prod(weight.shape[1:]) <= MAX_REFIT_COLUMNS:
-                rows_of = functools.partial(conv_rows, geometry=geometry)
-            probe = onnx.ModelProto()
-            probe.CopyFrom(model)
-            fetched = node.input[0] if rows_of else node.output[0]
-            expose_outputs(probe, [fetched])
-            int8_session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-            def pairs(group):
-                for feed in group:
-                    yield int8_session.run([fetched], feed)[0], fp32_session.run([fp32_output[node.name]], feed)[0]
-
-            # The layer as quantized: weights (O, K) as the fits see them (MatMul's are (K, O)).
-            weight_scale = arrays[weight_scale_name]
-            if bias_names is None:
-                quantized = (arrays[weight_name] * weight_scale[None, :]).T
-                bias = np.zeros(len(quantized))
-            else:
-                quantized = arrays[weight_name].reshape(len(weight), -1) * weight_scale[:, None]
-                bias = arrays[bias_names[0]] * arrays[bias_names[1]]
-            if rows_of is None:  # a wide convolution: gain and offset from its int8 outputs
-                gain, offset = fit_gain_offset(output_moments(pairs(used), bias))
-                values = _gain_offset_values(gain, offset, weight_scale, arrays[bias_names[1]])
-            else:
-                fit, check = (layer_moments(pairs(group), rows_of, quantized.shape[1], len(quantized))
-                              for group in (used, checked))
-                rounded, scale, refit_bias = fit_weights(fit, quantized, weight_bits, intercept=bias_names is not None)
-                refit = (rounded * scale[:, None], refit_bias if bias_names else bias)
-                if bias_names is None:
-                    kept = (quantized, bias)
-                else:
-                    gain, offset = fit_gain_offset(fit.of_layer(quantized))
-                    kept = (quantized * gain[:, None], offset)
-                if check.error(*refit) < check.error(*kept):
-                    values = (rounded.astype(np.int8).reshape(weight.shape) if bias_names else rounded.T.astype(np.int8),
-                              scale.astype(np.float32))
-                    if bias_names:
-                        # The bias's scale is the input's times the weight's: keep that with the new scale.
-                        bias_scale = arrays[bias_names[1]] * scale / np.where(weight_scale > 0, weight_scale, 1.0)
-                        values += (_int32(refit_bias / bias_scale), bias_scale.astype(np.float32))
-                elif bias_names is None:
-                    values = (None, None)
-                else:
-                    values = _gain_offset_values(gain, offset, weight_scale, arrays[bias_names[1]])
-            for name, value in zip(names, values):
-                if value is not None:
-                    initializers[name].CopyFrom(numpy_helper.from_array(value, name))
-    finally:
-        os.remove(exposed)
+    int8_steps = GraphStepper(model, used + checked, options)
+    fp32_steps = GraphStepper(reference, used + checked, options,
+                              keep=[fp32_output[node.name] for node, _, _ in layers])
+    for node, weight_names, bias_names in layers:
+        names = weight_names + (bias_names or ())
+        arrays = {name: numpy_helper.to_array(initializers[name]) for name in names}
+        inputs = int8_steps.fetch(node.input[0])
+        targets = fp32_steps.fetch(fp32_output[node.name])
+        layer = Layer(node, *(arrays[name] for name in weight_names),
+                      *((arrays[name] for name in bias_names) if bias_names else (None, None)))
+        if layer.rows_of() is None:  # a wide convolution: fitted on its int8 outputs, not its rows
+            inputs = int8_steps.run_node(node, inputs[:len(used)])
+        fitted = fit_layer(layer, list(zip(inputs, targets)), len(used), weight_bits)
+        for name, value in zip(names, fitted):
+            if value is not None:
+                initializers[name].CopyFrom(numpy_helper.from_array(value, name))
     onnx.save(model, int8)  # one file: int8 weights are a quarter of fp32's, within protobuf's 2 GB
     for location in stored_apart:
         os.remove(os.path.join(os.path.dirname(int8), location))
     return len(layers)
+
+
+@dataclass
+class Layer:
+    """An int8 convolution (with its int32 bias) or MatMul (without one) of a QDQ graph, as
+    stored: integers and their per-output-channel scales."""
+
+    node: object  # its onnx NodeProto
+    weight: np.ndarray  # int8: a Conv's (O, C, kh, kw), a MatMul's (K, O)
+    weight_scale: np.ndarray  # (O,)
+    bias: np.ndarray | None  # int32 (O,)
+    bias_scale: np.ndarray | None  # (O,): the input's scale times the weight's
+
+    def rows_of(self):
+        """The function that draws a fit's rows from its (input, output) pairs; None for a
+        convolution the refit does not handle (too wide, grouped, or not 2-D)."""
+        if self.bias is None:
+            return matmul_rows
+        geometry = _conv_geometry(self.node, self.weight.shape)
+        if geometry is None or np.prod(self.weight.shape[1:]) > MAX_REFIT_COLUMNS:
+            return None
+        return functools.partial(conv_rows, geometry=geometry)
+
+    def dequantized(self) -> tuple[np.ndarray, np.ndarray]:
+        """(weights (O, K) as the fits see them, bias (O,)), float64."""
+        scale = self.weight_scale.astype(np.float64)
+        if self.bias is None:
+            return (self.weight * scale[None, :]).T, np.zeros(len(scale))
+        return (self.weight.reshape(len(self.weight), -1) * scale[:, None],
+                self.bias * self.bias_scale.astype(np.float64))
+
+
+def fit_layer(layer: Layer, pairs: list, fitted: int, weight_bits: int) -> tuple:
+    """New values for ``layer``'s (weight, weight scale[, bias, bias scale]), None where one
+    stays, fitted on the first ``fitted`` of ``pairs`` and chosen on the rest.  The pairs are
+    (its int8 input, its fp32 output) per feed; for a convolution ``rows_of`` does not handle,
+    (its int8 output, its fp32 output).
+
+    A layer ``rows_of`` handles has two candidate fits: its weights and bias refitted whole,
+    rounded to ``weight_bits`` by GPTQ (``fit_weights``), or a gain and offset per output
+    channel on the quantizer's weights (``fit_gain_offset``; a MatMul, without a bias, keeps
+    its weights).  It keeps the one whose output is closer to fp32's on the later pairs, which
+    the fits did not see: the refit has ~K times the parameters and can learn the fitted images
+    instead of the layer (measured on the random tiny SD encoder: 22 dB SNR gained-and-offset,
+    16 dB refitted).  The other convolutions (a full-size UNet's, whose second moments would not
+    fit memory) get the gain and offset."""
+    quantized, bias = layer.dequantized()
+    rows_of = layer.rows_of()
+    if rows_of is None:
+        gain, offset = fit_gain_offset(output_moments(pairs[:fitted], bias))
+        return _gain_offset_values(gain, offset, layer.weight_scale, layer.bias_scale)
+    fit, check = (layer_moments(group, rows_of, quantized.shape[1], len(quantized))
+                  for group in (pairs[:fitted], pairs[fitted:]))
+    has_bias = layer.bias is not None
+    rounded, scale, refit_bias = fit_weights(fit, quantized, weight_bits, intercept=has_bias)
+    refit = (rounded * scale[:, None], refit_bias if has_bias else bias)
+    if has_bias:
+        gain, offset = fit_gain_offset(fit.of_layer(quantized))
+        kept = (quantized * gain[:, None], offset)
+    else:
+        kept = (quantized, bias)
+    if check.error(*kept) <= check.error(*refit):
+        return _gain_offset_values(gain, offset, layer.weight_scale, layer.bias_scale) if has_bias else (None, None)
+    if not has_bias:
+        return rounded.T.astype(np.int8), scale.astype(np.float32)
+    # The bias's scale is the input's times the weight's: keep that with the new scale.
+    bias_scale = layer.bias_scale * scale / np.where(layer.weight_scale > 0, layer.weight_scale, 1.0)
+    return (rounded.astype(np.int8).reshape(layer.weight.shape), scale.astype(np.float32),
+            _int32(refit_bias / bias_scale), bias_scale.astype(np.float32))
+
+
+class GraphStepper:
+    """An ONNX graph run over a list of feeds a stretch of nodes at a time, in graph order,
+    keeping for each feed only the tensors that later nodes read (and ``keep``, until fetched).
+
+    Each stretch runs as a graph of its own, built when it runs from the initializers as they
+    are then: a layer corrected after its input was fetched runs corrected.  Nodes that read
+    only initializers (the weights' DequantizeLinear) run within every stretch that reads
+    them, never ahead of it, for the same reason."""
+
+    def __init__(self, model, feeds: list[dict], options, keep=()):
+        from onnx import AttributeProto
+
+        self.model, self.options = model, options
+        self.values = [dict(feed) for feed in feeds]
+        self.keep = set(keep)
+        self.initializers = {t.name: t for t in model.graph.initializer}
+        self.constant = {}  # output name -> its node, of the nodes that read only initializers
+        self.nodes = []  # the others, in graph order
+        self.position = {}  # output name -> index in self.nodes of the node that writes it
+        self.last_read = {}  # name -> index in self.nodes of the last node that reads it
+        for node in model.graph.node:
+            if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute):
+                raise ExportError(f"node {node.name} holds a subgraph ({node.op_type}): the int8 correction"
+                                  " cannot run its graph in stretches")
+            if all(not name or name in self.initializers or name in self.constant for name in node.input):
+                self.constant.update((name, node) for name in node.output)
+                continue
+            self.position.update((name, len(self.nodes)) for name in node.output)
+            self.last_read.update((name, len(self.nodes)) for name in node.input)
+            self.nodes.append(node)
+        self.last_read.update((o.name, len(self.nodes)) for o in model.graph.output)
+        self.order = {id(node): i for i, node in enumerate(model.graph.node)}
+        self.done = 0  # self.nodes[:done] have run
+
+    def fetch(self, name: str) -> list[np.ndarray]:
+        """The tensor ``name`` for each feed, running the nodes up to the one that writes it."""
+        stop = self.position.get(name, -1) + 1
+        if stop > self.done:
+            stretch = self.nodes[self.done:stop]
+            written = [out for node in stretch for out in node.output if out]
+            wanted = [out for out in written if self.last_read.get(out, -1) >= stop or out in self.keep or out == name]
+            self._run(stretch, wanted)
+            self.done = stop
+            for values in self.values:
+                for dead in [n for n in values if self.last_read.get(n, -1) < stop and n not in self.keep and n != name]:
+                    del values[dead]
+        self.keep.discard(name)
+        return [values[name] for values in self.values]
+
+    def run_node(self, node, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """``node``'s first output for each of ``inputs`` (its first input; the others initializers)."""
+        session, names = self._session([node], [node.output[0]], [{node.input[0]: inputs[0]}])
+        return [session.run(None, {names[0]: x})[0] for x in inputs]
+
+    def _run(self, stretch: list, wanted: list[str]) -> None:
+        if not wanted:
+            return
+        session, names = self._session(stretch, wanted, self.values)
+        for values in self.values:
+            values.update(zip(wanted, session.run(wanted, {name: values[name] for name in names})))
+
+    def _session(self, stretch: list, wanted: list[str], values: list[dict]):
+        """(a session of the graph of ``stretch`` and the constant nodes it reads, with outputs
+        ``wanted``, the names of its inputs); ``values`` hold the inputs' types."""
+        import onnx
+        import onnxruntime as ort
+        from onnx import helper
+
+        constants, pending = {}, [name for node in stretch for name in node.input if name in self.constant]
+        while pending:
+            node = self.constant[pending.pop()]
+            if id(node) not in constants:
+                constants[id(node)] = node
+                pending.extend(name for name in node.input if name in self.constant)
+        nodes = sorted(constants.values(), key=lambda n: self.order[id(n)]) + list(stretch)
+        written = {out for node in stretch for out in node.output}
+        names = sorted({name for node in stretch for name in node.input
+                        if name and name not in written and name not in self.initializers and name not in self.constant})
+        read = sorted({name for node in nodes for name in node.input if name in self.initializers})
+        graph = helper.make_graph(
+            nodes, "stretch",
+            [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(values[0][name].dtype), None)
+             for name in names],
+            [onnx.ValueInfoProto(name=name) for name in wanted],  # types as the nodes write them
+            [self.initializers[name] for name in read])
+        model = helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
+        model.functions.extend(self.model.functions)
+        return ort.InferenceSession(model.SerializeToString(), self.options, providers=["CPUExecutionProvider"]), names
 
 
 @dataclass(frozen=True)
@@ -737,17 +841,6 @@ def gptq_round(weights: np.ndarray, scale: np.ndarray, top: int, hessian: np.nda
 def correction_feeds(feeds: list[dict], count: int | None = None) -> list[dict]:
     """``count`` (default CORRECTION_FEEDS) or fewer evenly spaced feeds of ``feeds``."""
     return feeds[::max(1, math.ceil(len(feeds) / (count or CORRECTION_FEEDS)))]
-
-
-def expose_outputs(model, names) -> None:
-    """Make the float tensors ``names`` graph outputs of ``model`` (in place), those not already."""
-    import onnx
-    from onnx import helper
-
-    present = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in present:
-            model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
 
 
 def channels_first(output: np.ndarray) -> np.ndarray:
