@@ -422,3 +422,51 @@ def test_the_refit_recovers_a_convolution_from_its_inputs_and_outputs():
     assert error(nearest * gain[:, None], offset) <= error(nearest, true_bias)
     np.testing.assert_allclose(moments.error(nearest * gain[:, None], offset), error(nearest * gain[:, None], offset),
                                rtol=1e-6)
+
+
+def test_the_graph_stepper_matches_whole_graph_runs(model_set, calibration_dir, tmp_path):
+    """GraphStepper, which runs the correction's graphs a stretch at a time, gives each tensor
+    as a run of the whole graph with that tensor made an output would (its slow reference),
+    and a weight changed after a layer's input was fetched is the weight later stretches run
+    with.  Fails if a stretch runs the weights' DequantizeLinear ahead of its layer (stale
+    weights), or drops a tensor a later node reads."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+    from sdc_export.quantize import GraphStepper, calibration_images, quantize_file, record_graph_inputs
+    from sdc_runtime.neural import session_options
+
+    images = calibration_images(calibration_dir, 3)
+    feeds = record_graph_inputs(model_set, images[:1])["vae_decoder.onnx"][:3]
+    int8 = str(tmp_path / "int8.onnx")
+    quantize_file(os.path.join(model_set, "vae_decoder.onnx"), int8, feeds, str(tmp_path / "ranges.json"))
+    model = onnx.load(int8)
+    initializers = {t.name: t for t in model.graph.initializer}
+    producer = {out: n for n in model.graph.node for out in n.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv" and producer[n.input[1]].op_type == "DequantizeLinear"]
+    changed, later = convs[1], convs[-1]
+    scale_name = producer[changed.input[1]].input[1]
+
+    def whole(name):
+        reference = onnx.ModelProto()
+        reference.CopyFrom(model)
+        reference.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        session = ort.InferenceSession(reference.SerializeToString(), session_options(exact_int8=True),
+                                       providers=["CPUExecutionProvider"])
+        return [session.run([name], feed)[0] for feed in feeds]
+
+    def same(got, expected):
+        # Within float rounding; a stretch runs a convolution in float on its dequantized input
+        # where the whole graph may run it in int8, so a rare value can round to the next step.
+        return got.shape == expected.shape and np.mean(np.abs(got - expected) > 1e-4) < 1e-3
+
+    stepper = GraphStepper(model, feeds, session_options(exact_int8=True))
+    for name in (convs[0].input[0], changed.input[0]):
+        assert all(same(got, expected) for got, expected in zip(stepper.fetch(name), whole(name))), name
+    # Double the changed layer's weight scale, as a correction would after fitting it.
+    scale = numpy_helper.to_array(initializers[scale_name])
+    initializers[scale_name].CopyFrom(numpy_helper.from_array((scale * 2).astype(np.float32), scale_name))
+    with_change = whole(later.input[0])  # the model now holds the new scale, and so does this run
+    assert all(same(got, expected) for got, expected in zip(stepper.fetch(later.input[0]), with_change))
+    # And the change mattered: with the old scale that tensor differs.
+    initializers[scale_name].CopyFrom(numpy_helper.from_array(scale, scale_name))
+    assert not any(same(a, b) for a, b in zip(whole(later.input[0]), with_change))
