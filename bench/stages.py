@@ -212,13 +212,13 @@ def _quantized_copy(args) -> str:
         raise SystemExit("sdc-bench: error: --quantize needs --calibration DIR and --keep DIR")
     roles = tuple(r for r in args.quantize.split(",") if r)
     shutil.copytree(args.models, args.keep)
-    # Neither the sweep nor the correction: the correction changes scales and biases only, and
-    # on a full-size UNet its runs would take hours.
+    # Neither the sweep nor the correction: the correction changes weights, scales and biases
+    # only, and on a full-size UNet it is slow (second moments of up to 4608 inputs a layer).
     _, parity, _ = quantize_set(args.keep, roles, calibration_images(args.calibration, 3), sweep_nodes=False,
                                 correct=False, weight_bits=args.int8_weight_bits)
     _rewrite_precision(args.keep, roles, args.int8_weight_bits)
     for p in parity:
-        print(p.line())
+        print(p.line(), "(uncorrected graph, timed for speed; the export's parity is after the correction)")
     return args.keep
 
 
