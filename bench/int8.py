@@ -25,6 +25,7 @@ QUALITIES = {"palette": 10, "u8": 60}
 
 
 def add_parser(sub) -> None:
+    from sdc_export.quantize import CALIBRATION_SIDE, calibration_side
     from sdc_runtime.options import MAX_EFFORT
 
     p = sub.add_parser("int8", help="PSNR lost by int8 graphs, calibrated on disjoint images")
@@ -32,7 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--images", required=True, help="folder of images (at least 6)")
     p.add_argument("--limit", type=int, default=0, help="use the first N images only")
     p.add_argument("--int8", default="vae_decoder,vae_encoder", metavar="GRAPHS", help="graphs to quantize")
-    p.add_argument("--calibration-side", type=int, default=None, metavar="N",
+    p.add_argument("--calibration-side", type=calibration_side, default=CALIBRATION_SIDE, metavar="N",
                    help="calibrate on centre crops of N pixels (default: the export's, 256; 0: whole images)")
     p.add_argument("--no-sweep", action="store_true", help="quantize without the sensitivity sweep")
     add_weight_bits_option(p)
@@ -46,14 +47,11 @@ def run(args) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from sdc_export.quantize import CALIBRATION_SIDE, calibration_images, quantize_set
+    from sdc_export.quantize import calibration_images, quantize_set
     from sdc_runtime import SdcCodec
     from sdc_runtime.manifest import load_manifest
 
     roles = tuple(r for r in args.int8.split(",") if r)
-    side = CALIBRATION_SIDE if args.calibration_side is None else args.calibration_side
-    if side < 0:
-        raise SystemExit("sdc-bench: error: --calibration-side must be 0 (whole images) or a side in pixels")
     manifest = load_manifest(args.models)
     if any(g.precision != "fp32" for g in manifest.graphs.values()):
         raise SystemExit("sdc-bench: error: --models must be an fp32 model set")
@@ -78,7 +76,7 @@ def run(args) -> int:
             shutil.copytree(args.models, quantized)
             bar.set_description_str(f"quantize on {calibrate[0]}..{calibrate[-1]}")
             _, parity, sweeps = quantize_set(quantized, roles,
-                                             calibration_images(images, len(calibrate), side),
+                                             calibration_images(images, len(calibrate), args.calibration_side),
                                              sweep_nodes=not args.no_sweep, weight_bits=args.int8_weight_bits)
             _rewrite_precision(quantized, roles, args.int8_weight_bits)
             int8 = SdcCodec(quantized)

@@ -19,6 +19,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .quantize import calibration_side
+
     p = _Parser(prog=PROG, description="Export a Stable Diffusion checkpoint to an sdcodec ONNX model set.")
     p.add_argument("--model", required=True, metavar="SRC",
                    help="local diffusers Stable Diffusion folder, a hub id (honours HF_HUB_OFFLINE), "
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-count", type=int, default=8, metavar="N",
                    help="with --int8: calibrate on the first N images of DIR (at least 3), the last held out"
                         " for parity (default 8)")
-    p.add_argument("--calibration-side", type=int, default=None, metavar="N",
+    p.add_argument("--calibration-side", type=calibration_side, default=None, metavar="N",
                    help="with --int8: calibrate on centre crops of N pixels (default 256; 0: whole images, a"
                         " slower export)")
     p.add_argument("--int8-weight-bits", type=int, default=None, metavar="N",
@@ -96,8 +98,6 @@ def run(args) -> int:
         precision["int8"] = tuple(r for r in named if args.int8 != "default" or r != "tiny_decoder"
                                   or args.tiny_decoder)
         side = CALIBRATION_SIDE if args.calibration_side is None else args.calibration_side
-        if side < 0:
-            raise UsageError(f"--calibration-side must be 0 (whole images) or a side in pixels, not {side}")
         bits = DEFAULT_WEIGHT_BITS if args.int8_weight_bits is None else args.int8_weight_bits
         if bits not in WEIGHT_BITS:
             raise UsageError(f"--int8-weight-bits must be {' or '.join(map(str, WEIGHT_BITS))}, not {bits}")

@@ -114,6 +114,20 @@ class SweepResult:
     final_snr_db: float
 
 
+def calibration_side(text: str) -> int:
+    """The argparse type of --calibration-side, for sdc-export and sdc-bench alike: 0 (whole
+    images) or a crop's side in pixels."""
+    import argparse
+
+    try:
+        side = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of pixels, not {text!r}") from None
+    if side < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (whole images) or a side in pixels, not {side}")
+    return side
+
+
 def calibration_images(folder: str, count: int, side: int = CALIBRATION_SIDE) -> list[np.ndarray]:
     """The first ``count`` images of ``folder`` (sorted by name), centre-cropped to ``side``
     (smaller images, and every image with ``side`` 0, whole) as uint8 RGB."""

@@ -262,7 +262,7 @@ def test_calibration_records_the_latents_of_the_default_effort(tae_set, calibrat
     (["--calibration", "."], 2, "apply to --int8 exports only"),
     (["--no-sweep"], 2, "apply to --int8 exports only"),
     (["--calibration-side", "0"], 2, "apply to --int8 exports only"),
-    (["--int8", "--calibration", "CAL", "--calibration-side", "-1"], 2, "--calibration-side must be 0"),
+    (["--int8", "--calibration", "CAL", "--calibration-side", "-1"], 2, "argument --calibration-side: must be 0"),
     (["--int8", "--calibration", ".", "--calibration-count", "2"], 2, "--calibration-count must be at least 3"),
     (["--int8-weight-bits", "8"], 2, "apply to --int8 exports only"),
     (["--int8", "--calibration", ".", "--int8-weight-bits", "4"], 2, "--int8-weight-bits must be 7 or 8"),
