@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import logging
 import math
@@ -165,14 +166,25 @@ def record_graph_inputs(model_dir: str, images: list[np.ndarray], progress=None)
     from sdc_runtime import SdcCodec
     from sdc_runtime.neural import NeuralStages
 
+    # Each feed once: the encoder loop decodes the same unquantized latent at every quality,
+    # and an image no larger than a tile runs whole in the tiled pass too; a repeated feed
+    # would only crowd out others in the fits' picks.
+    seen: set[bytes] = set()
+
     class Recording(NeuralStages):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.feeds: dict[str, list[dict]] = defaultdict(list)
 
         def _run(self, file, *arrays):
-            names = [spec.name for spec in self.session(file).get_inputs()]
-            self.feeds[file].append({n: np.array(a, np.float32) for n, a in zip(names, arrays)})
+            digest = hashlib.blake2b(file.encode())
+            for a in arrays:
+                digest.update(repr(a.shape).encode())
+                digest.update(np.ascontiguousarray(a, np.float32).tobytes())
+            if digest.digest() not in seen:
+                seen.add(digest.digest())
+                names = [spec.name for spec in self.session(file).get_inputs()]
+                self.feeds[file].append({n: np.array(a, np.float32) for n, a in zip(names, arrays)})
             return super()._run(file, *arrays)
 
     feeds: dict[str, list[dict]] = defaultdict(list)
@@ -266,7 +278,9 @@ def quantize_file(src: str, dst: str, feeds: list[dict], cache: str, exclude=(),
                         extra_options={"CalibStridedMinMax": _stride(len(feeds))})
 
 
-def outputs(path: str, feeds: list[dict], weight_bits: int = DEFAULT_WEIGHT_BITS) -> list[np.ndarray]:
+def outputs(path: str, feeds: list[dict], weight_bits: int | None = None) -> list[np.ndarray]:
+    """The graph file's first output for each feed, float64; ``weight_bits`` of an int8 graph
+    (None for a float one) picks the kernels of its sessions."""
     import onnxruntime as ort
     from sdc_runtime.neural import needs_exact_kernels, session_options
 
@@ -313,7 +327,7 @@ def sweep(role: str, src: str, feeds: list[dict], scratch: str, progress=None, *
     measure the graph with all of them kept."""
     cache = os.path.join(scratch, "ranges.json")
     trial = os.path.join(scratch, "trial.onnx")
-    scored = feeds[::max(1, math.ceil(len(feeds) / SWEEP_FEEDS))]
+    scored = correction_feeds(feeds, SWEEP_FEEDS)
     reference = outputs(src, scored)
 
     def snr_with(exclude) -> float:
@@ -501,7 +515,7 @@ def correct_layers(fp32: str, int8: str, feeds: list[dict], checks: list[dict], 
         targets = fp32_steps.fetch(fp32_output[node.name])
         layer = Layer(node, *(arrays[name] for name in weight_names),
                       *((arrays[name] for name in bias_names) if bias_names else (None, None)))
-        if layer.rows_of() is None:  # a wide convolution: fitted on its int8 outputs, not its rows
+        if layer.rows_of is None:  # a wide convolution: fitted on its int8 outputs, not its rows
             inputs = int8_steps.run_node(node, inputs[:len(used)])
         fitted = fit_layer(layer, list(zip(inputs, targets)), len(used), weight_bits)
         for name, value in zip(names, fitted):
@@ -524,6 +538,7 @@ class Layer:
     bias: np.ndarray | None  # int32 (O,)
     bias_scale: np.ndarray | None  # (O,): the input's scale times the weight's
 
+    @functools.cached_property
     def rows_of(self):
         """The function that draws a fit's rows from its (input, output) pairs; None for a
         convolution the refit does not handle (too wide, grouped, or not 2-D)."""
@@ -558,7 +573,7 @@ def fit_layer(layer: Layer, pairs: list, fitted: int, weight_bits: int) -> tuple
     16 dB refitted).  The other convolutions (a full-size UNet's, whose second moments would not
     fit memory) get the gain and offset."""
     quantized, bias = layer.dequantized()
-    rows_of = layer.rows_of()
+    rows_of = layer.rows_of
     if rows_of is None:
         gain, offset = fit_gain_offset(output_moments(pairs[:fitted], bias))
         return _gain_offset_values(gain, offset, layer.weight_scale, layer.bias_scale)
@@ -633,19 +648,19 @@ class GraphStepper:
 
     def run_node(self, node, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """``node``'s first output for each of ``inputs`` (its first input; the others initializers)."""
-        session, names = self._session([node], [node.output[0]], [{node.input[0]: inputs[0]}])
+        session, names = self._session([node], [node.output[0]], {node.input[0]: inputs[0].dtype})
         return [session.run(None, {names[0]: x})[0] for x in inputs]
 
     def _run(self, stretch: list, wanted: list[str]) -> None:
         if not wanted:
             return
-        session, names = self._session(stretch, wanted, self.values)
+        session, names = self._session(stretch, wanted, {name: v.dtype for name, v in self.values[0].items()})
         for values in self.values:
             values.update(zip(wanted, session.run(wanted, {name: values[name] for name in names})))
 
-    def _session(self, stretch: list, wanted: list[str], values: list[dict]):
+    def _session(self, stretch: list, wanted: list[str], dtypes: dict):
         """(a session of the graph of ``stretch`` and the constant nodes it reads, with outputs
-        ``wanted``, the names of its inputs); ``values`` hold the inputs' types."""
+        ``wanted``, the names of its inputs); ``dtypes`` maps the inputs' names to their numpy types."""
         import onnx
         import onnxruntime as ort
         from onnx import helper
@@ -663,7 +678,7 @@ class GraphStepper:
         read = sorted({name for node in nodes for name in node.input if name in self.initializers})
         graph = helper.make_graph(
             nodes, "stretch",
-            [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(values[0][name].dtype), None)
+            [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtypes[name]), None)
              for name in names],
             [onnx.ValueInfoProto(name=name) for name in wanted],  # types as the nodes write them
             [self.initializers[name] for name in read])
@@ -700,15 +715,15 @@ def conv_rows(x: np.ndarray, y: np.ndarray, count: int, rng, *, geometry: ConvGe
     chosen = np.sort(rng.choice(positions, count, replace=False)) if count < positions else np.arange(positions)
     top, left, bottom, right = geometry.pads
     padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
-    ky = np.arange(geometry.kernel[0]) * geometry.dilations[0]
-    kx = np.arange(geometry.kernel[1]) * geometry.dilations[1]
+    (kh, kw), (dy, dx) = geometry.kernel, geometry.dilations
+    # Every window as a view (N, C, H', W', kh, kw): a chunk's patches are then one gather on
+    # three small index arrays, not on four of the patches' own size.
+    windows = np.lib.stride_tricks.sliding_window_view(
+        padded, ((kh - 1) * dy + 1, (kw - 1) * dx + 1), axis=(2, 3))[..., ::dy, ::dx]
     for chunk in np.array_split(chosen, max(1, len(chosen) // REFIT_CHUNK_ROWS)):
         b, rest = np.divmod(chunk, out_h * out_w)
         oy, ox = np.divmod(rest, out_w)
-        iy = (oy * geometry.strides[0])[:, None] + ky[None, :]  # (rows, kh)
-        ix = (ox * geometry.strides[1])[:, None] + kx[None, :]  # (rows, kw)
-        patches = padded[b[:, None, None, None], np.arange(x.shape[1])[None, :, None, None],
-                         iy[:, None, :, None], ix[:, None, None, :]]  # (rows, C, kh, kw)
+        patches = windows[b, :, oy * geometry.strides[0], ox * geometry.strides[1]]  # (rows, C, kh, kw)
         yield patches.reshape(len(chunk), -1).astype(np.float64), y[b, :, oy, ox].astype(np.float64)
 
 
@@ -853,8 +868,19 @@ def gptq_round(weights: np.ndarray, scale: np.ndarray, top: int, hessian: np.nda
 
 
 def correction_feeds(feeds: list[dict], count: int | None = None) -> list[dict]:
-    """``count`` (default CORRECTION_FEEDS) or fewer evenly spaced feeds of ``feeds``."""
-    return feeds[::max(1, math.ceil(len(feeds) / (count or CORRECTION_FEEDS)))]
+    """``count`` (default CORRECTION_FEEDS) of ``feeds``, or all if fewer: one drawn at random
+    (seeded) from each of ``count`` equal runs of the list, in order.
+
+    Why not a stride: the calibration records each image's feeds in one repeating order (per
+    quality, the encoder loop's decode of the unquantized latent, then the coded candidates),
+    and a stride that is a multiple of that period picks one kind of feed only.  The stride this
+    replaced fitted TAEF2's decoder on the unquantized latents alone (BENCHMARKS.md §8)."""
+    count = count or CORRECTION_FEEDS
+    if len(feeds) <= count:
+        return list(feeds)
+    starts = np.arange(count) * len(feeds) / count
+    picks = np.floor(starts + np.random.default_rng(0).random(count) * len(feeds) / count).astype(int)
+    return [feeds[i] for i in picks]
 
 
 def channels_first(output: np.ndarray) -> np.ndarray:

@@ -51,6 +51,20 @@ def _int8_weights(path) -> tuple[set, set]:
              or dequantized[n.input[1]] not in int8})
 
 
+def _tensor_per_feed(model, name: str, feeds: list[dict]) -> list[np.ndarray]:
+    """The tensor ``name`` of a run of the whole graph ``model`` (a ModelProto, left as it is)
+    on each feed, that tensor made an output: the slow reference of the correction's stepper."""
+    import onnxruntime as ort
+
+    from sdc_runtime.neural import session_options
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(probe.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    return [session.run([name], feed)[0] for feed in feeds]
+
+
 def test_the_manifest_records_precision(int8_sd, model_set):
     data = _manifest(int8_sd)
     assert {role: g["precision"] for role, g in data["graphs"].items()} == \
@@ -107,11 +121,16 @@ def test_int8_and_fp32_sets_cross_decode(int8_sd, model_set):
         assert psnr(int8.decode(data, denoise_steps=0), fp32.decode(data, denoise_steps=0)) > 24
 
 
-def test_export_prints_int8_parity_and_sweep(tiny_sd, calibration_dir, tmp_path):
-    result = run_cli("sdc-export", "--model", tiny_sd, "--out", str(tmp_path / "x"), "--quiet",
-                     "--int8", "--calibration", calibration_dir, "--calibration-count", "3")
-    assert result.returncode == 0, result.stderr.decode()
-    out = result.stdout.decode()
+def test_export_prints_int8_parity_and_sweep(tiny_sd, calibration_dir, tmp_path, monkeypatch, capsys):
+    from sdc_export import quantize
+    from sdc_export.cli import main
+
+    # For CI time, in-process and with gains and offsets only: what is checked here is the
+    # sweep, the parity lines and the manifest (the refit has its own tests).
+    monkeypatch.setattr(quantize, "MAX_REFIT_COLUMNS", 0)
+    assert main(["--model", tiny_sd, "--out", str(tmp_path / "x"), "--quiet",
+                 "--int8", "--calibration", calibration_dir, "--calibration-count", "3"]) == 0
+    out = capsys.readouterr().out
     assert "vae_decoder  int8: SNR" in out and "ok" in out
     assert "vae_decoder  int8 sweep:" in out
     data = _manifest(tmp_path / "x")
@@ -128,9 +147,11 @@ def test_export_prints_int8_parity_and_sweep(tiny_sd, calibration_dir, tmp_path)
         assert f"{node} (+{gain:.2f} dB)" in out
 
 
-def test_int8_combines_with_fp16(tiny_sd, calibration_dir, tmp_path):
+def test_int8_combines_with_fp16(tiny_sd, calibration_dir, tmp_path, monkeypatch):
+    from sdc_export import quantize
     from sdc_export.cli import main
 
+    monkeypatch.setattr(quantize, "MAX_REFIT_COLUMNS", 0)  # for CI time: the precisions are what is checked
     out = tmp_path / "mixed"
     assert main(["--model", tiny_sd, "--out", str(out), "--quiet", "--fp16", "--int8", "unet",
                  "--calibration", calibration_dir, "--calibration-count", "3", "--no-sweep"]) == 0
@@ -159,13 +180,11 @@ def test_the_correction_fits_each_int8_convolution_to_fp32(model_set, calibratio
     offset or the gain is applied with the wrong sign."""
     import shutil
 
-    import onnxruntime as ort
     from sdc_export import quantize
     from sdc_export.quantize import (
         calibration_images, channels_first, correct_layers, correction_feeds, outputs,
         quantize_file, record_graph_inputs, snr_db, with_conv_biases,
     )
-    from sdc_runtime.neural import session_options
 
     if not refit:
         monkeypatch.setattr(quantize, "MAX_REFIT_COLUMNS", 0)
@@ -184,14 +203,10 @@ def test_the_correction_fits_each_int8_convolution_to_fp32(model_set, calibratio
     assert [(n.op_type, list(n.input)) for n in before] == [(n.op_type, list(n.input)) for n in after]
 
     first = next(n for n in after if n.op_type == "Conv")
-    values = {}
-    for name, path in (("fp32", fp32), ("plain", plain), ("corrected", corrected)):
-        model = onnx.load(path)
-        model.graph.output.append(onnx.helper.make_tensor_value_info(first.output[0], onnx.TensorProto.FLOAT, None))
-        session = ort.InferenceSession(model.SerializeToString(), session_options(),
-                                       providers=["CPUExecutionProvider"])
-        seen = correction_feeds(fitted)  # the feeds the fit saw
-        values[name] = np.concatenate([channels_first(session.run([first.output[0]], f)[0]) for f in seen], axis=1)
+    seen = correction_feeds(fitted)  # the feeds the fit saw
+    values = {name: np.concatenate([channels_first(v) for v in _tensor_per_feed(onnx.load(path), first.output[0], seen)],
+                                   axis=1)
+              for name, path in (("fp32", fp32), ("plain", plain), ("corrected", corrected))}
     means = {name: v.mean(axis=1) for name, v in values.items()}
     plain_error = np.abs(means["plain"] - means["fp32"]).max()
     corrected_error = np.abs(means["corrected"] - means["fp32"]).max()
@@ -247,6 +262,8 @@ def test_calibration_records_the_latents_of_the_default_effort(tae_set, calibrat
     steps = []
     fed = [next(iter(feed.values()))[0] for feed in record_graph_inputs(tae_set, [rgb], steps.append)["vae_decoder.onnx"]]
     assert steps == ["calibrate 1/1", "calibrate tiled 1/1"]  # the export's progress, image by image
+    # Each feed once (the loop decodes the unquantized latent at every quality).
+    assert len({f.tobytes() for f in fed}) == len(fed)
     moved = 0
     for quality in CALIBRATION_QUALITIES:
         descended = codec.decode_latent(codec.encode(rgb, quality=quality))[1]
@@ -313,6 +330,23 @@ def test_taef2_int8_decoder_keeps_quality_on_kodak(taef2_set, tmp_path, monkeypa
             data = fp32.encode(image, quality=quality, effort=0)
             loss = psnr(image, fp32.decode(data)) - psnr(image, int8.decode(data))
             assert loss < 0.2, (name, quality, loss)
+
+
+@pytest.mark.parametrize("period", [5, 7, 25])
+def test_the_fits_draw_feeds_of_every_kind_across_the_calibration(period):
+    """correction_feeds on feeds recorded in a repeating order (as the calibration records them:
+    per image and quality, the loop's unquantized decode, then coded candidates): the picks are
+    distinct, in order, one from each tenth of the list, and not all of one kind.  A stride
+    (what it replaced) fails with a period of 5 or 25: it picked the unquantized decodes only."""
+    from sdc_export.quantize import correction_feeds
+
+    feeds = [{"index": i, "kind": i % period} for i in range(250)]
+    picks = correction_feeds(feeds, 10)
+    indices = [f["index"] for f in picks]
+    assert indices == sorted(set(indices)) and len(indices) == 10
+    assert [i // 25 for i in indices] == list(range(10))
+    assert len({f["kind"] for f in picks}) > 2
+    assert correction_feeds(feeds[:7], 10) == feeds[:7]
 
 
 def test_calibration_images_are_crops_or_whole(tmp_path):
@@ -430,7 +464,6 @@ def test_the_graph_stepper_matches_whole_graph_runs(model_set, calibration_dir, 
     and a weight changed after a layer's input was fetched is the weight later stretches run
     with.  Fails if a stretch runs the weights' DequantizeLinear ahead of its layer (stale
     weights), or drops a tensor a later node reads."""
-    import onnxruntime as ort
     from onnx import numpy_helper
     from sdc_export.quantize import GraphStepper, calibration_images, quantize_file, record_graph_inputs
     from sdc_runtime.neural import session_options
@@ -447,12 +480,7 @@ def test_the_graph_stepper_matches_whole_graph_runs(model_set, calibration_dir, 
     scale_name = producer[changed.input[1]].input[1]
 
     def whole(name):
-        reference = onnx.ModelProto()
-        reference.CopyFrom(model)
-        reference.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-        session = ort.InferenceSession(reference.SerializeToString(), session_options(exact_int8=True),
-                                       providers=["CPUExecutionProvider"])
-        return [session.run([name], feed)[0] for feed in feeds]
+        return _tensor_per_feed(model, name, feeds)
 
     def same(got, expected):
         # Within float rounding; a stretch runs a convolution in float on its dequantized input
