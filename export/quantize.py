@@ -167,8 +167,9 @@ def record_graph_inputs(model_dir: str, images: list[np.ndarray], progress=None)
     from sdc_runtime.neural import NeuralStages
 
     # Each feed once: the encoder loop decodes the same unquantized latent at every quality,
-    # and an image no larger than a tile runs whole in the tiled pass too; a repeated feed
-    # would only crowd out others in the fits' picks.
+    # the decode of a finished file repeats the loop's decode of its candidate, and an image
+    # no larger than a tile runs whole in the tiled pass too; a repeated feed would only
+    # crowd out others in the fits' picks.
     seen: set[bytes] = set()
 
     class Recording(NeuralStages):
