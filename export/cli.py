@@ -67,9 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from .modelset import export_stable_diffusion, export_tae, prepare_output
-    from .sources import check_source, load_stable_diffusion
-    from .tae import find_pair
+    from .inputs import check_source, find_pair, prepare_output
 
     if not 14 <= args.opset <= 21:
         raise ExportError(f"opset {args.opset} is not supported (14..21)")
@@ -112,6 +110,10 @@ def run(args) -> int:
     if args.tiny_decoder and not os.path.isdir(args.tiny_decoder):
         raise ExportError(f"--tiny-decoder {args.tiny_decoder} is not a folder")
     prepare_output(args.out, args.force)  # fail before the slow load
+    # Only now the imports of torch and the exporters (seconds): every check above answers at once.
+    from .modelset import export_stable_diffusion, export_tae
+    from .sources import load_stable_diffusion
+
     started = time.perf_counter()
     bar = tqdm(total=12, desc="load", file=sys.stderr, disable=args.quiet, bar_format="{desc:<24} {bar} {elapsed}")
 

@@ -16,6 +16,7 @@ from sdc_runtime.manifest import MANIFEST_NAME, Graph, Manifest, Scheduler, sha2
 from sdc_runtime.options import EncoderDefaults, QualityPoint
 
 from . import DEFAULT_OPSET, ExportError
+from .inputs import prepare_output
 from .graphs import (
     GraphSpec, UNetEmptyPrompt, VaeDecoder, VaeEncoder, check_parity,
     convert_fp16, export_graph,
@@ -289,18 +290,6 @@ def _write_manifest(folder: str, describe, precisions: dict[str, str], parts: di
     with open(os.path.join(folder, MANIFEST_NAME), "w", encoding="utf-8") as fh:
         fh.write(manifest.to_json())
     return manifest
-
-
-def prepare_output(out: str, force: bool) -> None:
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ExportError(f"{out} exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not force:
-        raise ExportError(f"{out} is not empty (use --force to replace it)")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise ExportError(f"cannot write {out}: {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write {out}: {parent} is not writable")
 
 
 def _step(progress, text: str) -> None:

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from dataclasses import dataclass
 
 import torch
 
 from . import ExportError
+from .inputs import check_source
 
-SD_SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -21,29 +19,6 @@ class StableDiffusionParts:
     empty_prompt_embedding: torch.Tensor  # (1, tokens, width): the text encoder's output for ""
     scheduler_config: dict
     source: dict
-
-
-def check_source(src: str) -> str:
-    """'folder' or 'hub'; raises ExportError naming what is wrong with SRC."""
-    if os.path.isdir(src):
-        if not os.path.isfile(os.path.join(src, "model_index.json")):
-            raise ExportError(f"{src} is not a diffusers Stable Diffusion folder (no model_index.json)")
-        missing = [d for d in SD_SUBFOLDERS if not os.path.isdir(os.path.join(src, d))]
-        if missing:
-            raise ExportError(f"{src} lacks the subfolder{'s' if len(missing) > 1 else ''} {', '.join(m + '/' for m in missing)}")
-        return "folder"
-    if os.path.exists(src):
-        raise ExportError(f"{src} is a file, not a diffusers folder")
-    if _HUB_ID.match(src):
-        from huggingface_hub import constants, try_to_load_from_cache
-
-        # Offline, a hub id not in the local cache can only fail: say so now, not after the
-        # loaders' retries.
-        if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(src, "model_index.json"), str):
-            raise ExportError(f"{src} is not found locally (offline: HF_HUB_OFFLINE is set); "
-                              "pass a local diffusers folder or go online once to cache it")
-        return "hub"
-    raise ExportError(f"{src} is neither a folder nor a hub id (owner/name)")
 
 
 def load_stable_diffusion(src: str, *, revision: str | None = None) -> StableDiffusionParts:

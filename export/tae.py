@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import ExportError
+from .inputs import find_pair
 
 WIDTH = 64
 
@@ -73,20 +74,6 @@ def tae_splits(encoder: nn.Sequential, decoder: nn.Sequential) -> tuple[int | No
     encoder_pooled = [i for i, m in enumerate(encoder) if pooled(m)]
     decoder_pooled = [i for i, m in enumerate(decoder) if pooled(m)]
     return (encoder_pooled[0] if encoder_pooled else None, decoder_pooled[-1] + 1 if decoder_pooled else None)
-
-
-def find_pair(folder: str) -> tuple[str, str] | None:
-    """The (encoder, decoder) .pth files of a TAESD-format folder, or None if it is not one."""
-    if not os.path.isdir(folder):
-        return None
-    encoders = sorted(glob.glob(os.path.join(folder, "*_encoder.pth")))
-    decoders = sorted(glob.glob(os.path.join(folder, "*_decoder.pth")))
-    if not encoders and not decoders:
-        return None
-    if len(encoders) != 1 or len(decoders) != 1:
-        raise ExportError(f"{folder} must hold exactly one *_encoder.pth and one *_decoder.pth "
-                          f"(found {len(encoders)} and {len(decoders)})")
-    return encoders[0], decoders[0]
 
 
 def _state_dict(path: str) -> dict:
