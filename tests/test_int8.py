@@ -125,9 +125,11 @@ def test_export_prints_int8_parity_and_sweep(tiny_sd, calibration_dir, tmp_path,
     from sdc_export import quantize
     from sdc_export.cli import main
 
-    # For CI time, in-process and with gains and offsets only: what is checked here is the
-    # sweep, the parity lines and the manifest (the refit has its own tests).
+    # For CI time, in-process, with gains and offsets only (the refit has its own tests) and
+    # the sweep over at most 8 blocks: what is checked here is the sweep, the parity lines and
+    # the manifest.
     monkeypatch.setattr(quantize, "MAX_REFIT_COLUMNS", 0)
+    monkeypatch.setattr(quantize, "MAX_SWEEP_UNITS", 8)
     assert main(["--model", tiny_sd, "--out", str(tmp_path / "x"), "--quiet",
                  "--int8", "--calibration", calibration_dir, "--calibration-count", "3"]) == 0
     out = capsys.readouterr().out
