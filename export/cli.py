@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from .inputs import check_source, find_pair, prepare_output
+    from .inputs import check_precision_roles, check_source, export_roles, find_pair, prepare_output
 
     if not 14 <= args.opset <= 21:
         raise ExportError(f"opset {args.opset} is not supported (14..21)")
@@ -109,6 +109,7 @@ def run(args) -> int:
         check_source(args.model)
     if args.tiny_decoder and not os.path.isdir(args.tiny_decoder):
         raise ExportError(f"--tiny-decoder {args.tiny_decoder} is not a folder")
+    check_precision_roles(export_roles(is_tae, bool(args.tiny_decoder)), keep_fp32, precision.get("int8", ()))
     prepare_output(args.out, args.force)  # fail before the slow load
     # Only now the imports of torch and the exporters (seconds): every check above answers at once.
     from .modelset import export_stable_diffusion, export_tae

@@ -1,5 +1,6 @@
 """What an export checks before it loads anything: the source (a TAESD-format pair or a
-diffusers Stable Diffusion folder or hub id) and the output folder.  Without torch, so that
+diffusers Stable Diffusion folder or hub id), the graphs its precision options name, and the
+output folder.  Without torch, so that
 a mistyped path or a full folder is reported at once, not after seconds of imports."""
 from __future__ import annotations
 
@@ -60,3 +61,31 @@ def prepare_output(out: str, force: bool) -> None:
         raise ExportError(f"cannot write {out}: {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(f"cannot write {out}: {parent} is not writable")
+
+
+# The graphs each kind of export writes (modelset's specs; a test holds the two together), so
+# that the graphs --int8 and --keep-fp32 name are checked before the model loads.
+SD_ROLES = ("vae_encoder", "vae_decoder", "unet")
+TINY_DECODER_ROLE = "tiny_decoder"
+TAE_ROLES = ("vae_encoder", "vae_decoder", "decoder_gradient")
+# The decoder gradient runs in the encoder's closed loop only, where fp32 costs only time; a
+# backward pass in fp16 or int8 would lose the small gradients the loop follows.
+FP32_ONLY_ROLES = ("decoder_gradient",)
+
+
+def export_roles(is_tae: bool, tiny_decoder: bool) -> tuple[str, ...]:
+    """The roles of the graphs an export writes: a TAE pair's, or Stable Diffusion's (with the
+    tiny decoder where one is given)."""
+    return TAE_ROLES if is_tae else SD_ROLES + ((TINY_DECODER_ROLE,) if tiny_decoder else ())
+
+
+def check_precision_roles(roles, keep_fp32: tuple[str, ...], int8: tuple[str, ...]) -> None:
+    """The graphs --keep-fp32 and --int8 name exist among ``roles``, and can take that precision."""
+    for flag, named in (("--keep-fp32", keep_fp32), ("--int8", int8)):
+        unknown = sorted(set(named) - set(roles))
+        if unknown:
+            raise ExportError(f"{flag}: this export has no {', '.join(unknown)} graph (it has {', '.join(roles)})")
+    if set(int8) & set(FP32_ONLY_ROLES):
+        raise ExportError(f"--int8: {', '.join(sorted(set(int8) & set(FP32_ONLY_ROLES)))} is always fp32")
+    if set(int8) & set(keep_fp32):
+        raise ExportError(f"{', '.join(sorted(set(int8) & set(keep_fp32)))}: both --int8 and --keep-fp32")

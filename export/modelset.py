@@ -16,7 +16,7 @@ from sdc_runtime.manifest import MANIFEST_NAME, Graph, Manifest, Scheduler, sha2
 from sdc_runtime.options import EncoderDefaults, QualityPoint
 
 from . import DEFAULT_OPSET, ExportError
-from .inputs import prepare_output
+from .inputs import FP32_ONLY_ROLES, check_precision_roles, prepare_output
 from .graphs import (
     GraphSpec, UNetEmptyPrompt, VaeDecoder, VaeEncoder, check_parity,
     convert_fp16, export_graph,
@@ -187,9 +187,6 @@ def sd_graph_specs(parts: StableDiffusionParts) -> tuple[list[GraphSpec], int, i
 # The graphs whose fp16 output can overflow on some checkpoints (the SD VAE decoder is the
 # known case): an fp16 set may ship them in fp32 as well, for the runtime to fall back on.
 DECODER_ROLES = ("vae_decoder", "tiny_decoder")
-# The decoder gradient runs in the encoder's closed loop only, where fp32 costs only time; a
-# backward pass in fp16 or int8 would lose the small gradients the loop follows.
-FP32_ONLY_ROLES = ("decoder_gradient",)
 
 
 def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, opset: int,
@@ -206,14 +203,7 @@ def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, o
     running the finished set on the ``calibration`` images, their weights in ``weight_bits``.  ``fuse_attention``: attention as
     ONNX Runtime's MultiHeadAttention (``attention.py``), or left as the exporter wrote it."""
     roles = [spec.role for spec in specs]
-    for flag, named in (("--keep-fp32", keep_fp32), ("--int8", int8)):
-        unknown = sorted(set(named) - set(roles))
-        if unknown:
-            raise ExportError(f"{flag}: this export has no {', '.join(unknown)} graph (it has {', '.join(roles)})")
-    if set(int8) & set(FP32_ONLY_ROLES):
-        raise ExportError(f"--int8: {', '.join(sorted(set(int8) & set(FP32_ONLY_ROLES)))} is always fp32")
-    if set(int8) & set(keep_fp32):
-        raise ExportError(f"{', '.join(sorted(set(int8) & set(keep_fp32)))}: both --int8 and --keep-fp32")
+    check_precision_roles(roles, keep_fp32, int8)
     if int8 and not calibration:
         raise ExportError("--int8 needs calibration images (--calibration DIR)")
     prepare_output(out, force)
