@@ -64,8 +64,8 @@ SWEPT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 MAX_SWEEP_UNITS = 24
 SWEEP_FEEDS = 6
 # The per-channel correction of the int8 convolutions: fitted on this many calibration feeds,
-# one from each run of the list (correction_feeds), and never moving a channel's gain by more than MAX_GAIN_CHANGE (measured gains
-# moved by at most 0.06).  It costs one run of the fp32 and of the int8 graph per feed.  On
+# one from each run of the list (correction_feeds), and never moving a channel's gain by more
+# than MAX_GAIN_CHANGE (measured gains moved by at most 0.06).  It costs one run of the fp32 and of the int8 graph per feed.  On
 # Kodak-24 (BENCHMARKS.md §8) 4 feeds left the worst image at 0.61 dB of u8 loss and 10 at
 # 0.57, within the 0.6 dB target.
 CORRECTION_FEEDS = 10
