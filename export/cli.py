@@ -116,7 +116,8 @@ def run(args) -> int:
     from .sources import load_stable_diffusion
 
     started = time.perf_counter()
-    bar = tqdm(total=12, desc="load", file=sys.stderr, disable=args.quiet, bar_format="{desc:<24} {bar} {elapsed}")
+    # Steps' names are up to 30 characters ("correct vae_decoder.whole.onnx"): the timer stays in its column.
+    bar = tqdm(total=12, desc="load", file=sys.stderr, disable=args.quiet, bar_format="{desc:<32} {bar} {elapsed}")
 
     def progress(text):
         bar.set_description_str(text)
