@@ -1,7 +1,7 @@
 """What an export checks before it loads anything: the source (a TAESD-format pair or a
 diffusers Stable Diffusion folder or hub id), the graphs its precision options name, and the
-output folder.  Without torch, so that
-a mistyped path or a full folder is reported at once, not after seconds of imports."""
+output folder.  Without torch, so that a mistyped path or a full folder is reported at once,
+not after seconds of imports."""
 from __future__ import annotations
 
 import glob

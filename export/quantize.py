@@ -65,9 +65,9 @@ MAX_SWEEP_UNITS = 24
 SWEEP_FEEDS = 6
 # The per-channel correction of the int8 convolutions: fitted on this many calibration feeds,
 # one from each run of the list (correction_feeds), and never moving a channel's gain by more
-# than MAX_GAIN_CHANGE (measured gains moved by at most 0.06).  It costs one run of the fp32 and of the int8 graph per feed.  On
-# Kodak-24 (BENCHMARKS.md §8) 4 feeds left the worst image at 0.61 dB of u8 loss and 10 at
-# 0.57, within the 0.6 dB target.
+# than MAX_GAIN_CHANGE (measured gains moved by at most 0.06).  It costs one run of the fp32
+# and of the int8 graph per feed.  On Kodak-24 (BENCHMARKS.md §8) 4 feeds left the worst image
+# at 0.61 dB of u8 loss and 10 at 0.57, within the 0.6 dB target.
 CORRECTION_FEEDS = 10
 MAX_GAIN_CHANGE = 0.1
 # The feeds of the check image that choose each layer's fit (correct_layers): a choice between
@@ -182,8 +182,9 @@ def record_graph_inputs(model_dir: str, images: list[np.ndarray], progress=None)
             for a in arrays:
                 digest.update(repr(a.shape).encode())
                 digest.update(np.ascontiguousarray(a, np.float32).tobytes())
-            if digest.digest() not in seen:
-                seen.add(digest.digest())
+            key = digest.digest()
+            if key not in seen:
+                seen.add(key)
                 names = [spec.name for spec in self.session(file).get_inputs()]
                 self.feeds[file].append({n: np.array(a, np.float32) for n, a in zip(names, arrays)})
             return super()._run(file, *arrays)
