@@ -8,6 +8,8 @@ import glob
 import os
 import re
 
+from sdc_runtime.files import parent_problem
+
 from . import ExportError
 
 SD_SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
@@ -56,11 +58,9 @@ def prepare_output(out: str, force: bool) -> None:
         raise ExportError(f"{out} exists and is not a folder")
     if os.path.isdir(out) and os.listdir(out) and not force:
         raise ExportError(f"{out} is not empty (use --force to replace it)")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise ExportError(f"cannot write {out}: {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write {out}: {parent} is not writable")
+    problem = parent_problem(out)
+    if problem:
+        raise ExportError(f"cannot write {out}: {problem}")
 
 
 # The graphs each kind of export writes (modelset's specs; a test holds the two together), so

@@ -58,13 +58,13 @@ MAX_KEPT = 6
 FLOAT_WEIGHT_SHARE = 0.03
 # The sweep's candidates: the ops that carry the int8 weights and most of the work.  Graphs
 # with more of them than MAX_SWEEP_UNITS are swept per block (grouped by module path), and
-# each trial is scored on at most SWEEP_FEEDS of the calibration feeds (correction_feeds): the
+# each trial is scored on at most SWEEP_FEEDS of the calibration feeds (drawn_feeds): the
 # sweep costs one quantization and one such run per unit.
 SWEPT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 MAX_SWEEP_UNITS = 24
 SWEEP_FEEDS = 6
 # The per-channel correction of the int8 convolutions: fitted on this many calibration feeds,
-# one from each run of the list (correction_feeds), and never moving a channel's gain by more
+# one from each run of the list (drawn_feeds), and never moving a channel's gain by more
 # than MAX_GAIN_CHANGE (measured gains moved by at most 0.06).  It costs one run of the fp32
 # and of the int8 graph per feed.  On Kodak-24 (BENCHMARKS.md §8) 4 feeds left the worst image
 # at 0.61 dB of u8 loss and 10 at 0.57, within the 0.6 dB target.
@@ -329,7 +329,7 @@ def sweep(role: str, src: str, feeds: list[dict], scratch: str, progress=None, *
     measure the graph with all of them kept."""
     cache = os.path.join(scratch, "ranges.json")
     trial = os.path.join(scratch, "trial.onnx")
-    scored = correction_feeds(feeds, SWEEP_FEEDS)
+    scored = drawn_feeds(feeds, SWEEP_FEEDS)
     reference = outputs(src, scored)
 
     def snr_with(exclude) -> float:
@@ -468,7 +468,7 @@ def correct_layers(fp32: str, int8: str, feeds: list[dict], checks: list[dict], 
     from onnx.external_data_helper import load_external_data_for_model
     from sdc_runtime.neural import needs_exact_kernels, session_options
 
-    used, checked = correction_feeds(feeds), correction_feeds(checks, CHECK_FEEDS)
+    used, checked = drawn_feeds(feeds, CORRECTION_FEEDS), drawn_feeds(checks, CHECK_FEEDS)
     model = onnx.load(int8, load_external_data=False)
     stored_apart = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
     load_external_data_for_model(model, os.path.dirname(int8))
@@ -869,15 +869,14 @@ def gptq_round(weights: np.ndarray, scale: np.ndarray, top: int, hessian: np.nda
     return rounded
 
 
-def correction_feeds(feeds: list[dict], count: int | None = None) -> list[dict]:
-    """``count`` (default CORRECTION_FEEDS) of ``feeds``, or all if fewer: one drawn at random
+def drawn_feeds(feeds: list[dict], count: int) -> list[dict]:
+    """``count`` of ``feeds``, or all if fewer: one drawn at random
     (seeded) from each of ``count`` equal runs of the list, in order.
 
     Why not a stride: the calibration records each image's feeds in one repeating order (per
     quality, the encoder loop's decode of the unquantized latent, then the coded candidates),
     and a stride that is a multiple of that period picks one kind of feed only.  The stride this
     replaced fitted TAEF2's decoder on the unquantized latents alone (BENCHMARKS.md §8)."""
-    count = count or CORRECTION_FEEDS
     if len(feeds) <= count:
         return list(feeds)
     starts = np.arange(count) * len(feeds) / count

@@ -19,7 +19,7 @@ from .bitstream import sdc_info
 from .codec import DECODERS, SdcCodec
 from .container import DEFAULT_MAX_PIXELS
 from .errors import SdcError, SdcInputError
-from .files import write_atomic
+from .files import parent_problem, write_atomic
 from .image import image_bytes, image_format_for, load_image
 from .neural import DEFAULT_MEMORY_LIMIT, PROVIDERS
 from .options import MODES
@@ -45,11 +45,9 @@ def _check_output(output: str, source: str) -> None:
         return
     if os.path.isdir(output):
         raise UsageError(f"cannot write {output}: it is a directory")
-    folder = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(folder):
-        raise UsageError(f"cannot write {output}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write {output}: the folder {folder} is not writable")
+    problem = parent_problem(output)
+    if problem:
+        raise UsageError(f"cannot write {output}: {problem}")
     if source != "-" and os.path.exists(output) and os.path.exists(source) and os.path.samefile(source, output):
         raise UsageError(f"refusing to overwrite the input {source} with the output")
 

@@ -5,6 +5,17 @@ import os
 import tempfile
 
 
+def parent_problem(path: str | os.PathLike) -> str | None:
+    """Why a new file or folder at ``path`` could not be created in its parent folder, or None:
+    checked before any work, so that a long encode or export does not fail at its last step."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        return f"the folder {folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the folder {folder} is not writable"
+    return None
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder, renamed into place,
     with the permissions open() would give a new file (mkstemp alone gives 0600)."""

@@ -184,7 +184,7 @@ def test_the_correction_fits_each_int8_convolution_to_fp32(model_set, calibratio
 
     from sdc_export import quantize
     from sdc_export.quantize import (
-        calibration_images, channels_first, correct_layers, correction_feeds, outputs,
+        calibration_images, channels_first, correct_layers, drawn_feeds, outputs,
         quantize_file, record_graph_inputs, snr_db, with_conv_biases,
     )
 
@@ -205,7 +205,7 @@ def test_the_correction_fits_each_int8_convolution_to_fp32(model_set, calibratio
     assert [(n.op_type, list(n.input)) for n in before] == [(n.op_type, list(n.input)) for n in after]
 
     first = next(n for n in after if n.op_type == "Conv")
-    seen = correction_feeds(fitted)  # the feeds the fit saw
+    seen = drawn_feeds(fitted, quantize.CORRECTION_FEEDS)  # the feeds the fit saw
     values = {name: np.concatenate([channels_first(v) for v in _tensor_per_feed(onnx.load(path), first.output[0], seen)],
                                    axis=1)
               for name, path in (("fp32", fp32), ("plain", plain), ("corrected", corrected))}
@@ -338,19 +338,19 @@ def test_taef2_int8_decoder_keeps_quality_on_kodak(taef2_set, tmp_path, monkeypa
 
 @pytest.mark.parametrize("period", [5, 7, 25])
 def test_the_fits_draw_feeds_of_every_kind_across_the_calibration(period):
-    """correction_feeds on feeds recorded in a repeating order (as the calibration records them:
+    """drawn_feeds on feeds recorded in a repeating order (as the calibration records them:
     per image and quality, the loop's unquantized decode, then coded candidates): the picks are
     distinct, in order, one from each tenth of the list, and not all of one kind.  A stride
     (what it replaced) fails with a period of 5 or 25: it picked the unquantized decodes only."""
-    from sdc_export.quantize import correction_feeds
+    from sdc_export.quantize import drawn_feeds
 
     feeds = [{"index": i, "kind": i % period} for i in range(250)]
-    picks = correction_feeds(feeds, 10)
+    picks = drawn_feeds(feeds, 10)
     indices = [f["index"] for f in picks]
     assert indices == sorted(set(indices)) and len(indices) == 10
     assert [i // 25 for i in indices] == list(range(10))
     assert len({f["kind"] for f in picks}) > 2
-    assert correction_feeds(feeds[:7], 10) == feeds[:7]
+    assert drawn_feeds(feeds[:7], 10) == feeds[:7]
 
 
 def test_calibration_images_are_crops_or_whole(tmp_path):
