@@ -26,8 +26,8 @@ import numpy as np
 
 from . import ExportError
 
-# What --int8 quantizes when it names no graphs: the decoders, whose int8 loss measured within
-# the targets on Kodak (BENCHMARKS.md §8).
+# What --int8 quantizes when it names no graphs: the decoders, whose int8 loss on Kodak is the
+# smallest (within the targets at palette qualities, not at u8 ones: BENCHMARKS.md §8).
 DEFAULT_INT8_ROLES = ("vae_decoder", "tiny_decoder")
 # The bits of int8 weights when the export names none (Graph.weight_bits): 7 runs exact on the
 # fast kernels of every x86 CPU, 8 needs slower exact kernels where there is no VNNI.
