@@ -873,8 +873,8 @@ def gptq_round(weights: np.ndarray, scale: np.ndarray, top: int, hessian: np.nda
 
 
 def drawn_feeds(feeds: list[dict], count: int) -> list[dict]:
-    """``count`` of ``feeds``, or all if fewer: one drawn at random
-    (seeded) from each of ``count`` equal runs of the list, in order.
+    """``count`` of ``feeds``, or all if fewer: one drawn at random (seeded) from each of
+    ``count`` equal runs of the list, in order.
 
     Why not a stride: the calibration records each image's feeds in one repeating order (per
     quality, the encoder loop's decode of the unquantized latent, then the coded candidates),

@@ -311,7 +311,7 @@ def test_taef2_int8_decoder_keeps_quality_on_kodak(taef2_set, tmp_path, monkeypa
     from sdc_runtime import SdcCodec
 
     # A reduced calibration for CI time: 4 feeds for the fit and 2 for the check, 25k rows per
-    # layer, the two qualities measured below, and no sweep (the export's 10 and 4 feeds, 200k
+    # layer, the two qualities measured below, and no sweep (the export's 40 and 4 feeds, 200k
     # rows, five qualities and sweep are what BENCHMARKS.md measures; the tiny SD export tests
     # the sweep).  BENCHMARKS.md §8 gives these losses at the reduced and the full settings.
     monkeypatch.setattr(quantize, "CORRECTION_FEEDS", 4)
