@@ -5,9 +5,9 @@ Calibration feeds each graph what the runtime itself feeds it: the set is run, i
 the calibration images through the codec (encoder, palette and u8 latent coding at several
 qualities, the UNet's denoising steps, the decoders, whole and in tiles), and every graph
 input is recorded.  A sensitivity sweep then finds the nodes whose quantization costs the
-most accuracy, and those stay in float.  Last, each int8 convolution and MatMul is fitted
-again, layer by layer, to the fp32 graph's output on the calibration feeds: its weights,
-rounded by GPTQ, and its bias (``correct_layers``).
+most accuracy, and those stay in float.  Last, each int8 convolution and MatMul, and each
+convolution kept in float, is fitted again, layer by layer, to the fp32 graph's output on the
+calibration feeds: its weights (int8 ones rounded by GPTQ) and its bias (``correct_layers``).
 """
 from __future__ import annotations
 
@@ -453,10 +453,11 @@ def with_conv_biases(src: str, folder: str) -> str:
 def correct_layers(fp32: str, int8: str, feeds: list[dict], checks: list[dict], *,
                    weight_bits: int = DEFAULT_WEIGHT_BITS) -> int:
     """Correct the int8 graph file ``int8`` in place, one layer (convolution or MatMul with int8
-    weights) at a time in graph order, each fitted, by least squares on the calibration
-    ``feeds``, to the fp32 graph's output given what the int8 layers before it (already
-    corrected) feed it.  The graph keeps its nodes, shapes and kernels: only int8 weights,
-    their scales and the int32 biases change.  Returns how many layers were corrected.
+    weights, or convolution kept in float) at a time in graph order, each fitted, by least
+    squares on the calibration ``feeds``, to the fp32 graph's output given what the int8 layers
+    before it (already corrected) feed it.  The graph keeps its nodes, shapes and kernels: only
+    int8 weights, their scales, the int32 biases and the float layers' weights and biases
+    change.  Returns how many layers were corrected.
 
     Each layer's candidates and the choice between them are ``fit_layer``'s, judged on
     ``checks``, the feeds of a calibration image the fits did not see.  Both graphs are run
@@ -490,11 +491,19 @@ def correct_layers(fp32: str, int8: str, feeds: list[dict], checks: list[dict], 
             return None
         return dq.input[0], dq.input[1]
 
-    layers = []  # (node, (weight, weight scale), (bias, bias scale) or None)
+    def float_initializer(name: str) -> bool:
+        return name in initializers and initializers[name].data_type == onnx.TensorProto.FLOAT and readers[name] == 1
+
+    layers = []  # (node, (weight, weight scale), (bias, bias scale) or None); a float layer's scales None
     for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 2 and all(map(float_initializer, node.input[1:3])):
+            # A convolution the sweep kept in float still reads what the int8 layers before it
+            # write: fitted like theirs, it takes out part of their error.
+            layers.append((node, (node.input[1], None), (node.input[2], None)))
+            continue
         weight = dequantized_initializer(node.input[1], onnx.TensorProto.INT8) if len(node.input) > 1 else None
         if weight is None or numpy_helper.to_array(initializers[weight[1]]).ndim != 1:
-            continue  # float or per-tensor weights: nothing to fit per channel
+            continue  # per-tensor weights: nothing to fit per channel
         if node.op_type == "Conv" and len(node.input) > 2:
             bias = dequantized_initializer(node.input[2], onnx.TensorProto.INT32)
             if bias:
@@ -515,17 +524,15 @@ def correct_layers(fp32: str, int8: str, feeds: list[dict], checks: list[dict], 
     fp32_steps = GraphStepper(reference, used + checked, options,
                               keep=[fp32_output[node.name] for node, _, _ in layers])
     for node, weight_names, bias_names in layers:
-        names = weight_names + (bias_names or ())
-        arrays = {name: numpy_helper.to_array(initializers[name]) for name in names}
+        names = weight_names + (bias_names or (None, None))
         inputs = int8_steps.fetch(node.input[0])
         targets = fp32_steps.fetch(fp32_output[node.name])
-        layer = Layer(node, *(arrays[name] for name in weight_names),
-                      *((arrays[name] for name in bias_names) if bias_names else (None, None)))
+        layer = Layer(node, *(numpy_helper.to_array(initializers[name]) if name else None for name in names))
         if layer.rows_of is None:  # a wide convolution: fitted on its int8 outputs, not its rows
             inputs = int8_steps.run_node(node, inputs[:len(used)])
         fitted = fit_layer(layer, list(zip(inputs, targets)), len(used), weight_bits)
         for name, value in zip(names, fitted):
-            if value is not None:
+            if name and value is not None:
                 initializers[name].CopyFrom(numpy_helper.from_array(value, name))
     onnx.save(model, int8)  # one file: int8 weights are a quarter of fp32's, within protobuf's 2 GB
     for location in stored_apart:
@@ -536,13 +543,14 @@ def correct_layers(fp32: str, int8: str, feeds: list[dict], checks: list[dict], 
 @dataclass
 class Layer:
     """An int8 convolution (with its int32 bias) or MatMul (without one) of a QDQ graph, as
-    stored: integers and their per-output-channel scales."""
+    stored: integers and their per-output-channel scales; or a convolution kept in float, its
+    float32 weights and bias without scales."""
 
     node: object  # its onnx NodeProto
-    weight: np.ndarray  # int8: a Conv's (O, C, kh, kw), a MatMul's (K, O)
-    weight_scale: np.ndarray  # (O,)
-    bias: np.ndarray | None  # int32 (O,)
-    bias_scale: np.ndarray | None  # (O,): the input's scale times the weight's
+    weight: np.ndarray  # int8: a Conv's (O, C, kh, kw), a MatMul's (K, O); float32 in a float layer
+    weight_scale: np.ndarray | None  # (O,); None in a float layer
+    bias: np.ndarray | None  # int32 (O,); float32 in a float layer
+    bias_scale: np.ndarray | None  # (O,): the input's scale times the weight's; None in a float layer
 
     @functools.cached_property
     def rows_of(self):
@@ -557,6 +565,8 @@ class Layer:
 
     def dequantized(self) -> tuple[np.ndarray, np.ndarray]:
         """(weights (O, K) as the fits see them, bias (O,)), float64."""
+        if self.weight_scale is None:
+            return self.weight.reshape(len(self.weight), -1).astype(np.float64), self.bias.astype(np.float64)
         scale = self.weight_scale.astype(np.float64)
         if self.bias is None:
             return (self.weight * scale[None, :]).T, np.zeros(len(scale))
@@ -577,7 +587,10 @@ def fit_layer(layer: Layer, pairs: list, fitted: int, weight_bits: int) -> tuple
     the fits did not see: the refit has ~K times the parameters and can learn the fitted images
     instead of the layer (measured on the random tiny SD encoder: 22 dB SNR gained-and-offset,
     16 dB refitted).  The other convolutions (a full-size UNet's, whose second moments would not
-    fit memory) get the gain and offset."""
+    fit memory) get the gain and offset.  A convolution kept in float chooses the same way,
+    between a gain and offset and a refit that stays in float (``least_squares``)."""
+    if layer.weight_scale is None:
+        return _fit_float_layer(layer, pairs, fitted)
     quantized, bias = layer.dequantized()
     rows_of = layer.rows_of
     if rows_of is None:
@@ -601,6 +614,23 @@ def fit_layer(layer: Layer, pairs: list, fitted: int, weight_bits: int) -> tuple
     bias_scale = layer.bias_scale * scale / np.where(layer.weight_scale > 0, layer.weight_scale, 1.0)
     return (rounded.astype(np.int8).reshape(layer.weight.shape), scale.astype(np.float32),
             _int32(refit_bias / bias_scale), bias_scale.astype(np.float32))
+
+
+def _fit_float_layer(layer: Layer, pairs: list, fitted: int) -> tuple:
+    """``fit_layer`` for a convolution kept in float: (weight, None, bias, None)."""
+    weights, bias = layer.dequantized()
+    if layer.rows_of is None:
+        gain, offset = fit_gain_offset(output_moments(pairs[:fitted], bias))
+        return (layer.weight * gain.reshape(-1, *[1] * (layer.weight.ndim - 1))).astype(np.float32), None, \
+            offset.astype(np.float32), None
+    fit, check = (layer_moments(group, layer.rows_of, weights.shape[1], len(weights))
+                  for group in (pairs[:fitted], pairs[fitted:]))
+    gain, offset = fit_gain_offset(fit.of_layer(weights))
+    candidates = [(weights * gain[:, None], offset)]
+    refit = least_squares(fit, weights, intercept=True)[0]
+    candidates.append((refit, fit.bias_for(refit)))
+    best_weights, best_bias = min(candidates, key=lambda c: check.error(*c))
+    return best_weights.reshape(layer.weight.shape).astype(np.float32), None, best_bias.astype(np.float32), None
 
 
 class GraphStepper:
@@ -759,6 +789,10 @@ class Moments:
         self.xx += rows_x.T @ rows_x
         self.xy += rows_x.T @ rows_y
 
+    def bias_for(self, weights: np.ndarray) -> np.ndarray:
+        """The least-squares bias of y = W x + b given W."""
+        return self.sum_y / self.count - weights @ (self.sum_x / self.count)
+
     def error(self, weights: np.ndarray, bias: np.ndarray) -> float:
         """Mean over the rows of |y - (W x + b)|^2."""
         n = self.count
@@ -830,28 +864,31 @@ def _int32(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
 
 
-def fit_weights(moments: Moments, prior: np.ndarray, weight_bits: int, *, intercept: bool):
-    """(integers (O, K), per-row scales (O), bias (O) or None) of the layer y = W x (+ b) that
-    best maps the int8 graph's inputs to the fp32 graph's outputs: ridge least squares
-    (shrinking towards ``prior``, the quantizer's weights, so that input directions the
-    calibration never excites keep them), rounded to ``weight_bits`` by GPTQ (Frantar et al.
-    2022: one input column at a time, the rounding error spread over the columns not yet
-    rounded through the inverse input second moment), and the bias fitted again to the
-    rounded weights.  A constant input leaves the prior's weights, rounded."""
-    columns = prior.shape[1]
+def least_squares(moments: Moments, prior: np.ndarray, *, intercept: bool):
+    """(W (O, K), the inputs' second moment (K, K), its mean diagonal) of the layer y = W x (+ b)
+    that best maps the int8 graph's inputs to the fp32 graph's outputs: ridge least squares,
+    shrinking towards ``prior``, so that input directions the calibration never excites keep
+    its weights.  With a bias the fit and the moment are of deviations from the means."""
     mean_x, mean_y = moments.sum_x / moments.count, moments.sum_y / moments.count
-    # With a bias the fit is of deviations from the means; without one, of the raw products.
     second = moments.xx / moments.count - (np.outer(mean_x, mean_x) if intercept else 0)
     cross = moments.xy / moments.count - (np.outer(mean_x, mean_y) if intercept else 0)
     level = max(float(np.mean(np.diag(second))), 1e-30)
-    ridge = RIDGE * level * np.eye(columns)
-    fitted = np.linalg.solve(second + ridge, cross + ridge @ prior.T).T  # (O, K)
+    ridge = RIDGE * level * np.eye(prior.shape[1])
+    return np.linalg.solve(second + ridge, cross + ridge @ prior.T).T, second, level
+
+
+def fit_weights(moments: Moments, prior: np.ndarray, weight_bits: int, *, intercept: bool):
+    """(integers (O, K), per-row scales (O), bias (O) or None) of ``least_squares``' layer,
+    rounded to ``weight_bits`` by GPTQ (Frantar et al. 2022: one input column at a time, the
+    rounding error spread over the columns not yet rounded through the inverse input second
+    moment), and the bias fitted again to the rounded weights.  A constant input leaves the
+    prior's weights, rounded."""
+    fitted, second, level = least_squares(moments, prior, intercept=intercept)
     top = WEIGHT_LIMIT[weight_bits]
     scale = np.abs(fitted).max(1) / top
     scale[scale == 0] = 1.0
-    rounded = gptq_round(fitted, scale, top, second + GPTQ_DAMPING * level * np.eye(columns))
-    bias = mean_y - (rounded * scale[:, None]) @ mean_x if intercept else None
-    return rounded, scale, bias
+    rounded = gptq_round(fitted, scale, top, second + GPTQ_DAMPING * level * np.eye(prior.shape[1]))
+    return rounded, scale, moments.bias_for(rounded * scale[:, None]) if intercept else None
 
 
 def gptq_round(weights: np.ndarray, scale: np.ndarray, top: int, hessian: np.ndarray,

@@ -225,6 +225,49 @@ def test_the_correction_fits_each_int8_convolution_to_fp32(model_set, calibratio
     assert snr_db(reference, outputs(corrected, feeds)) > snr_db(reference, outputs(plain, feeds)) - 0.2
 
 
+def test_the_correction_fits_a_convolution_kept_in_float(model_set, calibration_dir, tmp_path):
+    """A convolution the sweep keeps in float reads the int8 layers' output: correct_layers
+    fits it too (its weights and bias stay float32), and on the feeds it was fitted on its
+    output comes closer to fp32's than the untouched float layer's.  Fails if float layers
+    are skipped, or if their fit is written with the wrong bias."""
+    import shutil
+
+    from onnx import numpy_helper
+
+    from sdc_export.quantize import (
+        calibration_images, channels_first, correct_layers, drawn_feeds, quantize_file, record_graph_inputs,
+        with_conv_biases,
+    )
+    from sdc_export import quantize
+
+    images = calibration_images(calibration_dir, 3)
+    fitted, checks = (record_graph_inputs(model_set, group)["vae_decoder.onnx"] for group in (images[:2], images[2:]))
+    fp32 = with_conv_biases(os.path.join(model_set, "vae_decoder.onnx"), str(tmp_path))
+    last = [n for n in onnx.load(fp32).graph.node if n.op_type == "Conv"][-1]
+    plain, corrected = str(tmp_path / "plain.onnx"), str(tmp_path / "corrected.onnx")
+    quantize_file(fp32, plain, fitted + checks, str(tmp_path / "ranges.json"), (last.name,))
+    shutil.copy(plain, corrected)
+    assert last.name in _int8_weights(plain)[1]  # kept in float
+    correct_layers(fp32, corrected, fitted, checks)
+
+    def float_params(path):
+        model = onnx.load(path)
+        node = next(n for n in model.graph.node if n.name == last.name)
+        tensors = {t.name: t for t in model.graph.initializer}
+        assert all(tensors[name].data_type == onnx.TensorProto.FLOAT for name in node.input[1:3])
+        return [numpy_helper.to_array(tensors[name]) for name in node.input[1:3]], node.output[0]
+
+    (plain_weight, plain_bias), output = float_params(plain)
+    (weight, bias), _ = float_params(corrected)
+    assert not (np.array_equal(weight, plain_weight) and np.array_equal(bias, plain_bias))
+    seen = drawn_feeds(fitted, quantize.CORRECTION_FEEDS)
+    values = {name: np.concatenate([channels_first(v) for v in _tensor_per_feed(onnx.load(path), tensor, seen)], axis=1)
+              for name, path, tensor in (("fp32", fp32, last.output[0]), ("plain", plain, output),
+                                         ("corrected", corrected, output))}
+    squared = {name: float(np.square(values[name] - values["fp32"]).sum()) for name in ("plain", "corrected")}
+    assert squared["corrected"] < squared["plain"], squared
+
+
 def test_the_speed_bench_quantizes_the_same_graph_without_the_correction(model_set, calibration_dir, tmp_path):
     """quantize_set(correct=False), which sdc-bench stages --quantize times, writes the graph
     the export writes, node for node and tensor for tensor (names, types, shapes), with the
