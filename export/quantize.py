@@ -589,48 +589,36 @@ def fit_layer(layer: Layer, pairs: list, fitted: int, weight_bits: int) -> tuple
     16 dB refitted).  The other convolutions (a full-size UNet's, whose second moments would not
     fit memory) get the gain and offset.  A convolution kept in float chooses the same way,
     between a gain and offset and a refit that stays in float (``least_squares``)."""
-    if layer.weight_scale is None:
-        return _fit_float_layer(layer, pairs, fitted)
     quantized, bias = layer.dequantized()
     rows_of = layer.rows_of
     if rows_of is None:
         gain, offset = fit_gain_offset(output_moments(pairs[:fitted], bias))
-        return _gain_offset_values(gain, offset, layer.weight_scale, layer.bias_scale)
+        return _gain_offset_values(layer, gain, offset)
     fit, check = (layer_moments(group, rows_of, quantized.shape[1], len(quantized))
                   for group in (pairs[:fitted], pairs[fitted:]))
     has_bias = layer.bias is not None
-    rounded, scale, refit_bias = fit_weights(fit, quantized, weight_bits, intercept=has_bias)
-    refit = (rounded * scale[:, None], refit_bias if has_bias else bias)
+    in_float = layer.weight_scale is None
+    if in_float:
+        refit_weights = least_squares(fit, quantized, intercept=True)[0]
+        refit = (refit_weights, fit.bias_for(refit_weights))
+    else:
+        rounded, scale, refit_bias = fit_weights(fit, quantized, weight_bits, intercept=has_bias)
+        refit = (rounded * scale[:, None], refit_bias if has_bias else bias)
     if has_bias:
         gain, offset = fit_gain_offset(fit.of_layer(quantized))
         kept = (quantized * gain[:, None], offset)
     else:
         kept = (quantized, bias)
     if check.error(*kept) <= check.error(*refit):
-        return _gain_offset_values(gain, offset, layer.weight_scale, layer.bias_scale) if has_bias else (None, None)
+        return _gain_offset_values(layer, gain, offset) if has_bias else (None, None)
+    if in_float:
+        return refit[0].reshape(layer.weight.shape).astype(np.float32), None, refit[1].astype(np.float32), None
     if not has_bias:
         return rounded.T.astype(np.int8), scale.astype(np.float32)
     # The bias's scale is the input's times the weight's: keep that with the new scale.
     bias_scale = layer.bias_scale * scale / np.where(layer.weight_scale > 0, layer.weight_scale, 1.0)
     return (rounded.astype(np.int8).reshape(layer.weight.shape), scale.astype(np.float32),
             _int32(refit_bias / bias_scale), bias_scale.astype(np.float32))
-
-
-def _fit_float_layer(layer: Layer, pairs: list, fitted: int) -> tuple:
-    """``fit_layer`` for a convolution kept in float: (weight, None, bias, None)."""
-    weights, bias = layer.dequantized()
-    if layer.rows_of is None:
-        gain, offset = fit_gain_offset(output_moments(pairs[:fitted], bias))
-        return (layer.weight * gain.reshape(-1, *[1] * (layer.weight.ndim - 1))).astype(np.float32), None, \
-            offset.astype(np.float32), None
-    fit, check = (layer_moments(group, layer.rows_of, weights.shape[1], len(weights))
-                  for group in (pairs[:fitted], pairs[fitted:]))
-    gain, offset = fit_gain_offset(fit.of_layer(weights))
-    candidates = [(weights * gain[:, None], offset)]
-    refit = least_squares(fit, weights, intercept=True)[0]
-    candidates.append((refit, fit.bias_for(refit)))
-    best_weights, best_bias = min(candidates, key=lambda c: check.error(*c))
-    return best_weights.reshape(layer.weight.shape).astype(np.float32), None, best_bias.astype(np.float32), None
 
 
 class GraphStepper:
@@ -853,11 +841,16 @@ def fit_gain_offset(stats: ChannelStats) -> tuple[np.ndarray, np.ndarray]:
     return gain, stats.mean_f - gain * stats.mean_p
 
 
-def _gain_offset_values(gain, offset, weight_scale, bias_scale):
-    """(None, weight scales, int32 bias, bias scales) of a convolution given a gain and offset:
-    the gain scales its weight scale (and so its bias's), the offset replaces its bias."""
-    bias_scale = bias_scale * gain
-    return None, (weight_scale * gain).astype(np.float32), _int32(offset / bias_scale), bias_scale.astype(np.float32)
+def _gain_offset_values(layer: Layer, gain, offset):
+    """(weight, weight scales, bias, bias scales) of a convolution given a gain and offset, None
+    where one stays: the gain scales its weight scale (and so its bias's), the offset replaces
+    its int32 bias; in a float layer the gain scales the weights themselves."""
+    if layer.weight_scale is None:
+        shape = (-1,) + (1,) * (layer.weight.ndim - 1)
+        return (layer.weight * gain.reshape(shape)).astype(np.float32), None, offset.astype(np.float32), None
+    bias_scale = layer.bias_scale * gain
+    return (None, (layer.weight_scale * gain).astype(np.float32), _int32(offset / bias_scale),
+            bias_scale.astype(np.float32))
 
 
 def _int32(values: np.ndarray) -> np.ndarray:
