@@ -44,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --int8: calibrate on centre crops of N pixels (default 256; 0: whole images, a"
                         " slower export)")
     p.add_argument("--int8-weight-bits", type=int, default=None, metavar="N",
-                   help="with --int8: weights in 7 bits (default), which CPUs without VNNI run on their fast"
-                        " int8 kernels, or 8, which they run on slower exact kernels (README: choosing a"
-                        " precision)")
+                   help="with --int8: weights in 7 bits (default), which every x86 CPU runs on its fast"
+                        " int8 kernels, or 8, a little closer to fp32, which only CPUs with VNNI or AMX run"
+                        " fast (the others run slower exact kernels; README: choosing a precision)")
     p.add_argument("--no-sweep", action="store_true",
                    help="with --int8: skip the sensitivity sweep that keeps the costliest nodes in float"
                         " (a faster export: one quantization per graph instead of one per block)")

@@ -30,7 +30,7 @@ from . import ExportError
 # smallest (within the targets at palette qualities, not at u8 ones: BENCHMARKS.md §8).
 DEFAULT_INT8_ROLES = ("vae_decoder", "tiny_decoder")
 # The bits of int8 weights when the export names none (Graph.weight_bits): 7 runs exact on the
-# fast kernels of every x86 CPU, 8 needs slower exact kernels where there is no VNNI.
+# fast kernels of every x86 CPU, 8 needs slower exact kernels where there is no VNNI or AMX.
 DEFAULT_WEIGHT_BITS = 7
 # The largest magnitude of int8 weights of each span: onnxruntime's quantizer's symmetric
 # ranges (reduce_range for 7 bits), which the refit keeps.

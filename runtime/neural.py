@@ -5,6 +5,7 @@ Options reach this stage already resolved and checked (``options``); it checks o
 the model set itself can refuse (a missing graph, a failing session)."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -81,12 +82,33 @@ def step_noise(seed: int, shape: tuple[int, ...], steps: int) -> list[np.ndarray
     return [rng.standard_normal(shape, dtype=np.float32) for _ in range(steps)]
 
 
+# The CPU features whose int8 dot products add u8 x s8 products in 32 bits (VNNI on AVX-512
+# or AVX, AMX in tiles): ONNX Runtime's fast kernels are exact on them for any weights.
+EXACT_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (/proc/cpuinfo); empty where it cannot be
+    read (other systems), which makes int8 sessions take the exact kernels: slower, never wrong."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def needs_exact_kernels(weight_bits: int | None) -> bool:
     """Whether int8 graphs whose weights span ``weight_bits`` (the manifest's; None for graphs
-    of older sets, which are 8) need the exact kernels of ``session_options`` on CPUs without
-    VNNI.  Those CPUs' fast u8s8 kernels add pairs of products in 16 bits: with 7-bit weights
-    (|w| <= 64) a pair is at most 2 x 255 x 64 = 32640 and never saturates."""
-    return (weight_bits or 8) > 7
+    of older sets, which are 8) need the exact kernels of ``session_options``.  x86 CPUs
+    without VNNI add pairs of u8 x s8 products in saturating 16 bits in their fast kernels:
+    with 7-bit weights (|w| <= 64) a pair is at most 2 x 255 x 64 = 32640 and never
+    saturates.  CPUs with VNNI or AMX run 8-bit weights exactly on the fast kernels too, which
+    are 4x faster than the exact ones there (BENCHMARKS.md §8)."""
+    return (weight_bits or 8) > 7 and not cpu_flags() & set(EXACT_DOT_FLAGS)
 
 
 def session_options(threads: int | None = None, *, exact_int8: bool = True):
@@ -103,7 +125,9 @@ def session_options(threads: int | None = None, *, exact_int8: bool = True):
     # int8 graphs on x86 CPUs without VNNI (AVX2, AVX-512F alone): ONNX Runtime's u8s8 kernels
     # add pairs of products in saturating 16 bits, which wrecks some graphs (the random-weight
     # SD decoder's int8 parity: 2.7 dB SNR, against 11.1 dB exact; BENCHMARKS.md §8).  This has
-    # them run exact u8u8 kernels there; VNNI CPUs, other providers and fp32 graphs ignore it.
+    # them run exact u8u8 kernels there (at a quarter of the fast kernels' speed, VNNI CPUs
+    # included: needs_exact_kernels asks for them only where needed); other providers and fp32
+    # graphs ignore it.
     options.add_session_config_entry("session.x64quantprecision", "1" if exact_int8 else "0")
     if threads:
         options.intra_op_num_threads = threads

@@ -86,13 +86,14 @@ def _saturating_int8_conv(channels: int, weight: int = 127) -> bytes:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
-def test_int8_convolutions_are_exact_on_every_cpu(tae_set):
+def test_int8_convolutions_are_exact_on_every_cpu(tae_set, monkeypatch):
     """The runtime's sessions run int8 convolutions exactly, against the integer sum computed
     here.  On x86 CPUs without VNNI (AVX2, where this project's CI runs) ONNX Runtime's default
     u8s8 kernel clips each pair of products to 16 bits and returns about half the sum
     (1048512 for 2072640), which is what broke int8 sets there; with VNNI both are exact."""
     import onnxruntime as ort
 
+    from sdc_runtime import neural
     from sdc_runtime.neural import session_options
 
     channels = 64
@@ -100,24 +101,28 @@ def test_int8_convolutions_are_exact_on_every_cpu(tae_set):
                                    providers=["CPUExecutionProvider"])
     out = session.run(None, {"x": np.full((1, channels, 4, 4), 255, np.float32)})[0]
     np.testing.assert_array_equal(out, np.float32(channels * 255 * 127))
-    # and every session of a model set is opened with those options
+    # and on such a CPU every session of a model set is opened with those options
+    monkeypatch.setattr(neural, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     stages = NeuralStages(tae_set)
     options = stages.session(stages.manifest.graphs["vae_decoder"].file).get_session_options()
     assert options.get_session_config_entry("session.x64quantprecision") == "1"
     assert not options.enable_cpu_mem_arena
 
 
-def test_seven_bit_int8_graphs_run_exact_on_the_fast_kernels(tae_set, tmp_path):
+def test_seven_bit_int8_graphs_run_exact_on_the_fast_kernels(tae_set, tmp_path, monkeypatch):
     """Weights within [-64, 64] keep a pair of u8 x s8 products (at most 2 x 255 x 64) within
-    16 bits, so the CPUs' fast kernels are exact for them: the runtime opens graphs whose
-    manifest says ``weight_bits`` 7 without the exact kernels, and 8-bit ones (and sets that
-    do not say) with them."""
+    16 bits, so the CPUs' fast kernels are exact for them: on a CPU without VNNI the runtime
+    opens graphs whose manifest says ``weight_bits`` 7 without the exact kernels, and 8-bit
+    ones (and sets that do not say) with them."""
     import json
     import shutil
 
     import onnxruntime as ort
 
+    from sdc_runtime import neural
     from sdc_runtime.neural import session_options
+
+    monkeypatch.setattr(neural, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
 
     channels = 64
     fast = ort.InferenceSession(_saturating_int8_conv(channels, 64), session_options(exact_int8=False),
@@ -135,3 +140,33 @@ def test_seven_bit_int8_graphs_run_exact_on_the_fast_kernels(tae_set, tmp_path):
     entries = {role: stages.session(stages.manifest.graphs[role].file).get_session_options()
                .get_session_config_entry("session.x64quantprecision") for role in ("vae_decoder", "vae_encoder")}
     assert entries == {"vae_decoder": "0", "vae_encoder": "1"}
+
+
+def test_cpus_with_vnni_or_amx_run_eight_bit_weights_on_the_fast_kernels(monkeypatch):
+    """VNNI and AMX add u8 x s8 products in 32 bits, so the fast kernels are exact for 8-bit
+    weights too: the runtime asks for the exact ones only on CPUs without either."""
+    from sdc_runtime import neural
+
+    for flags, exact_for_8_bits in (({"avx2", "fma"}, True), ({"avx2", "avx512f", "avx512_vnni"}, False),
+                                    ({"avx2", "avx_vnni"}, False), ({"avx512f", "amx_tile", "amx_int8"}, False),
+                                    (set(), True)):
+        monkeypatch.setattr(neural, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert neural.needs_exact_kernels(8) is exact_for_8_bits
+        assert neural.needs_exact_kernels(None) is exact_for_8_bits
+        assert neural.needs_exact_kernels(7) is False
+
+
+@pytest.mark.skipif(not {"avx512_vnni", "avx_vnni", "amx_int8"} & __import__("sdc_runtime.neural").neural.cpu_flags(),
+                    reason="the CPU has neither VNNI nor AMX")
+def test_the_fast_kernels_are_exact_for_eight_bit_weights_where_the_cpu_has_vnni():
+    """The premise of needs_exact_kernels on this CPU: the convolution whose sum the fast
+    kernels of CPUs without VNNI clip (weights 127) comes out exact without the exact kernels."""
+    import onnxruntime as ort
+
+    from sdc_runtime.neural import session_options
+
+    channels = 64
+    fast = ort.InferenceSession(_saturating_int8_conv(channels), session_options(exact_int8=False),
+                                providers=["CPUExecutionProvider"])
+    out = fast.run(None, {"x": np.full((1, channels, 4, 4), 255, np.float32)})[0]
+    np.testing.assert_array_equal(out, np.float32(channels * 255 * 127))
