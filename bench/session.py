@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 
+from sdc_export.flops import graph_flops
+
 from .timing import machine, median_seconds, report
 
 GEMM_SIDE = 2048
@@ -75,65 +77,17 @@ def roof(int8: bool, repeat: int) -> dict[str, float]:
     roof; the roof is the fastest of them."""
     import onnxruntime as ort
 
-    from sdc_runtime.neural import session_options
+    from sdc_runtime.neural import needs_exact_kernels, session_options
 
     rates = {}
     for kind in (("MatMulInteger", "QLinearConv") if int8 else ("MatMul", "Conv")):
         model, feeds, operations = _kernel_model(kind)
-        # The runtime's options: the int8 kernels it runs (exact on CPUs without VNNI).
-        session = ort.InferenceSession(model, session_options(), providers=["CPUExecutionProvider"])
+        # The kernels the runtime runs for these 8-bit weights (the exact ones on CPUs without
+        # VNNI or AMX).
+        options = session_options(exact_int8=needs_exact_kernels(8))
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         rates[kind] = operations / median_seconds(lambda: session.run(None, feeds), max(repeat, 5)) / 1e9
     return rates
-
-
-def graph_flops(path: str, shapes: dict[str, tuple[int, ...]]) -> float:
-    """Multiply-adds x 2 of the Conv, MatMul, Gemm and MultiHeadAttention nodes of an ONNX
-    graph at these input shapes (shape inference; nodes whose shapes stay unknown are not counted)."""
-    import onnx
-    from onnx import external_data_helper
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    # Weights stay on disk: only their dims are read.  ONNX Runtime's symbolic inference
-    # follows shapes computed in the graph (batch from Shape, Expand) where onnx's does not.
-    model = onnx.load(path, load_external_data=False)
-    for tensor in model.graph.initializer:  # small constants may feed shape arithmetic
-        if external_data_helper.uses_external_data(tensor) and np.prod(tensor.dims) <= 1 << 16:
-            external_data_helper.load_external_data_for_tensor(tensor, os.path.dirname(os.path.abspath(path)))
-            tensor.data_location = onnx.TensorProto.DEFAULT
-    for value in model.graph.input:
-        if value.name in shapes:
-            for dim, size in zip(value.type.tensor_type.shape.dim, shapes[value.name]):
-                dim.ClearField("dim_param")
-                dim.dim_value = size
-    model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    dims = {}
-    for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        shape = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
-        dims[value.name] = shape
-    weights = {t.name: list(t.dims) for t in model.graph.initializer}
-    # int8 graphs: a weight reaches its Conv or MatMul through a DequantizeLinear of the initializer.
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in weights:
-            weights[node.output[0]] = weights[node.input[0]]
-    total = 0.0
-    for node in model.graph.node:
-        out = dims.get(node.output[0])
-        if not out or None in out:
-            continue
-        if node.op_type == "Conv" and node.input[1] in weights:
-            _, per_output, *kernel = weights[node.input[1]]  # (Cout, Cin/groups, kh, kw)
-            total += 2 * float(np.prod(out)) * per_output * float(np.prod(kernel))
-        elif node.op_type in ("MatMul", "Gemm"):
-            a = dims.get(node.input[0]) or weights.get(node.input[0])
-            if a and None not in a:
-                inner = a[-2] if node.op_type == "Gemm" and any(
-                    at.name == "transA" and at.i for at in node.attribute) else a[-1]
-                total += 2 * float(np.prod(out)) * inner
-        elif node.op_type == "MultiHeadAttention":  # Q·Kᵀ and ·V: 2 x 2 x B x S x S' x hidden
-            keys = dims.get(node.input[1])
-            if keys and None not in keys:
-                total += 4 * float(np.prod(out)) * keys[1]
-    return total
 
 
 def run(args) -> dict:

@@ -140,11 +140,22 @@ def run(args) -> int:
     for sweep in report.sweeps:
         kept = ", ".join(f"{node} (+{gain:.2f} dB)" for node, gain in report.manifest.graphs[sweep.role].float_nodes.items())
         print(f"{sweep.role:12s} int8 sweep: SNR {sweep.all_int8_snr_db:.2f} dB all int8, {sweep.final_snr_db:.2f} dB"
-              f" with {len(sweep.kept)} nodes kept in float: {kept or 'none'}")
+              f" with {len(sweep.kept)} nodes kept in float: {kept or 'none'}{_wide_stage(sweep)}")
     for name, size in sorted(report.sizes.items()):
         print(f"{name:24s} {size / 1e6:10.2f} MB")
     print(f"model set {args.out}: fingerprint {report.manifest.fingerprint[:32]}, {total:.1f} s")
     return 0
+
+
+def _wide_stage(sweep) -> str:
+    """What the sweep found of 16-bit activations in the graph's first stage."""
+    if sweep.wide_flop_share is None:
+        return ""
+    share = f"{sweep.wide_flop_share:.1%} of the FLOPs"
+    if sweep.wide_gain_db is None:
+        return f"; first stage {share}, too costly for 16-bit activations"
+    verdict = "16-bit activations" if sweep.wide else "8-bit activations kept"
+    return f"; first stage ({share}) {verdict}: {sweep.wide_gain_db:+.2f} dB in 16 bits"
 
 
 def _missing_extra() -> str | None:

@@ -243,13 +243,13 @@ def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, o
             # the same set with its int8 graphs still in fp32.
             _write_manifest(scratch, describe, {r: "fp32" if p == "int8" else p for r, p in precisions.items()},
                             parts, opset)
-            float_nodes, int8_parity, sweeps = quantize_set(scratch, tuple(r for r in roles if r in int8),
+            graph_fields, int8_parity, sweeps = quantize_set(scratch, tuple(r for r in roles if r in int8),
                                                             calibration, sweep_nodes=sweep_nodes,
                                                             weight_bits=weight_bits, progress=progress)
             parity.extend(int8_parity)
             _check(parity)
-            for role, nodes in float_nodes.items():
-                parts.setdefault(role, {}).update(float_nodes=nodes, weight_bits=weight_bits)
+            for role, fields in graph_fields.items():
+                parts.setdefault(role, {}).update(fields, weight_bits=weight_bits)
         _step(progress, "hash files")
         manifest = _write_manifest(scratch, describe, precisions, parts, opset)
         sizes = {name: os.path.getsize(os.path.join(scratch, name)) for name in os.listdir(scratch)}

@@ -5,7 +5,8 @@ Calibration feeds each graph what the runtime itself feeds it: the set is run, i
 the calibration images through the codec (encoder, palette and u8 latent coding at several
 qualities, the UNet's denoising steps, the decoders, whole and in tiles), and every graph
 input is recorded.  A sensitivity sweep then finds the nodes whose quantization costs the
-most accuracy, and those stay in float.  Last, each int8 convolution and MatMul, and each
+most accuracy, and those stay in float, and tries 16-bit activations in a decoder's cheap
+lowest-resolution stage (WIDE_FLOP_SHARE).  Last, each int8 convolution and MatMul, and each
 convolution kept in float, is fitted again, layer by layer, to the fp32 graph's output on the
 calibration feeds: its weights (int8 ones rounded by GPTQ) and its bias (``correct_layers``).
 """
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import ExportError
+from .flops import node_flops
 
 # What --int8 quantizes when it names no graphs: the decoders, whose int8 loss on Kodak is the
 # smallest (within the targets at palette qualities, not at u8 ones: BENCHMARKS.md §8).
@@ -47,6 +49,10 @@ CALIBRATION_QUALITIES = (1, 10, 30, 60, 90)
 # split graphs' whole and tiled parts (9 tiles an image: all qualities would triple the time).
 CALIBRATION_TILE = 128
 CALIBRATION_TILED_QUALITIES = (10, 60)
+# Images no larger than a tile run whole in the tiled pass too, which would leave the parts of
+# split graphs (whole and tiled) without feeds: in sets with such graphs they are tiled in
+# halves, down to the codec's smallest tile_size.
+MIN_CALIBRATION_TILE = 64
 # The sweep keeps in float the units whose float gains at least KEEP_GAIN_DB of output SNR
 # on the calibration set, most costly first, at most MAX_KEPT of them, and only while the
 # float weights stay within FLOAT_WEIGHT_SHARE of the graph's: an int8 file is then at most
@@ -63,6 +69,16 @@ FLOAT_WEIGHT_SHARE = 0.03
 SWEPT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 MAX_SWEEP_UNITS = 24
 SWEEP_FEEDS = 6
+# A decoder's lowest-resolution stage (every node before its first upsampling op) holds a
+# small share of its FLOPs but feeds every later layer its error: there, activations in 16
+# bits (weights stay int8) cost little time.  The sweep tries the stage with them and keeps
+# them when that gains at least KEEP_GAIN_DB and the stage holds at most WIDE_FLOP_SHARE of
+# the graph's FLOPs (16-bit activations run through float kernels).  Measured on TAEF2's
+# decoder (its stage 2.5% of the FLOPs; BENCHMARKS.md §8): the u8 loss on Kodak-24 fell from
+# 0.328 to 0.238 dB mean, the int8 decoder ran 8% slower.  The SD decoder's stage (its mid
+# block, 8.4% of the FLOPs) is over the share.
+UPSAMPLING_OPS = ("Resize", "Upsample", "ConvTranspose", "DepthToSpace")
+WIDE_FLOP_SHARE = 0.05
 # The per-channel correction of the int8 convolutions: fitted on this many calibration feeds,
 # one from each run of the list (drawn_feeds), and never moving a channel's gain by more
 # than MAX_GAIN_CHANGE (measured gains moved by at most 0.06).  It costs one run of the fp32
@@ -116,7 +132,10 @@ class SweepResult:
     all_int8_snr_db: float  # every candidate quantized
     gains_db: dict[str, float]  # unit -> SNR gain when that unit alone stays float
     kept: tuple[str, ...]  # node names kept in float
-    final_snr_db: float
+    final_snr_db: float  # with the kept nodes in float and the wide stage, if kept
+    wide: tuple[str, ...] = ()  # node names whose activations are 16-bit: the wide stage, if kept
+    wide_gain_db: float | None = None  # the SNR the wide stage gained; None: not tried
+    wide_flop_share: float | None = None  # the stage's share of the graph's FLOPs; None: no stage
 
 
 def calibration_side(text: str) -> int:
@@ -168,6 +187,7 @@ def record_graph_inputs(model_dir: str, images: list[np.ndarray], progress=None)
     uses, the decoders' dequantized palette and u8 latents, whole and in tiles, as the set's
     default encoder effort writes them."""
     from sdc_runtime import SdcCodec
+    from sdc_runtime.manifest import load_manifest
     from sdc_runtime.neural import NeuralStages
 
     # Each feed once: the encoder loop decodes the same unquantized latent at every quality,
@@ -194,7 +214,10 @@ def record_graph_inputs(model_dir: str, images: list[np.ndarray], progress=None)
             return super()._run(file, *arrays)
 
     feeds: dict[str, list[dict]] = defaultdict(list)
-    for tile_size, qualities in ((0, CALIBRATION_QUALITIES), (CALIBRATION_TILE, CALIBRATION_TILED_QUALITIES)):
+    tile = CALIBRATION_TILE
+    if any(graph.tiled for graph in load_manifest(model_dir).graphs.values()):
+        tile = max(MIN_CALIBRATION_TILE, min(tile, max(max(rgb.shape[:2]) for rgb in images) // 2))
+    for tile_size, qualities in ((0, CALIBRATION_QUALITIES), (tile, CALIBRATION_TILED_QUALITIES)):
         codec = SdcCodec(model_dir, tile_size=tile_size)
         codec.stages = Recording(model_dir, tile_size=tile_size)
         effort = codec.options().effort
@@ -262,16 +285,22 @@ def _quiet():
         root.setLevel(level)
 
 
-def quantize_file(src: str, dst: str, feeds: list[dict], cache: str, exclude=(), *,
+def quantize_file(src: str, dst: str, feeds: list[dict], cache: str, exclude=(), wide=(), *,
                   weight_bits: int = DEFAULT_WEIGHT_BITS) -> None:
     """QDQ int8 ``src`` -> ``dst``, calibrated on ``feeds`` once (the ranges are kept in the
-    ``cache`` file and reused by later calls with other ``exclude`` lists); weights in
-    ``weight_bits`` (8, or 7: within [-64, 64])."""
+    ``cache`` file and reused by later calls with other ``exclude`` and ``wide`` lists); the
+    ``exclude`` nodes stay float, the activations the ``wide`` nodes read and write are 16-bit;
+    weights in ``weight_bits`` (8, or 7: within [-64, 64])."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     # quantize_static's own default (every op it can quantize), less FLOAT_OPS.
     op_types = sorted((set(QLinearOpsRegistry) | set(QDQRegistry)) - set(FLOAT_OPS))
+    extra = {}
+    wide_tensors = activations_of(src, wide)
+    if wide_tensors:  # 16-bit QDQ needs onnxruntime's own Q/DQ ops before opset 21
+        extra = {"UseQDQContribOps": True,
+                 "TensorQuantOverrides": {t: [{"quant_type": QuantType.QUInt16}] for t in wide_tensors}}
     with _quiet():
         quantize_static(src, dst, None if os.path.exists(cache) else _Feeds(feeds),
                         quant_format=QuantFormat.QDQ, per_channel=True, op_types_to_quantize=op_types,
@@ -281,7 +310,42 @@ def quantize_file(src: str, dst: str, feeds: list[dict], cache: str, exclude=(),
                         reduce_range=weight_bits == 7,
                         # Ranges are computed a few feeds at a time and merged: all of a UNet's
                         # saved activations at once would not fit in memory.
-                        extra_options={"CalibStridedMinMax": _stride(len(feeds))})
+                        extra_options={"CalibStridedMinMax": _stride(len(feeds)), **extra})
+
+
+def activations_of(path: str, nodes) -> list[str]:
+    """The activation tensors (neither weights nor constants) that the named nodes of an ONNX
+    graph read or write, in graph order; nodes the graph lacks are skipped (a split part holds
+    some of its graph's nodes)."""
+    import onnx
+
+    wanted = set(nodes)
+    if not wanted:
+        return []
+    model = onnx.load(path, load_external_data=False)
+    constants = {t.name for t in model.graph.initializer}
+    constants.update(out for n in model.graph.node if n.op_type in ("Constant", "Shape") for out in n.output)
+    tensors: dict[str, None] = {}
+    for node in model.graph.node:
+        if node.name in wanted:
+            tensors.update((t, None) for t in [*node.input, *node.output] if t and t not in constants)
+    return list(tensors)
+
+
+def first_stage(path: str) -> list[str]:
+    """The node names of a graph's lowest-resolution stage, if it upsamples: every node
+    before its first UPSAMPLING_OPS node (the graph's nodes are in topological order), less
+    constants and shape arithmetic."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    stage = []
+    for node in model.graph.node:
+        if node.op_type in UPSAMPLING_OPS:
+            return stage
+        if node.op_type not in ("Constant", "Shape"):
+            stage.append(node.name)
+    return []  # no upsampling: no low-resolution stage to widen
 
 
 def outputs(path: str, feeds: list[dict], weight_bits: int | None = None) -> list[np.ndarray]:
@@ -336,8 +400,8 @@ def sweep(role: str, src: str, feeds: list[dict], scratch: str, progress=None, *
     scored = drawn_feeds(feeds, SWEEP_FEEDS)
     reference = outputs(src, scored)
 
-    def snr_with(exclude) -> float:
-        quantize_file(src, trial, feeds, cache, exclude, weight_bits=weight_bits)  # calibrates on all feeds, once
+    def snr_with(exclude, wide=()) -> float:
+        quantize_file(src, trial, feeds, cache, exclude, wide, weight_bits=weight_bits)  # calibrates on all feeds, once
         return snr_db(reference, outputs(trial, scored, weight_bits))
 
     base = snr_with(())
@@ -357,7 +421,20 @@ def sweep(role: str, src: str, feeds: list[dict], scratch: str, progress=None, *
             chosen.append(unit)
             budget -= cost
     kept = tuple(node for unit in chosen for node in units[unit])
-    return SweepResult(role, base, gains, kept, snr_with(kept) if kept else base)
+    final = snr_with(kept) if kept else base
+    stage = first_stage(src)
+    if not stage:
+        return SweepResult(role, base, gains, kept, final)
+    flops = node_flops(src, {name: value.shape for name, value in feeds[0].items()})
+    share = sum(flops.get(node, 0.0) for node in stage) / max(sum(flops.values()), 1.0)
+    if share > WIDE_FLOP_SHARE:
+        return SweepResult(role, base, gains, kept, final, wide_flop_share=share)
+    widened = snr_with(kept, stage)
+    if widened - final < KEEP_GAIN_DB:
+        return SweepResult(role, base, gains, kept, final, (), widened - final, share)
+    if progress is not None:
+        progress(f"sweep {role}: 16-bit activations in its first stage")
+    return SweepResult(role, base, gains, kept, widened, tuple(stage), widened - final, share)
 
 
 def _weight_bytes(path: str) -> dict[str, int]:
@@ -382,7 +459,8 @@ def quantize_set(model_dir: str, roles: tuple[str, ...], images: list[np.ndarray
     fits on all the calibration images but the last, which checks its fits (``correct_layers``).
     Without ``correct`` the layers are not corrected: the graphs have the same nodes, kernels
     and speed, for a speed bench that cannot afford the correction's runs (a full-size UNet's
-    take hours).  Returns ({role: {kept node: SNR gain dB}}, [Int8Parity], [SweepResult])."""
+    take hours).  Returns ({role: the graph's manifest fields float_nodes and wide_nodes,
+    each {node: SNR gain dB}}, [Int8Parity], [SweepResult])."""
     from sdc_runtime.manifest import load_manifest
 
     if len(images) < MIN_CALIBRATION_IMAGES:
@@ -392,17 +470,26 @@ def quantize_set(model_dir: str, roles: tuple[str, ...], images: list[np.ndarray
     checks = record_graph_inputs(model_dir, images[-2:-1])
     calibration = {file: fitted[file] + checks[file] for file in fitted}
     held_out = record_graph_inputs(model_dir, images[-1:])
-    float_nodes, parities, sweeps = {}, [], []
+    for role in roles:
+        graph = manifest.graphs[role]
+        for file in (graph.file, graph.whole, graph.tiled):
+            if file is not None and not (fitted.get(file) and checks.get(file) and held_out.get(file)):
+                raise ExportError(f"int8 calibration never ran {file}: {role} runs it in tiles, so the calibration"
+                                  f" images need a side over {MIN_CALIBRATION_TILE} pixels")
+    graph_fields, parities, sweeps = {}, [], []
     with tempfile.TemporaryDirectory(prefix=".sdc-int8-", dir=model_dir) as scratch:
         for role in roles:
             graph = manifest.graphs[role]
             kept: tuple[str, ...] = ()
+            wide: tuple[str, ...] = ()
             if sweep_nodes:
                 result = sweep(role, os.path.join(model_dir, graph.file), calibration[graph.file],
                                tempfile.mkdtemp(dir=scratch), progress, weight_bits=weight_bits)
                 sweeps.append(result)
-                kept = result.kept
-            float_nodes[role] = {node: round(result.gains_db[_unit_of(node, result)], 3) for node in kept}
+                kept, wide = result.kept, result.wide
+            graph_fields[role] = {
+                "float_nodes": {node: round(result.gains_db[_unit_of(node, result)], 3) for node in kept},
+                "wide_nodes": {node: round(result.wide_gain_db, 3) for node in wide}}
             for file in (graph.file, graph.whole, graph.tiled):
                 if file is None:
                     continue
@@ -411,7 +498,7 @@ def quantize_set(model_dir: str, roles: tuple[str, ...], images: list[np.ndarray
                 work = tempfile.mkdtemp(dir=scratch)
                 dst = os.path.join(work, file)  # its final name: external data is named after it
                 biased = with_conv_biases(src, work)
-                quantize_file(biased, dst, calibration[file], os.path.join(work, "ranges.json"), kept,
+                quantize_file(biased, dst, calibration[file], os.path.join(work, "ranges.json"), kept, wide,
                               weight_bits=weight_bits)
                 if correct:
                     _step(progress, f"correct {file}")
@@ -424,7 +511,7 @@ def quantize_set(model_dir: str, roles: tuple[str, ...], images: list[np.ndarray
                 for name in os.listdir(work):
                     if name.startswith(file):
                         os.replace(os.path.join(work, name), os.path.join(model_dir, name))
-    return float_nodes, parities, sweeps
+    return graph_fields, parities, sweeps
 
 
 def with_conv_biases(src: str, folder: str) -> str:

@@ -55,6 +55,9 @@ class Graph:
     # int8 graphs only: the bits their int8 weights span, 8 or 7 (within [-64, 64]).  With 7
     # the runtime runs the CPUs' fast u8s8 kernels, exact for such weights (neural.py).
     weight_bits: int | None = None
+    # int8 graphs only: the nodes whose activations the sweep made 16-bit (the decoder's
+    # lowest-resolution stage), each with the output SNR (dB) that gained.
+    wide_nodes: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ class Manifest:
             data["graphs"] = {
                 role: Graph(g["file"], g["precision"], tuple(g["image_range"]), float(g["memory_per_pixel"]),
                             g.get("whole"), g.get("tiled"), g.get("fallback"), g.get("float_nodes"),
-                            g.get("weight_bits"))
+                            g.get("weight_bits"), g.get("wide_nodes"))
                 for role, g in data["graphs"].items()
             }
             if data.get("scheduler") is not None:
@@ -170,9 +173,10 @@ class Manifest:
             own = [f for f in (graph.file, graph.whole, graph.tiled) if f is not None]
             if graph.fallback is not None and (graph.precision == "fp32" or not set(graph.fallback) <= set(own)):
                 bad(f"{role}: fallback files stand in for the graph's own fp16 files")
-            if graph.float_nodes is not None and (graph.precision != "int8" or not all(
-                    isinstance(n, str) and isinstance(g, (int, float)) for n, g in graph.float_nodes.items())):
-                bad(f"{role}: float_nodes map node names to SNR gains, in int8 graphs only")
+            for name, nodes in (("float_nodes", graph.float_nodes), ("wide_nodes", graph.wide_nodes)):
+                if nodes is not None and (graph.precision != "int8" or not isinstance(nodes, dict) or not all(
+                        isinstance(n, str) and isinstance(g, (int, float)) for n, g in nodes.items())):
+                    bad(f"{role}: {name} map node names to SNR gains, in int8 graphs only")
             if graph.weight_bits is not None and (graph.precision != "int8" or graph.weight_bits not in WEIGHT_BITS):
                 bad(f"{role}: weight_bits is 7 or 8, in int8 graphs only")
             for file in own + list((graph.fallback or {}).values()):

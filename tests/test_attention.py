@@ -73,7 +73,7 @@ def test_exported_sets_ship_fused_attention(model_set):
 
 def test_flop_count_is_the_same_fused_or_not(tmp_path):
     """sdc-bench session's roof ratio counts attention whether or not it is fused."""
-    from sdc_bench.session import graph_flops
+    from sdc_export.flops import graph_flops
 
     module = _Block(4, cross=True).eval()
     path = str(tmp_path / "a.onnx")

@@ -150,7 +150,7 @@ def test_graph_flops_counts_a_convolution_by_hand(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from sdc_bench.session import graph_flops
+    from sdc_export.flops import graph_flops
 
     weight = numpy_helper.from_array(np.zeros((8, 3, 3, 3), np.float32), "w")
     graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2])], "g",

@@ -213,6 +213,8 @@ def _manifest_json(model_set):
     (lambda d: d.update(channel_weights=[1.0, 0.0, 1.0, 1.0]), "channel_weights"),
     (lambda d: d.update(unet_latent_multiple=0), "unet_latent_multiple"),
     (lambda d: d["graphs"]["unet"].update(float_nodes={"/conv_in/Conv": 1.0}), "in int8 graphs only"),
+    (lambda d: d["graphs"]["unet"].update(wide_nodes={"/conv_in/Conv": 1.0}), "wide_nodes map node names"),
+    (lambda d: d["graphs"]["unet"].update(precision="int8", wide_nodes=["/conv_in/Conv"]), "wide_nodes map"),
     (lambda d: d["graphs"]["unet"].update(weight_bits=7), "weight_bits is 7 or 8, in int8 graphs only"),
     (lambda d: d["graphs"]["unet"].update(precision="int8", weight_bits=4), "weight_bits is 7 or 8"),
     (lambda d: d["defaults"].update(colors=9999), "defaults: colors"),

@@ -3,6 +3,7 @@ nodes, checked against the fp32 graphs; the sets cross-decode with their fp32 tw
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -545,3 +546,123 @@ def test_the_graph_stepper_matches_whole_graph_runs(model_set, calibration_dir, 
     # And the change mattered: with the old scale that tensor differs.
     initializers[scale_name].CopyFrom(numpy_helper.from_array(scale, scale_name))
     assert not any(same(a, b) for a, b in zip(whole(later.input[0]), with_change))
+
+
+def test_the_first_stage_is_every_node_before_the_first_upsampling(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdc_export.quantize import activations_of, first_stage
+
+    weight = numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w")
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="/in/Conv"),
+             helper.make_node("Relu", ["a"], ["b"], name="/in/Relu"),
+             helper.make_node("Constant", [], ["roi"], name="/up/Constant", value_floats=[0.0]),
+             helper.make_node("Resize", ["b", "roi", "scales"], ["c"], name="/up/Resize", mode="nearest"),
+             helper.make_node("Conv", ["c", "w"], ["y"], name="/out/Conv")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=[weight, scales])
+    path = str(tmp_path / "up.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    assert first_stage(path) == ["/in/Conv", "/in/Relu"]
+    # the activations those nodes read and write, not their weights
+    assert activations_of(path, first_stage(path)) == ["x", "a", "b"]
+    assert activations_of(path, ["/out/Conv", "/not/in/this/part"]) == ["c", "y"]
+    # a graph that never upsamples (an encoder) has no such stage
+    del graph.node[2:4]
+    graph.node[1].output[0] = "c"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    assert first_stage(path) == []
+
+
+def _activation_bits(path: str) -> dict[str, int]:
+    """The bits of each tensor a QDQ graph quantizes, from its QuantizeLinear zero points."""
+    model = onnx.load(path)
+    zeros = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.input[0]: zeros[n.input[2]].dtype.itemsize * 8 for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+
+def test_the_sweep_widens_the_decoder_s_first_stage_to_16_bits(tae_set, calibration_dir, tmp_path, monkeypatch):
+    """The sweep tries 16-bit activations in the decoder's lowest-resolution stage and keeps
+    them when they gain at least KEEP_GAIN_DB and the stage is cheap (WIDE_FLOP_SHARE)."""
+    from sdc_export import quantize
+
+    decoder = os.path.join(tae_set, "vae_decoder.onnx")
+    stage = quantize.first_stage(decoder)
+    images = quantize.calibration_images(calibration_dir, 3)
+    feeds = quantize.record_graph_inputs(tae_set, images)["vae_decoder.onnx"]
+    monkeypatch.setattr(quantize, "MAX_SWEEP_UNITS", 3)
+    # A costly stage is not tried.
+    monkeypatch.setattr(quantize, "WIDE_FLOP_SHARE", 0.001)
+    result = quantize.sweep("vae_decoder", decoder, feeds, str(tmp_path))
+    assert result.wide == () and result.wide_gain_db is None
+    assert 0.001 < result.wide_flop_share < 0.05  # TAESD's 64 channels at 1x of 1x, 2x, 4x, 8x
+    # The export's share: tried, and kept as its gain says.
+    monkeypatch.undo()
+    monkeypatch.setattr(quantize, "MAX_SWEEP_UNITS", 3)
+    result = quantize.sweep("vae_decoder", decoder, feeds, str(tmp_path))
+    assert result.wide_gain_db is not None
+    assert result.wide == (tuple(stage) if result.wide_gain_db >= quantize.KEEP_GAIN_DB else ())
+    # 16 bits where asked, 8 elsewhere, and closer to fp32.
+    plain, widened = str(tmp_path / "plain.onnx"), str(tmp_path / "wide.onnx")
+    quantize.quantize_file(decoder, plain, feeds, str(tmp_path / "ranges.json"))
+    quantize.quantize_file(decoder, widened, feeds, str(tmp_path / "ranges.json"), (), stage)
+    bits = _activation_bits(widened)
+    wide = set(quantize.activations_of(decoder, stage))
+    sixteen = {t for t, b in bits.items() if b == 16}
+    # The quantizer carries the stage's last activation's bits through the upsampling (a
+    # Resize keeps its input's quantization): its output is the one 16-bit tensor past it.
+    model = onnx.load(decoder)
+    upsampled = {out for n in model.graph.node if n.op_type in quantize.UPSAMPLING_OPS for out in n.output}
+    assert wide & set(bits) and wide & set(bits) <= sixteen and len(sixteen - wide) <= 1 and sixteen - wide <= upsampled
+    assert set(_activation_bits(plain).values()) == {8}
+    reference = quantize.outputs(decoder, feeds)
+    assert quantize.snr_db(reference, quantize.outputs(widened, feeds, 7)) > \
+        quantize.snr_db(reference, quantize.outputs(plain, feeds, 7))
+
+
+@needs_shared
+def test_the_export_writes_the_wide_stage_into_the_part_that_runs_it(taef2_set, calibration_dir, tmp_path,
+                                                                     monkeypatch, capsys):
+    """TAEF2's decoder runs its first stage whole and the rest in tiles: the 16-bit activations
+    the sweep chose go into the whole part, not the tiled one, and the manifest names them."""
+    from sdc_export import quantize
+    from sdc_export.cli import main
+    from sdc_runtime import SdcCodec
+
+    # For CI time: the sweep over 3 blocks, none of them kept, gains and offsets on 4 feeds.
+    monkeypatch.setattr(quantize, "MAX_SWEEP_UNITS", 3)
+    monkeypatch.setattr(quantize, "MAX_KEPT", 0)
+    monkeypatch.setattr(quantize, "MAX_REFIT_COLUMNS", 0)
+    monkeypatch.setattr(quantize, "CORRECTION_FEEDS", 4)
+    out = tmp_path / "set"
+    assert main(["--model", TAEF2, "--out", str(out), "--quiet", "--int8", "--calibration", calibration_dir,
+                 "--calibration-count", "3"]) == 0
+    printed = capsys.readouterr().out
+    graph = _manifest(out)["graphs"]["vae_decoder"]
+    stage = quantize.first_stage(os.path.join(taef2_set, graph["file"]))
+    # On real weights the stage gains more than KEEP_GAIN_DB (BENCHMARKS.md §8: 0.77 dB SNR).
+    assert set(graph["wide_nodes"]) == set(stage), printed
+    assert all(gain >= quantize.KEEP_GAIN_DB for gain in graph["wide_nodes"].values())
+    assert "16-bit activations" in printed
+    for file, bits in ((graph["file"], {8, 16}), (graph["whole"], {8, 16}), (graph["tiled"], {8})):
+        assert set(_activation_bits(str(out / file)).values()) == bits, file
+    image = kodak("kodim05")
+    fp32 = SdcCodec(taef2_set)
+    data = fp32.encode(image)
+    for tile_size in (0, 128):  # the whole graph, and its parts in tiles
+        assert psnr(SdcCodec(str(out), tile_size=tile_size).decode(data), fp32.decode(data)) > 30
+
+
+@needs_shared
+def test_calibration_images_too_small_to_tile_are_a_clear_error(tmp_path):
+    """TAEF2's decoders run in parts, one of them in tiles: calibration images no larger than
+    the smallest tile never run those parts, and the export says so in one line."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    for seed in range(3):
+        make_image(64, 48, seed=seed).save(folder / f"small{seed}.png")
+    result = run_cli("sdc-export", "--model", TAEF2, "--out", str(tmp_path / "x"), "--quiet", "--int8",
+                     "--calibration", str(folder), "--no-sweep")
+    assert result.returncode == 1
+    assert_one_line_error(result, "need a side over 64 pixels")
