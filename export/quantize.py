@@ -74,9 +74,9 @@ SWEEP_FEEDS = 6
 # bits (weights stay int8) cost little time.  The sweep tries the stage with them and keeps
 # them when that gains at least KEEP_GAIN_DB and the stage holds at most WIDE_FLOP_SHARE of
 # the graph's FLOPs (16-bit activations run through float kernels).  Measured on TAEF2's
-# decoder (its stage 2.5% of the FLOPs; BENCHMARKS.md §8): the u8 loss on Kodak-24 fell from
-# 0.328 to 0.238 dB mean, the int8 decoder ran 8% slower.  The SD decoder's stage (its mid
-# block, 8.4% of the FLOPs) is over the share.
+# decoder (its stage 2.6% of the FLOPs; BENCHMARKS.md §8): the u8 loss on Kodak-24 fell from
+# 0.328 to 0.238 dB mean, the int8 decoder ran 7% slower.  The SD decoder's stage (its mid
+# block and first up block, 9.4% of the FLOPs at 512x512) is over the share.
 UPSAMPLING_OPS = ("Resize", "Upsample", "ConvTranspose", "DepthToSpace")
 WIDE_FLOP_SHARE = 0.05
 # The per-channel correction of the int8 convolutions: fitted on this many calibration feeds,
