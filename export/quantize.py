@@ -79,6 +79,8 @@ SWEEP_FEEDS = 6
 # block and first up block, 9.4% of the FLOPs at 512x512) is over the share.
 UPSAMPLING_OPS = ("Resize", "Upsample", "ConvTranspose", "DepthToSpace")
 WIDE_FLOP_SHARE = 0.05
+# Nodes that compute no activations: constants and shape arithmetic.
+CONSTANT_OPS = ("Constant", "Shape")
 # The per-channel correction of the int8 convolutions: fitted on this many calibration feeds,
 # one from each run of the list (drawn_feeds), and never moving a channel's gain by more
 # than MAX_GAIN_CHANGE (measured gains moved by at most 0.06).  It costs one run of the fp32
@@ -324,7 +326,7 @@ def activations_of(path: str, nodes) -> list[str]:
         return []
     model = onnx.load(path, load_external_data=False)
     constants = {t.name for t in model.graph.initializer}
-    constants.update(out for n in model.graph.node if n.op_type in ("Constant", "Shape") for out in n.output)
+    constants.update(out for n in model.graph.node if n.op_type in CONSTANT_OPS for out in n.output)
     tensors: dict[str, None] = {}
     for node in model.graph.node:
         if node.name in wanted:
@@ -335,7 +337,7 @@ def activations_of(path: str, nodes) -> list[str]:
 def first_stage(path: str) -> list[str]:
     """The node names of a graph's lowest-resolution stage, if it upsamples: every node
     before its first UPSAMPLING_OPS node (the graph's nodes are in topological order), less
-    constants and shape arithmetic."""
+    CONSTANT_OPS."""
     import onnx
 
     model = onnx.load(path, load_external_data=False)
@@ -343,7 +345,7 @@ def first_stage(path: str) -> list[str]:
     for node in model.graph.node:
         if node.op_type in UPSAMPLING_OPS:
             return stage
-        if node.op_type not in ("Constant", "Shape"):
+        if node.op_type not in CONSTANT_OPS:
             stage.append(node.name)
     return []  # no upsampling: no low-resolution stage to widen
 
