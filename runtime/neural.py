@@ -107,8 +107,8 @@ def needs_exact_kernels(weight_bits: int | None) -> bool:
     without VNNI add pairs of u8 x s8 products in saturating 16 bits in their fast kernels:
     with 7-bit weights (|w| <= 64) a pair is at most 2 x 255 x 64 = 32640 and never
     saturates.  CPUs with VNNI or AMX run 8-bit weights exactly on the fast kernels too, which
-    are 4x faster than the exact ones there (BENCHMARKS.md §8)."""
-    return (weight_bits or 8) > 7 and not cpu_flags() & set(EXACT_DOT_FLAGS)
+    are 5.7x faster than the exact ones there (TAEF2's decoder, BENCHMARKS.md §8)."""
+    return (weight_bits or 8) > 7 and cpu_flags().isdisjoint(EXACT_DOT_FLAGS)
 
 
 def session_options(threads: int | None = None, *, exact_int8: bool = True):
@@ -125,7 +125,7 @@ def session_options(threads: int | None = None, *, exact_int8: bool = True):
     # int8 graphs on x86 CPUs without VNNI (AVX2, AVX-512F alone): ONNX Runtime's u8s8 kernels
     # add pairs of products in saturating 16 bits, which wrecks some graphs (the random-weight
     # SD decoder's int8 parity: 2.7 dB SNR, against 11.1 dB exact; BENCHMARKS.md §8).  This has
-    # them run exact u8u8 kernels there (at a quarter of the fast kernels' speed, VNNI CPUs
+    # them run exact u8u8 kernels there (several times slower than the fast kernels, VNNI CPUs
     # included: needs_exact_kernels asks for them only where needed); other providers and fp32
     # graphs ignore it.
     options.add_session_config_entry("session.x64quantprecision", "1" if exact_int8 else "0")

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from sdc_runtime import SdcModelError, SdcProviderError
-from sdc_runtime.neural import NeuralStages, ddim_step, denoise_timesteps, provider_chain, step_noise
+from sdc_runtime.neural import (
+    EXACT_DOT_FLAGS, NeuralStages, cpu_flags, ddim_step, denoise_timesteps, provider_chain, step_noise,
+)
 from sdc_runtime.options import Denoising
 
 
@@ -156,8 +158,7 @@ def test_cpus_with_vnni_or_amx_run_eight_bit_weights_on_the_fast_kernels(monkeyp
         assert neural.needs_exact_kernels(7) is False
 
 
-@pytest.mark.skipif(not {"avx512_vnni", "avx_vnni", "amx_int8"} & __import__("sdc_runtime.neural").neural.cpu_flags(),
-                    reason="the CPU has neither VNNI nor AMX")
+@pytest.mark.skipif(cpu_flags().isdisjoint(EXACT_DOT_FLAGS), reason="the CPU has neither VNNI nor AMX")
 def test_the_fast_kernels_are_exact_for_eight_bit_weights_where_the_cpu_has_vnni():
     """The premise of needs_exact_kernels on this CPU: the convolution whose sum the fast
     kernels of CPUs without VNNI clip (weights 127) comes out exact without the exact kernels."""
