@@ -17,6 +17,8 @@ import tempfile
 
 import numpy as np
 
+from sdc_runtime.errors import SdcUsageError
+
 from .metrics import psnr
 from .timing import machine
 
@@ -54,11 +56,11 @@ def run(args) -> int:
     roles = tuple(r for r in args.int8.split(",") if r)
     manifest = load_manifest(args.models)
     if any(g.precision != "fp32" for g in manifest.graphs.values()):
-        raise SystemExit("sdc-bench: error: --models must be an fp32 model set")
+        raise SdcUsageError("--models must be an fp32 model set")
     names = sorted(n for n in os.listdir(args.images) if n.lower().endswith((".png", ".jpg", ".jpeg")))
     names = names[:args.limit] if args.limit else names
     if len(names) < 6:  # two halves of at least 3, the export's minimum calibration
-        raise SystemExit("sdc-bench: error: --images needs at least 6 images")
+        raise SdcUsageError("--images needs at least 6 images")
     half = len(names) // 2
     folds = [(names[:half], names[half:]), (names[half:], names[:half])]
     os.makedirs(args.out, exist_ok=True)

@@ -12,9 +12,12 @@ import os
 
 import numpy as np
 
+from sdc_peers import CLASSICAL, matched
+from sdc_runtime.errors import SdcUsageError
+
 from . import sweep
 from .metrics import ms_ssim, psnr, ssim
-from .peers import CLASSICAL, matched, original_recipe
+from .recipe2022 import original_recipe
 from .timing import machine
 
 METRICS = ("bytes", "bpp", "psnr", "ssim", "ms_ssim")
@@ -79,12 +82,12 @@ def run(args) -> dict:
     codec = SdcCodec(args.models, threads=args.threads)
     paths = sorted(glob.glob(os.path.join(args.images, "*.png")))[: args.limit or None]
     if not paths:
-        raise SystemExit(f"sdc-bench: error: no PNG images in {args.images}")
+        raise SdcUsageError(f"no PNG images in {args.images}")
     points = [] if args.qualities and args.points is None else (args.points or parse_points(DEFAULT_POINTS))
     peers = [p for p in args.peers.split(",") if p] if args.peers else []
     for peer in peers:
         if peer not in CLASSICAL:
-            raise SystemExit(f"sdc-bench: error: unknown peer {peer!r}; choose from {', '.join(CLASSICAL)}")
+            raise SdcUsageError(f"unknown peer {peer!r}; choose from {', '.join(CLASSICAL)}")
     rows = []
     swept = []
     crops = {}

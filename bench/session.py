@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from sdc_export.flops import graph_flops
+from sdc_runtime.errors import SdcUsageError
 
 from .timing import machine, median_seconds, report
 
@@ -99,7 +100,7 @@ def run(args) -> dict:
     manifest = load_manifest(args.models)
     graph = manifest.graphs.get(args.graph)
     if graph is None:
-        raise SystemExit(f"sdc-bench: error: the set has no {args.graph} graph")
+        raise SdcUsageError(f"the set has no {args.graph} graph")
     path = os.path.join(args.models, graph.file)
     side = args.size // manifest.downscale
     if args.graph == "vae_encoder":

@@ -9,6 +9,8 @@ import os
 
 import numpy as np
 
+from sdc_runtime.errors import SdcUsageError
+
 from .timing import machine, median_seconds, report
 
 
@@ -94,7 +96,7 @@ def _time_int8(args, codec, pixels, raw, scaled, timesteps, rows):
 
     int8 = SdcCodec(args.int8, provider=args.provider, threads=args.threads)
     if int8.fingerprint != codec.fingerprint:
-        raise SystemExit("sdc-bench: error: --int8 must be a set of the same checkpoint as --models")
+        raise SdcUsageError("--int8 must be a set of the same checkpoint as --models")
     graphs = int8.manifest.graphs
     stages = {"vae_encoder": lambda: int8.stages.encode(pixels),
               "vae_decoder": lambda: int8.stages.decode(raw),
@@ -209,7 +211,7 @@ def _quantized_copy(args) -> str:
     from .int8 import _rewrite_precision
 
     if not args.calibration or not args.keep:
-        raise SystemExit("sdc-bench: error: --quantize needs --calibration DIR and --keep DIR")
+        raise SdcUsageError("--quantize needs --calibration DIR and --keep DIR")
     roles = tuple(r for r in args.quantize.split(",") if r)
     shutil.copytree(args.models, args.keep)
     # Neither the sweep nor the correction: the correction changes weights, scales and biases

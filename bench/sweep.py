@@ -35,9 +35,10 @@ def sweep_image(codec, name: str, original: np.ndarray, qualities, efforts, scor
     """Rows for one image: each (effort, quality), the recipe curve and the peers matched at the
     bytes of the highest effort swept.  ``crops``: a dict to fill with the decoded images at the
     model set's default quality, to look at side by side."""
+    from sdc_peers import matched
     from sdc_runtime.latent import dequantize_u8, quantize_u8
 
-    from .peers import matched, original_recipe
+    from .recipe2022 import original_recipe
 
     rows = []
     top = {}

@@ -2,26 +2,23 @@
 [--int8 [GRAPHS] --calibration DIR [--calibration-count N] [--int8-weight-bits 7|8]] [--opset N] [--force]"""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
-from . import DEFAULT_OPSET, ExportError, UsageError, __version__
+from sdc_runtime.errors import SdcExportError, SdcUsageError
+from sdc_runtime.extras import require_extra
+from sdc_runtime.tools import ToolParser, run_tool
+
+from . import DEFAULT_OPSET, __version__
 
 PROG = "sdc-export"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        sys.stderr.write(f"{PROG}: error: {message}\n")
-        sys.exit(2)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ToolParser:
     from .quantize import calibration_side
 
-    p = _Parser(prog=PROG, description="Export a Stable Diffusion checkpoint to an sdcodec ONNX model set.")
+    p = ToolParser(prog=PROG, description="Export a Stable Diffusion checkpoint to an sdcodec ONNX model set.")
     p.add_argument("--model", required=True, metavar="SRC",
                    help="local diffusers Stable Diffusion folder, a hub id (honours HF_HUB_OFFLINE), "
                         "or a folder with a TAESD-format *_encoder.pth / *_decoder.pth pair")
@@ -70,26 +67,30 @@ def run(args) -> int:
     from .inputs import check_precision_roles, check_source, export_roles, find_pair, prepare_output
 
     if not 14 <= args.opset <= 21:
-        raise ExportError(f"opset {args.opset} is not supported (14..21)")
+        raise SdcExportError(f"opset {args.opset} is not supported (14..21)")
     keep_fp32 = tuple(role for role in args.keep_fp32.split(",") if role)
     if (keep_fp32 or args.fp32_fallback) and not args.fp16:
-        raise UsageError("--keep-fp32 and --fp32-fallback apply to --fp16 exports only")
+        raise SdcUsageError("--keep-fp32 and --fp32-fallback apply to --fp16 exports only")
     precision = dict(keep_fp32=keep_fp32, fp32_fallback=args.fp32_fallback, fuse_attention=not args.no_fuse_attention)
     if args.int8 is None and (args.calibration is not None or args.no_sweep or args.calibration_side is not None
                               or args.int8_weight_bits is not None):
-        raise UsageError("--calibration, --calibration-side, --int8-weight-bits and --no-sweep apply to --int8"
+        raise SdcUsageError("--calibration, --calibration-side, --int8-weight-bits and --no-sweep apply to --int8"
                          " exports only")
     if args.int8 is not None:
         from sdc_runtime.manifest import WEIGHT_BITS
 
         from .quantize import (
-            CALIBRATION_SIDE, DEFAULT_INT8_ROLES, DEFAULT_WEIGHT_BITS, MIN_CALIBRATION_IMAGES, calibration_images,
+            CALIBRATION_SIDE,
+            DEFAULT_INT8_ROLES,
+            DEFAULT_WEIGHT_BITS,
+            MIN_CALIBRATION_IMAGES,
+            calibration_images,
         )
 
         if args.calibration is None:
-            raise UsageError("--int8 needs --calibration DIR, a folder of images to calibrate on")
+            raise SdcUsageError("--int8 needs --calibration DIR, a folder of images to calibrate on")
         if args.calibration_count < MIN_CALIBRATION_IMAGES:
-            raise UsageError(f"--calibration-count must be at least {MIN_CALIBRATION_IMAGES}, not"
+            raise SdcUsageError(f"--calibration-count must be at least {MIN_CALIBRATION_IMAGES}, not"
                              f" {args.calibration_count}")
         named = DEFAULT_INT8_ROLES if args.int8 == "default" else tuple(r for r in args.int8.split(",") if r)
         # The default names every decoder; an export without a tiny decoder has one fewer.
@@ -98,17 +99,17 @@ def run(args) -> int:
         side = CALIBRATION_SIDE if args.calibration_side is None else args.calibration_side
         bits = DEFAULT_WEIGHT_BITS if args.int8_weight_bits is None else args.int8_weight_bits
         if bits not in WEIGHT_BITS:
-            raise UsageError(f"--int8-weight-bits must be {' or '.join(map(str, WEIGHT_BITS))}, not {bits}")
+            raise SdcUsageError(f"--int8-weight-bits must be {' or '.join(map(str, WEIGHT_BITS))}, not {bits}")
         precision["weight_bits"] = bits
         precision["calibration"] = calibration_images(args.calibration, args.calibration_count, side)
         precision["sweep_nodes"] = not args.no_sweep
     is_tae = find_pair(args.model) is not None
     if is_tae and args.tiny_decoder:
-        raise ExportError("--tiny-decoder applies to Stable Diffusion exports only")
+        raise SdcExportError("--tiny-decoder applies to Stable Diffusion exports only")
     if not is_tae:
         check_source(args.model)
     if args.tiny_decoder and not os.path.isdir(args.tiny_decoder):
-        raise ExportError(f"--tiny-decoder {args.tiny_decoder} is not a folder")
+        raise SdcExportError(f"--tiny-decoder {args.tiny_decoder} is not a folder")
     check_precision_roles(export_roles(is_tae, bool(args.tiny_decoder)), keep_fp32, precision.get("int8", ()))
     prepare_output(args.out, args.force)  # fail before the slow load
     # Only now the imports of torch and the exporters (seconds): every check above answers at once.
@@ -158,30 +159,13 @@ def _wide_stage(sweep) -> str:
     return f"; first stage ({share}) {verdict}: {sweep.wide_gain_db:+.2f} dB in 16 bits"
 
 
-def _missing_extra() -> str | None:
-    from sdc_runtime.extras import missing_modules
-
-    missing = missing_modules("torch", "diffusers", "transformers", "onnx", "tqdm")
-    return f"needs the export extra (missing: {', '.join(missing)}): pip install 'sdcodec[export]'" if missing else None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    problem = _missing_extra()
-    if problem:
-        sys.stderr.write(f"{PROG}: error: {problem}\n")
-        return 1
-    try:
+
+    def work():
+        require_extra("export", PROG)
         return run(args)
-    except ExportError as exc:
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
-        return 2 if isinstance(exc, UsageError) else 1
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted\n")
-        return 130
-    except OSError as exc:
-        sys.stderr.write(f"{PROG}: error: {exc.strerror or exc}: {exc.filename or ''}\n")
-        return 1
+    return run_tool(PROG, work)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import ExportError
+from sdc_runtime.errors import SdcExportError
+
 from .attention import fuse_attention
 
 TWO_GB = 2 ** 31
@@ -188,11 +189,11 @@ def check_parity(spec: GraphSpec, path: str, precision: str, *, batch: int = 2) 
     try:
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise ExportError(f"onnxruntime cannot load the exported {spec.role}: {str(exc).splitlines()[0]}") from None
+        raise SdcExportError(f"onnxruntime cannot load the exported {spec.role}: {str(exc).splitlines()[0]}") from None
     feeds = {name: t.numpy().astype(np.float32) for name, t in zip(spec.input_names, inputs)}
     actual = session.run(None, feeds)[0]
     if actual.shape != expected.shape:
-        raise ExportError(f"{spec.role}: onnx output shape {actual.shape} != torch {expected.shape}")
+        raise SdcExportError(f"{spec.role}: onnx output shape {actual.shape} != torch {expected.shape}")
     scale = float(np.abs(expected).max())
     max_abs = float(np.abs(actual.astype(np.float64) - expected).max())
     atol, rtol = TOLERANCE[precision]

@@ -8,9 +8,8 @@ import glob
 import os
 import re
 
+from sdc_runtime.errors import SdcExportError
 from sdc_runtime.files import parent_problem
-
-from . import ExportError
 
 SD_SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -25,42 +24,42 @@ def find_pair(folder: str) -> tuple[str, str] | None:
     if not encoders and not decoders:
         return None
     if len(encoders) != 1 or len(decoders) != 1:
-        raise ExportError(f"{folder} must hold exactly one *_encoder.pth and one *_decoder.pth "
+        raise SdcExportError(f"{folder} must hold exactly one *_encoder.pth and one *_decoder.pth "
                           f"(found {len(encoders)} and {len(decoders)})")
     return encoders[0], decoders[0]
 
 
 def check_source(src: str) -> str:
-    """'folder' or 'hub'; raises ExportError naming what is wrong with SRC."""
+    """'folder' or 'hub'; raises SdcExportError naming what is wrong with SRC."""
     if os.path.isdir(src):
         if not os.path.isfile(os.path.join(src, "model_index.json")):
-            raise ExportError(f"{src} is not a diffusers Stable Diffusion folder (no model_index.json)")
+            raise SdcExportError(f"{src} is not a diffusers Stable Diffusion folder (no model_index.json)")
         missing = [d for d in SD_SUBFOLDERS if not os.path.isdir(os.path.join(src, d))]
         if missing:
-            raise ExportError(f"{src} lacks the subfolder{'s' if len(missing) > 1 else ''} {', '.join(m + '/' for m in missing)}")
+            raise SdcExportError(f"{src} lacks the subfolder{'s' if len(missing) > 1 else ''} {', '.join(m + '/' for m in missing)}")
         return "folder"
     if os.path.exists(src):
-        raise ExportError(f"{src} is a file, not a diffusers folder")
+        raise SdcExportError(f"{src} is a file, not a diffusers folder")
     if _HUB_ID.match(src):
         from huggingface_hub import constants, try_to_load_from_cache
 
         # Offline, a hub id not in the local cache can only fail: say so now, not after the
         # loaders' retries.
         if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(src, "model_index.json"), str):
-            raise ExportError(f"{src} is not found locally (offline: HF_HUB_OFFLINE is set); "
+            raise SdcExportError(f"{src} is not found locally (offline: HF_HUB_OFFLINE is set); "
                               "pass a local diffusers folder or go online once to cache it")
         return "hub"
-    raise ExportError(f"{src} is neither a folder nor a hub id (owner/name)")
+    raise SdcExportError(f"{src} is neither a folder nor a hub id (owner/name)")
 
 
 def prepare_output(out: str, force: bool) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
-        raise ExportError(f"{out} exists and is not a folder")
+        raise SdcExportError(f"{out} exists and is not a folder")
     if os.path.isdir(out) and os.listdir(out) and not force:
-        raise ExportError(f"{out} is not empty (use --force to replace it)")
+        raise SdcExportError(f"{out} is not empty (use --force to replace it)")
     problem = parent_problem(out)
     if problem:
-        raise ExportError(f"cannot write {out}: {problem}")
+        raise SdcExportError(f"cannot write {out}: {problem}")
 
 
 # The graphs each kind of export writes (modelset's specs; a test holds the two together), so
@@ -84,8 +83,8 @@ def check_precision_roles(roles, keep_fp32: tuple[str, ...], int8: tuple[str, ..
     for flag, named in (("--keep-fp32", keep_fp32), ("--int8", int8)):
         unknown = sorted(set(named) - set(roles))
         if unknown:
-            raise ExportError(f"{flag}: this export has no {', '.join(unknown)} graph (it has {', '.join(roles)})")
+            raise SdcExportError(f"{flag}: this export has no {', '.join(unknown)} graph (it has {', '.join(roles)})")
     if set(int8) & set(FP32_ONLY_ROLES):
-        raise ExportError(f"--int8: {', '.join(sorted(set(int8) & set(FP32_ONLY_ROLES)))} is always fp32")
+        raise SdcExportError(f"--int8: {', '.join(sorted(set(int8) & set(FP32_ONLY_ROLES)))} is always fp32")
     if set(int8) & set(keep_fp32):
-        raise ExportError(f"{', '.join(sorted(set(int8) & set(keep_fp32)))}: both --int8 and --keep-fp32")
+        raise SdcExportError(f"{', '.join(sorted(set(int8) & set(keep_fp32)))}: both --int8 and --keep-fp32")

@@ -11,19 +11,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sdc_runtime.errors import SdcExportError
 from sdc_runtime.latent import sd_quant_mapping
 from sdc_runtime.manifest import MANIFEST_NAME, Graph, Manifest, Scheduler, sha256_file
 from sdc_runtime.options import EncoderDefaults, QualityPoint
 
-from . import DEFAULT_OPSET, ExportError
+from . import DEFAULT_OPSET
+from .graphs import GraphSpec, UNetEmptyPrompt, VaeDecoder, VaeEncoder, check_parity, convert_fp16, export_graph
 from .inputs import FP32_ONLY_ROLES, check_precision_roles, prepare_output
-from .graphs import (
-    GraphSpec, UNetEmptyPrompt, VaeDecoder, VaeEncoder, check_parity,
-    convert_fp16, export_graph,
-)
 from .quantize import DEFAULT_WEIGHT_BITS
 from .sources import StableDiffusionParts, weights_digest
-
 
 # Each family's encoder defaults, written into its manifests: the runtime has none of its own.
 #
@@ -205,7 +202,7 @@ def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, o
     roles = [spec.role for spec in specs]
     check_precision_roles(roles, keep_fp32, int8)
     if int8 and not calibration:
-        raise ExportError("--int8 needs calibration images (--calibration DIR)")
+        raise SdcExportError("--int8 needs calibration images (--calibration DIR)")
     prepare_output(out, force)
     parent = os.path.dirname(os.path.abspath(out))
     scratch = tempfile.mkdtemp(prefix=".sdc-export-", dir=parent)
@@ -268,7 +265,7 @@ def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, o
 def _check(parity: list) -> None:
     failed = [p for p in parity if not p.passed]
     if failed:
-        raise ExportError("parity check failed: " + "; ".join(p.line() for p in failed))
+        raise SdcExportError("parity check failed: " + "; ".join(p.line() for p in failed))
 
 
 def _write_manifest(folder: str, describe, precisions: dict[str, str], parts: dict[str, dict], opset: int) -> Manifest:
@@ -302,7 +299,7 @@ def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool
 
         decoder, tiny_channels = load_tae_decoder(tiny_decoder)
         if tiny_channels != channels:
-            raise ExportError(f"the tiny decoder takes {tiny_channels} latent channels, the VAE makes {channels}")
+            raise SdcExportError(f"the tiny decoder takes {tiny_channels} latent channels, the VAE makes {channels}")
         specs.append(GraphSpec("tiny_decoder", ScaledTinyDecoder(decoder, scaling).eval(), ["latent"], "image",
                                specs[1].example))
     scale, zero = sd_quant_mapping(scaling, channels)

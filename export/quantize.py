@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ExportError
+from sdc_runtime.errors import SdcExportError
 from .flops import node_flops
 
 # What --int8 quantizes when it names no graphs: the decoders, whose int8 loss on Kodak is the
@@ -160,7 +160,7 @@ def calibration_images(folder: str, count: int, side: int = CALIBRATION_SIDE) ->
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isdir(folder):
-        raise ExportError(f"--calibration {folder} is not a folder")
+        raise SdcExportError(f"--calibration {folder} is not a folder")
     images = []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
@@ -178,7 +178,7 @@ def calibration_images(folder: str, count: int, side: int = CALIBRATION_SIDE) ->
         if len(images) == count:
             break
     if len(images) < MIN_CALIBRATION_IMAGES:
-        raise ExportError(f"--calibration {folder}: needs at least {MIN_CALIBRATION_IMAGES} images Pillow can read,"
+        raise SdcExportError(f"--calibration {folder}: needs at least {MIN_CALIBRATION_IMAGES} images Pillow can read,"
                           f" found {len(images)}")
     return images
 
@@ -466,7 +466,7 @@ def quantize_set(model_dir: str, roles: tuple[str, ...], images: list[np.ndarray
     from sdc_runtime.manifest import load_manifest
 
     if len(images) < MIN_CALIBRATION_IMAGES:
-        raise ExportError(f"int8 calibration needs at least {MIN_CALIBRATION_IMAGES} images, not {len(images)}")
+        raise SdcExportError(f"int8 calibration needs at least {MIN_CALIBRATION_IMAGES} images, not {len(images)}")
     manifest = load_manifest(model_dir)
     fitted = record_graph_inputs(model_dir, images[:-2], progress)
     checks = record_graph_inputs(model_dir, images[-2:-1])
@@ -476,7 +476,7 @@ def quantize_set(model_dir: str, roles: tuple[str, ...], images: list[np.ndarray
         graph = manifest.graphs[role]
         for file in (graph.file, graph.whole, graph.tiled):
             if file is not None and not (fitted.get(file) and checks.get(file) and held_out.get(file)):
-                raise ExportError(f"int8 calibration never ran {file}: {role} runs it in tiles, so the calibration"
+                raise SdcExportError(f"int8 calibration never ran {file}: {role} runs it in tiles, so the calibration"
                                   f" images need a side over {MIN_CALIBRATION_TILE} pixels")
     graph_fields, parities, sweeps = {}, [], []
     with tempfile.TemporaryDirectory(prefix=".sdc-int8-", dir=model_dir) as scratch:
@@ -732,7 +732,7 @@ class GraphStepper:
         self.last_read = {}  # name -> index in self.nodes of the last node that reads it
         for node in model.graph.node:
             if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute):
-                raise ExportError(f"node {node.name} holds a subgraph ({node.op_type}): the int8 correction"
+                raise SdcExportError(f"node {node.name} holds a subgraph ({node.op_type}): the int8 correction"
                                   " cannot run its graph in stretches")
             if all(not name or name in self.initializers or name in self.constant for name in node.input):
                 self.constant.update((name, node) for name in node.output)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ExportError
-from .inputs import check_source
+from sdc_runtime.errors import SdcExportError
 
+from .inputs import check_source
 
 
 @dataclass
@@ -38,7 +38,7 @@ def load_stable_diffusion(src: str, *, revision: str | None = None) -> StableDif
             scheduler_config = dict(DDIMScheduler.load_config(src, subfolder="scheduler", revision=revision))
     except Exception as exc:  # diffusers/transformers/hub raise many unrelated types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"cannot load {src}: {first}") from None
+        raise SdcExportError(f"cannot load {src}: {first}") from None
     tokens = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                        truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():

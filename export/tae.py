@@ -13,7 +13,8 @@ import os
 import torch
 from torch import nn
 
-from . import ExportError
+from sdc_runtime.errors import SdcExportError
+
 from .inputs import find_pair
 
 WIDTH = 64
@@ -80,9 +81,9 @@ def _state_dict(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ExportError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+        raise SdcExportError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ExportError(f"{path} is not a state dict of tensors")
+        raise SdcExportError(f"{path} is not a state dict of tensors")
     return state
 
 
@@ -95,12 +96,12 @@ def _build(path: str, role: str) -> tuple[nn.Sequential, int, bool]:
         else:
             channels = state["1.weight"].shape[1]
     except KeyError:
-        raise ExportError(f"{path} does not have the TAESD {role} layout") from None
+        raise SdcExportError(f"{path} does not have the TAESD {role} layout") from None
     module = (make_encoder if role == "encoder" else make_decoder)(int(channels), pooled)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ExportError(f"{path} does not match the TAESD {role} architecture: "
+        raise SdcExportError(f"{path} does not match the TAESD {role} architecture: "
                           f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from None
     return module.eval(), int(channels), pooled
 
@@ -109,11 +110,11 @@ def load_tae_pair(folder: str) -> tuple[nn.Sequential, nn.Sequential, int, str]:
     """(encoder, decoder, latent channels, variant name) of a TAESD-format folder."""
     pair = find_pair(folder)
     if pair is None:
-        raise ExportError(f"{folder} holds no *_encoder.pth / *_decoder.pth pair")
+        raise SdcExportError(f"{folder} holds no *_encoder.pth / *_decoder.pth pair")
     encoder, enc_channels, enc_pooled = _build(pair[0], "encoder")
     decoder, dec_channels, dec_pooled = _build(pair[1], "decoder")
     if enc_channels != dec_channels:
-        raise ExportError(f"encoder ({enc_channels}) and decoder ({dec_channels}) latent channels differ")
+        raise SdcExportError(f"encoder ({enc_channels}) and decoder ({dec_channels}) latent channels differ")
     return encoder, decoder, enc_channels, "taef2" if enc_pooled or dec_pooled else "taesd"
 
 
@@ -121,7 +122,7 @@ def load_tae_decoder(folder: str) -> tuple[nn.Sequential, int]:
     """(decoder, latent channels) of a folder holding one ``*_decoder.pth`` (an encoder may be absent)."""
     decoders = sorted(glob.glob(os.path.join(folder, "*_decoder.pth")))
     if len(decoders) != 1:
-        raise ExportError(f"{folder} must hold exactly one *_decoder.pth (found {len(decoders)})")
+        raise SdcExportError(f"{folder} must hold exactly one *_decoder.pth (found {len(decoders)})")
     decoder, channels, _ = _build(decoders[0], "decoder")
     return decoder, channels
 
@@ -177,7 +178,7 @@ def _forward(module: nn.Module, x):
         return out, out / 3  # tanh(x / 3)
     if isinstance(module, (nn.Conv2d, nn.Upsample, nn.Identity)):
         return out, None
-    raise ExportError(f"no gradient for the decoder layer {type(module).__name__}")
+    raise SdcExportError(f"no gradient for the decoder layer {type(module).__name__}")
 
 
 def _backward(module: nn.Module, saved, grad):

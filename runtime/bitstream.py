@@ -109,6 +109,16 @@ def sdc_info(data, /) -> dict:
     }
 
 
+def sdc_metadata(data, /) -> dict[str, bytes]:
+    """The metadata a .sdc file carries (icc_profile, exif, xmp), decoding nothing else."""
+    header, sections = container.unpack(data, max_pixels=None)
+    for s in sections:
+        if s.kind == container.SECTION_METADATA:
+            raw = entropy.decode(s.payload, coder=s.coder, count=s.raw_length, alphabet_size=256)
+            return unpack_metadata(raw.tobytes())
+    return {}
+
+
 def sdc_decode(data, /, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Header, np.ndarray]:
     """Parse a .sdc bitstream into its header and the (C, h, w) uint8 latent levels.  Exact."""
     contents = sdc_decode_all(data, max_pixels=max_pixels, extras=False)

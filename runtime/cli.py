@@ -8,48 +8,42 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
-import warnings
+from importlib.metadata import entry_points
 
 from PIL import Image
 
 from . import __version__
+from . import options as encode_options
 from .bitstream import sdc_info
 from .codec import DECODERS, SdcCodec
 from .container import DEFAULT_MAX_PIXELS
-from .errors import SdcError, SdcInputError
+from .errors import SdcInputError, SdcUsageError
 from .files import parent_problem, write_atomic
 from .image import image_bytes, image_format_for, load_image
 from .neural import DEFAULT_MEMORY_LIMIT, PROVIDERS
-from .options import MODES
+from .tools import ToolParser, run_tool
 
 PROG = "sdc-runtime"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like argparse but without the usage dump
-        sys.stderr.write(f"{PROG}: error: {message}\n")
-        sys.exit(2)
-
-
-class UsageError(Exception):
-    """A bad command line: exit 2."""
+# Other packages add subcommands here (sdc_serve: serve), so the runtime imports none of them.
+COMMANDS_GROUP = "sdc_runtime.commands"
 
 
 def _check_output(output: str, source: str) -> None:
     """Before any work: the output can be written, and it is not the input."""
     if output == "-":
         if sys.stdout.isatty():
-            raise UsageError("refusing to write binary data to a terminal: redirect stdout or name an output file")
+            raise SdcUsageError("refusing to write binary data to a terminal: redirect stdout or name an output file")
         return
     if os.path.isdir(output):
-        raise UsageError(f"cannot write {output}: it is a directory")
+        raise SdcUsageError(f"cannot write {output}: it is a directory")
     problem = parent_problem(output)
     if problem:
-        raise UsageError(f"cannot write {output}: {problem}")
+        raise SdcUsageError(f"cannot write {output}: {problem}")
     if source != "-" and os.path.exists(output) and os.path.exists(source) and os.path.samefile(source, output):
-        raise UsageError(f"refusing to overwrite the input {source} with the output")
+        raise SdcUsageError(f"refusing to overwrite the input {source} with the output")
 
 
 def _read(path: str) -> bytes:
@@ -100,27 +94,25 @@ class _Progress:
             self.bar = None
 
 
-def _codec(args) -> SdcCodec:
+def codec_from_args(args) -> SdcCodec:
+    """The codec the common options name (also for the commands other packages add)."""
     models = args.models or os.environ.get("SDC_MODELS")
     if not models:
-        raise UsageError("no model set: pass --models DIR or set SDC_MODELS")
+        raise SdcUsageError("no model set: pass --models DIR or set SDC_MODELS")
     try:
         return SdcCodec(models, provider=args.provider, max_pixels=args.max_pixels, threads=args.threads,
                         memory_limit=args.memory_limit, tile_size=args.tile_size)
     except SdcInputError as exc:  # the limits given on the command line
-        raise UsageError(str(exc)) from None
+        raise SdcUsageError(str(exc)) from None
 
 
 def _cmd_encode(args) -> None:
     _check_output(args.output, args.input)
-    codec = _codec(args)
+    codec = codec_from_args(args)
     try:
-        options = codec.options(quality=args.quality, target_bytes=args.target_bytes, effort=args.effort,
-                                mode=args.mode, colors=args.colors, group_channels=args.group_channels,
-                                dither=args.dither, quant_step=args.quant_step, denoise_steps=args.denoise_steps,
-                                seed=args.seed, alpha=args.alpha, strip=args.strip)
+        options = codec.options(**{spec.name: getattr(args, spec.name) for spec in encode_options.ENCODE_OPTIONS})
     except SdcInputError as exc:
-        raise UsageError(str(exc)) from None
+        raise SdcUsageError(str(exc)) from None
     image = load_image(sys.stdin.buffer.read() if args.input == "-" else args.input, max_pixels=args.max_pixels)
     bar = _Progress(sys.stderr.isatty() or args.verbose)
     try:
@@ -139,10 +131,10 @@ def _cmd_decode(args) -> None:
     try:
         fmt = image_format_for(f"output.{args.format}" if args.format else args.output)
     except SdcInputError as exc:
-        raise UsageError(str(exc)) from None
+        raise SdcUsageError(str(exc)) from None
     if args.output_quality is not None and not 1 <= args.output_quality <= 100:
-        raise UsageError(f"--output-quality must be in 1..100, not {args.output_quality}")
-    codec = _codec(args)
+        raise SdcUsageError(f"--output-quality must be in 1..100, not {args.output_quality}")
+    codec = codec_from_args(args)
     data = _read(args.input)
     bar = _Progress(sys.stderr.isatty() or args.verbose)
     try:
@@ -151,7 +143,7 @@ def _cmd_decode(args) -> None:
         # From the file alone this is a failure; with --denoise-steps given, that option is the
         # only input of the caller's the decode checks: a usage error.
         if args.denoise_steps is not None:
-            raise UsageError(str(exc)) from None
+            raise SdcUsageError(str(exc)) from None
         raise
     finally:
         bar.close()
@@ -177,30 +169,15 @@ def _cmd_info(args) -> None:
 def _cmd_verify(args) -> None:
     from .manifest import load_manifest, verify_files
 
-    manifest = load_manifest(args.models)
-    verify_files(args.models, manifest)
-    print(f"{args.models}: {len(manifest.files)} files match the manifest; fingerprint {manifest.fingerprint[:32]}")
+    models = args.models or os.environ.get("SDC_MODELS")
+    if not models:
+        raise SdcUsageError("no model set: pass --models DIR or set SDC_MODELS")
+    manifest = load_manifest(models)
+    verify_files(models, manifest)
+    print(f"{models}: {len(manifest.files)} files match the manifest; fingerprint {manifest.fingerprint[:32]}")
 
 
-def _cmd_serve(args) -> None:
-    from .extras import missing_modules
-
-    missing = missing_modules("starlette", "uvicorn", "prometheus_client")
-    if missing:
-        raise UsageError(f"serve needs the serve extra (missing: {', '.join(missing)}): pip install 'sdcodec[serve]'")
-    import uvicorn
-    from sdc_serve import create_app
-
-    if args.workers < 1 or args.queue < 0 or args.max_body < 1:
-        raise UsageError("--workers must be at least 1, --queue at least 0, --max-body at least 1")
-    app = create_app(_codec(args), workers=args.workers, queue=args.queue, max_body=args.max_body)
-    # uvicorn: one access-log line per request; SIGTERM stops accepting and finishes in-flight
-    # work, then uvicorn re-raises it to the handler it found: a no-op, so the exit status is 0.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True, timeout_graceful_shutdown=60)
-
-
-def _size(text: str) -> int:
+def size_bytes(text: str) -> int:
     """'2G', '512M', '1500000000' -> bytes (binary multiples)."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     try:
@@ -211,9 +188,9 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Encode and decode .sdc images with ONNX Runtime.")
+    parser = ToolParser(prog=PROG, description="Encode and decode .sdc images with ONNX Runtime.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ToolParser)
 
     def common(p):
         p.add_argument("--models", metavar="DIR", help="model set folder (sdc-export output; default $SDC_MODELS)")
@@ -221,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
         p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                        help=f"refuse larger images (default {DEFAULT_MAX_PIXELS})")
-        p.add_argument("--memory-limit", type=_size, default=DEFAULT_MEMORY_LIMIT, metavar="BYTES",
+        p.add_argument("--memory-limit", type=size_bytes, default=DEFAULT_MEMORY_LIMIT, metavar="BYTES",
                        help="working memory of the neural stages, besides the model weights; larger images "
                             "run in tiles that fit it (suffixes K, M, G; default 2G)")
         p.add_argument("--tile-size", type=int, default=None, metavar="PIXELS",
@@ -232,29 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="image file, or - for stdin")
     p.add_argument("output", help=".sdc file, or - for stdout")
     common(p)
-    p.add_argument("--quality", "-q", type=int, default=None, metavar="Q",
-                   help="1..100, higher is larger and better: a point on the model set's quality scale, which "
-                        "chooses --mode, --colors, --group-channels and --quant-step (default: the set's)")
-    p.add_argument("--target-bytes", type=int, default=None, metavar="N",
-                   help="the best quality whose file is not larger than N bytes (exit 1 if none is)")
-    p.add_argument("--effort", "-e", type=int, default=None, metavar="E",
-                   help="0..9: closed-loop refinement passes; higher is slower and better at equal bytes, "
-                        "same format (default: the set's)")
-    p.add_argument("--mode", choices=sorted(MODES), default=None, help="latent coding (default: the model set's)")
-    p.add_argument("--colors", type=int, default=None, help="palette mode: palette size, 2..4096 (default: the set's)")
-    p.add_argument("--group-channels", type=int, default=None, metavar="G",
-                   help="palette mode: one palette per group of G latent channels (default: the set's)")
-    p.add_argument("--dither", action=argparse.BooleanOptionalAction, default=None,
-                   help="palette mode: Floyd-Steinberg dithering of the latent (default: the set's)")
-    p.add_argument("--quant-step", type=float, default=None,
-                   help="u8 mode: quantization step in raw latent units for a channel of average decoder "
-                        "sensitivity; larger is smaller and worse (default: the finest that fits 8 bits)")
-    p.add_argument("--denoise-steps", type=int, default=None,
-                   help="UNet denoising steps the decoder runs by default (default: the set's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the palette and the DDIM noise")
-    p.add_argument("--alpha", choices=["keep", "drop"], default="keep",
-                   help="an alpha channel is stored losslessly (keep, the default) or ignored (drop)")
-    p.add_argument("--strip", action="store_true", help="drop the ICC profile, EXIF and XMP")
+    add_encode_options(p)
     p.set_defaults(run=_cmd_encode)
 
     p = sub.add_parser("decode", help=".sdc -> image (format from OUT's extension; PNG on stdout)")
@@ -276,48 +231,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_cmd_info)
 
-    p = sub.add_parser("serve", help="the codec as an HTTP service (the serve extra)")
-    common(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--workers", type=int, default=2, help="threads running neural work (default 2)")
-    p.add_argument("--queue", type=int, default=16, help="requests that may wait for a worker; more get 503")
-    p.add_argument("--max-body", type=_size, default=32 << 20, metavar="BYTES", help="largest request body (default 32M)")
-    p.set_defaults(run=_cmd_serve)
-
     p = sub.add_parser("verify", help="check a model set's files against the sha256 in its manifest")
-    p.add_argument("--models", required=True, metavar="DIR")
+    p.add_argument("--models", metavar="DIR", help="model set folder (default $SDC_MODELS)")
     p.set_defaults(run=_cmd_verify)
+    for command in entry_points(group=COMMANDS_GROUP):
+        command.load()(sub, common)
     return parser
 
 
-def _warn(message, category, filename, lineno, file=None, line=None):
-    sys.stderr.write(f"{PROG}: warning: {message}\n")
+def add_encode_options(parser: argparse.ArgumentParser) -> None:
+    """A flag for every encoder option EncodeOptions declares; None (not given) is the set's default."""
+    for spec in encode_options.ENCODE_OPTIONS:
+        names = [spec.flag] + ([f"-{spec.short}"] if spec.short else [])
+        if spec.kind is bool:
+            parser.add_argument(*names, dest=spec.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=spec.help)
+        else:
+            parser.add_argument(*names, dest=spec.name, type=spec.kind, choices=spec.choices, default=None,
+                                metavar=spec.metavar, help=spec.help)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.showwarning = _warn
     # --max-pixels is the limit: Pillow's own, checked inside Image.open, would cap it at 179 MP.
     Image.MAX_IMAGE_PIXELS = None
-    try:
-        args.run(args)
-    except UsageError as exc:
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
-        return 2
-    except SdcError as exc:
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
-        return 1
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted\n")
-        return 130
-    except BrokenPipeError:  # the reader went away (| head): nothing left to say to it
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except MemoryError:
-        sys.stderr.write(f"{PROG}: error: out of memory\n")
-        return 1
-    return 0
+    return run_tool(PROG, lambda: args.run(args))
 
 
 if __name__ == "__main__":

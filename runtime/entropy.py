@@ -11,7 +11,7 @@ import zlib
 
 import numpy as np
 
-from .errors import SdcFormatError
+from .errors import SdcFormatError, SdcInputError
 
 CODER_DEFLATE = 1  # raw DEFLATE (RFC 1951), level 9: the container already carries a CRC32
 CODER_LZMA2 = 2  # raw LZMA2 (no .xz container), dictionary 1 MiB
@@ -22,7 +22,7 @@ _LZMA2_DICT = 1 << 20
 def symbol_dtype(alphabet_size: int) -> np.dtype:
     """Symbols travel as one byte (alphabet <= 256) or two little-endian bytes."""
     if not 1 <= alphabet_size <= 65536:
-        raise ValueError(f"alphabet size {alphabet_size} is outside 1..65536")
+        raise SdcInputError(f"alphabet size {alphabet_size} is outside 1..65536")
     return np.dtype(np.uint8) if alphabet_size <= 256 else np.dtype("<u2")
 
 
@@ -41,7 +41,7 @@ def encode(symbols: np.ndarray, *, alphabet_size: int) -> tuple[int, bytes]:
     """Symbols -> (coder, bytes) with whichever coder gives the smaller stream."""
     flat = np.asarray(symbols).ravel()
     if flat.size and (flat.min() < 0 or flat.max() >= alphabet_size):
-        raise ValueError("symbol outside the alphabet")
+        raise SdcInputError("symbol outside the alphabet")
     raw = flat.astype(symbol_dtype(alphabet_size)).tobytes()
     deflater = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
     candidates = [(CODER_DEFLATE, deflater.compress(raw) + deflater.flush()),

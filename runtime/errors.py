@@ -37,6 +37,18 @@ class SdcInputError(SdcError, ValueError):
     """An image or an option given to the codec is not acceptable."""
 
 
+class SdcUsageError(SdcInputError):
+    """A command line or a combination of options that cannot work: the tools exit 2."""
+
+
+class SdcExportError(SdcError):
+    """An export failed for a reason the user can act on (sdc-export prints it as one line)."""
+
+
+class SdcExtraError(SdcError):
+    """An optional install (an extra of the sdcodec package) that this work needs is missing."""
+
+
 class SdcTargetError(SdcError):
     """A size target cannot be met: even the smallest file the model set can write is larger."""
 

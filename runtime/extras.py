@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 
+from .errors import SdcExtraError
+
 PROVIDER_INSTALL_HINTS = {
     "cuda": "install onnxruntime-gpu in place of onnxruntime (pip install 'sdcodec[gpu]')",
     "openvino": "install onnxruntime-openvino (pip install 'sdcodec[openvino]')",
@@ -21,3 +23,19 @@ def missing_modules(*names: str) -> list[str]:
         if not found:
             missing.append(name)
     return missing
+
+
+# What each extra must bring for the work that needs it.
+EXTRA_MODULES = {
+    "export": ("torch", "diffusers", "transformers", "onnx", "tqdm"),
+    "bench": ("tqdm", "matplotlib", "scipy", "imagecodecs", "imagequant"),
+    "serve": ("starlette", "uvicorn", "prometheus_client", "imagecodecs"),
+}
+
+
+def require_extra(extra: str, what: str) -> None:
+    """Raise SdcExtraError (exit 1 in every tool) naming the extra when one of its modules is missing."""
+    missing = missing_modules(*EXTRA_MODULES[extra])
+    if missing:
+        raise SdcExtraError(f"{what} needs the {extra} extra (missing: {', '.join(missing)}):"
+                            f" pip install 'sdcodec[{extra}]'")

@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 
-from .errors import SdcModelError, SdcProviderError
+from .errors import SdcInputError, SdcModelError, SdcProviderError
 from .extras import PROVIDER_INSTALL_HINTS
 from .image import graph_output_to_levels, to_graph_input, to_uint8
 from .manifest import Graph, Manifest, Scheduler, load_manifest
@@ -66,7 +66,7 @@ def ddim_step(model_output: np.ndarray, timestep: int, prev_timestep: int, sampl
     prev = np.sqrt(alpha_prev) * pred_x0 + direction
     if eta > 0:
         if noise is None:
-            raise ValueError("eta > 0 needs noise")
+            raise SdcInputError("eta > 0 needs noise")
         prev = prev + std * noise
     return prev.astype(np.float32)
 

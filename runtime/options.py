@@ -8,7 +8,7 @@ new model family needs no edit here; the manifest's own validation runs them thr
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from .container import (
     MAX_COLORS, MAX_DENOISE_STEPS, MAX_GROUP_CHANNELS, MODE_PALETTE, MODE_U8, smallest_file_bytes,
@@ -20,6 +20,8 @@ ALPHA_CHOICES = ("keep", "drop")
 MAX_EFFORT = 9
 # The options a quality (or a size target) chooses; naming one of them as well is a conflict.
 LATENT_CODING_OPTIONS = ("mode", "colors", "group_channels", "quant_step")
+# Options that mean something in palette mode only: naming one for a u8 file is a conflict.
+PALETTE_ONLY_OPTIONS = ("colors", "group_channels", "dither")
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,19 @@ class EncoderDefaults:
     quality_table: tuple[QualityPoint, ...]
 
 
+def option(kind: type, help: str, *, default=None, choices: tuple | None = None, short: str | None = None,
+           metavar: str | None = None):
+    """A field of EncodeOptions that callers may set: its type as text arrives (a command-line
+    flag, a query parameter, a Pillow keyword), its help, and the resolved default where the
+    model set does not give one.  Every entry point reads these; none declares an option."""
+    metadata = {"kind": kind, "help": help, "choices": choices, "short": short, "metavar": metavar}
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class EncodeOptions:
-    """Every encoder option, resolved and checked.
+    """Every encoder option, resolved and checked; each field's metadata declares it once
+    for the CLI, the service and the Pillow plugin (``option_specs``).
 
     Palette mode: ``colors`` entries per palette (at most; fewer when the latent has fewer
     distinct cells), one palette per group of ``group_channels`` latent channels, assigned by
@@ -95,22 +107,69 @@ class EncodeOptions:
     many closed-loop refinement passes the encoder spends; the bitstream is the same.
     """
 
-    mode: str
-    colors: int
-    group_channels: int
-    dither: bool
-    quant_step: float | None
-    denoise_steps: int
-    denoise_stride: int
-    eta: float
-    seed: int
-    alpha: str = "keep"
-    strip: bool = False
-    quality: int | None = None
-    effort: int = 0
-    target_bytes: int | None = None
+    quality: int | None = option(
+        int, "1..100, higher is larger and better: a point on the model set's quality scale, which chooses "
+        "mode, colors, group_channels and quant_step (default: the set's)", short="q", metavar="Q")
+    target_bytes: int | None = option(
+        int, "the best quality whose file is not larger than N bytes (fails if none is)", metavar="N")
+    effort: int = option(
+        int, "0..9: closed-loop refinement passes; higher is slower and better at equal bytes, same format "
+        "(default: the set's)", default=0, short="e", metavar="E")
+    mode: str = option(str, "latent coding (default: the quality's)", default="u8", choices=tuple(MODES))
+    colors: int = option(int, "palette mode: palette size, 2..4096 (default: the quality's)", default=0)
+    group_channels: int = option(
+        int, "palette mode: one palette per group of G latent channels (default: the quality's)", default=0,
+        metavar="G")
+    dither: bool = option(bool, "palette mode: Floyd-Steinberg dithering of the latent (default: the set's)",
+                          default=False)
+    quant_step: float | None = option(
+        float, "u8 mode (implied): quantization step in raw latent units for a channel of average decoder "
+        "sensitivity; larger is smaller and worse (default: the quality's)")
+    denoise_steps: int = option(int, "UNet denoising steps the decoder runs by default (default: the set's)",
+                                default=0)
+    denoise_stride: int = option(int, "timesteps between denoising steps (default: the set's)", default=0)
+    eta: float = option(float, "DDIM noise of the denoising steps, 0..1 (default: the set's)", default=0.0)
+    seed: int = option(int, "seed of the palette search and the DDIM noise (default 0)", default=0)
+    alpha: str = option(str, "an alpha channel is stored losslessly (keep, the default) or ignored (drop)",
+                        default="keep", choices=ALPHA_CHOICES)
+    strip: bool = option(bool, "drop the ICC profile, EXIF and XMP", default=False)
 
 
+@dataclass(frozen=True)
+class OptionSpec:
+    """One encoder option as the entry points see it (from EncodeOptions' field metadata)."""
+
+    name: str
+    kind: type
+    help: str
+    choices: tuple | None = None
+    short: str | None = None
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def parse(self, text: str):
+        """A value given as text (a query parameter), typed; SdcInputError names the option."""
+        if self.kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise SdcInputError(f"{self.name} must be true or false, not {text!r}")
+            return text.lower() in ("true", "1")
+        try:
+            return self.kind(text)
+        except ValueError:
+            raise SdcInputError(f"{self.name} must be {self.kind.__name__}, not {text!r}") from None
+
+
+def option_specs(options_class=None) -> tuple[OptionSpec, ...]:
+    """The options callers may set, in declaration order: the fields that carry ``option`` metadata."""
+    return tuple(OptionSpec(f.name, **f.metadata) for f in fields(options_class or EncodeOptions)
+                 if "kind" in f.metadata)
+
+
+# Read at call time by every entry point, so one declaration reaches them all.
+ENCODE_OPTIONS = option_specs()
 ENCODE_OPTION_NAMES = tuple(f.name for f in fields(EncodeOptions))
 
 
@@ -173,8 +232,8 @@ def resolve_encode_options(defaults: EncoderDefaults, limits: ModelLimits, **ove
     unknown = sorted(set(overrides) - set(ENCODE_OPTION_NAMES))
     if unknown:
         raise SdcInputError(f"unknown encoder option(s) {', '.join(unknown)}; known: {', '.join(ENCODE_OPTION_NAMES)}")
-    chosen = {**{f.name: getattr(defaults, f.name) for f in fields(EncodeOptions) if hasattr(defaults, f.name)},
-              "quant_step": None, "seed": 0, "alpha": "keep", "strip": False, "target_bytes": None}
+    chosen = {f.name: getattr(defaults, f.name, f.default) for f in fields(EncodeOptions)}
+    chosen["quality"] = None
     chosen.update({name: value for name, value in overrides.items() if value is not None})
     named = [name for name in LATENT_CODING_OPTIONS if overrides.get(name) is not None]
     quality, target_bytes = overrides.get("quality"), chosen["target_bytes"]
@@ -190,6 +249,11 @@ def resolve_encode_options(defaults: EncoderDefaults, limits: ModelLimits, **ove
                                 f" file of this model set), not {target_bytes!r}")
     if named:
         quality = None
+        if "mode" not in named:  # the options named imply it: a quant_step is u8's, a palette size a palette's
+            if "quant_step" in named:
+                chosen["mode"] = "u8"
+            elif "colors" in named or "group_channels" in named:
+                chosen["mode"] = "palette"
     else:  # the default quality, when nothing chose the coding; a size target's search starts there
         quality = defaults.quality if quality is None else quality
         if not _integer(quality) or not 1 <= quality <= 100:
@@ -203,6 +267,10 @@ def resolve_encode_options(defaults: EncoderDefaults, limits: ModelLimits, **ove
     mode = chosen["mode"]
     if mode not in MODES:
         raise SdcInputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "u8" and named:  # a quality's scale may land on palettes, where dither then applies
+        ignored = [name for name in PALETTE_ONLY_OPTIONS if overrides.get(name) is not None]
+        if ignored:
+            raise SdcInputError(f"{', '.join(ignored)} apply to palette mode only, and the mode is u8")
     colors = chosen["colors"]
     if not _integer(colors) or not 2 <= colors <= MAX_COLORS:
         raise SdcInputError(f"colors must be an integer in 2..{MAX_COLORS}, not {colors!r}")

@@ -16,7 +16,8 @@ import threading
 
 from PIL import Image, ImageFile
 
-from .bitstream import sdc_check, sdc_info
+from . import options as encode_options
+from .bitstream import sdc_check, sdc_info, sdc_metadata
 from .codec import SdcCodec
 from .errors import SdcInputError
 
@@ -63,7 +64,10 @@ class SdcImageFile(ImageFile.ImageFile):
         data = self.fp.read()
         details = sdc_info(data)  # validates the whole container; no model needed
         self._size = (details["width"], details["height"])
-        self._mode = "RGB"
+        # As Pillow's own plugins do: the mode and the metadata from the file at open, so that
+        # convert() and save() see them before (and without) a decode.
+        self._mode = "RGBA" if "alpha" in details["sections"] else "RGB"
+        self.info.update(sdc_metadata(data))
         self.info["sdc"] = details
         self._sdc_data = data
         self.tile = []
@@ -76,6 +80,16 @@ class SdcImageFile(ImageFile.ImageFile):
         return Image.Image.load(self)
 
 
+def encoder_keywords(encoderinfo: dict) -> dict:
+    """The save keywords as encoder options: every option EncodeOptions declares, by its name.
+    Unknown names are refused (SdcInputError), as the codec refuses them."""
+    known = {spec.name for spec in encode_options.ENCODE_OPTIONS}
+    unknown = sorted(set(encoderinfo) - known)
+    if unknown:
+        raise SdcInputError(f"unknown encoder option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return dict(encoderinfo)
+
+
 def _save(image: Image.Image, fp, filename) -> None:
-    # The codec checks every option, unknown names included, before any model work.
-    fp.write(_codec().encode(image, **image.encoderinfo))
+    # Checked before any model work.
+    fp.write(_codec().encode(image, **encoder_keywords(image.encoderinfo)))

@@ -31,14 +31,16 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from sdc_peers import matched
 from sdc_runtime import (
     SdcCodec, SdcError, SdcFormatError, SdcInputError, SdcLimitError, SdcModelError, SdcTargetError, sdc_info,
 )
 from sdc_runtime import container
 from sdc_runtime.image import image_bytes, load_image, to_picture
-from sdc_runtime.options import ENCODE_OPTION_NAMES, EncodeOptions
+from sdc_runtime import options as encode_options
+from sdc_runtime.options import EncodeOptions
 
-from sdc_bench.peers import matched
+from .settings import ServeSettings
 
 PAGE = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
 COMPARE_PEERS = ("AVIF", "JPEG XL", "JPEG")
@@ -46,9 +48,6 @@ COMPARE_PEERS = ("AVIF", "JPEG XL", "JPEG")
 COMPARE_MAX_PIXELS = 4 << 20
 OUTPUT_FORMATS = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG", "jpg": "JPEG"}
 MEDIA_TYPES = {"PNG": "image/png", "WEBP": "image/webp", "JPEG": "image/jpeg"}
-# Query values arrive as text: each encoder option's type, to parse them before the codec checks them.
-OPTION_TYPES = {"quality": int, "target_bytes": int, "effort": int, "colors": int, "group_channels": int, "denoise_steps": int, "denoise_stride": int, "seed": int,
-                "quant_step": float, "eta": float, "dither": bool, "strip": bool, "mode": str, "alpha": str}
 
 
 class HttpError(Exception):
@@ -69,32 +68,22 @@ def _status_of(exc: SdcError, *, image_input: bool = False) -> int:
     return 400
 
 
-def _parse_options(query) -> dict:
-    options = {}
-    for name, text in query.items():
-        if name not in ENCODE_OPTION_NAMES:
-            raise HttpError(422, f"unknown encoder option {name!r}; known: {', '.join(ENCODE_OPTION_NAMES)}",
-                            "SdcInputError")
-        kind = OPTION_TYPES[name]
-        try:
-            if kind is bool:
-                if text.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                options[name] = text.lower() in ("true", "1")
-            else:
-                options[name] = kind(text)
-        except ValueError:
-            raise HttpError(422, f"{name} must be {kind.__name__}, not {text!r}", "SdcInputError") from None
-    return options
+def parse_options(query) -> dict:
+    """The query's encoder options, typed as EncodeOptions declares them (SdcInputError: 422)."""
+    specs = {spec.name: spec for spec in encode_options.ENCODE_OPTIONS}
+    unknown = sorted(set(query) - set(specs))
+    if unknown:
+        raise SdcInputError(f"unknown encoder option(s) {', '.join(unknown)}; known: {', '.join(specs)}")
+    return {name: specs[name].parse(text) for name, text in query.items()}
 
 
 class Service:
     """The state of one server process: its codec, its pool, its admission count, its metrics."""
 
-    def __init__(self, codec: SdcCodec, *, workers: int = 2, queue: int = 16, max_body: int = 32 << 20):
-        self.codec, self.max_body = codec, max_body
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdc")
-        self.capacity = workers + queue  # requests admitted at once: running plus waiting
+    def __init__(self, codec: SdcCodec, settings: ServeSettings):
+        self.codec, self.max_body = codec, settings.max_body
+        self.pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="sdc")
+        self.capacity = settings.workers + settings.queue  # requests admitted at once: running plus waiting
         self.admitted = 0
         self.registry = CollectorRegistry()
         self.requests = Counter("sdc_requests", "Requests by route and status", ["route", "status"],
@@ -145,8 +134,8 @@ class Service:
                 self.queue_depth.dec()
 
 
-def create_app(codec: SdcCodec, *, workers: int = 2, queue: int = 16, max_body: int = 32 << 20) -> Starlette:
-    service = Service(codec, workers=workers, queue=queue, max_body=max_body)
+def create_app(codec: SdcCodec, settings: ServeSettings = ServeSettings()) -> Starlette:
+    service = Service(codec, settings)
 
     def route(path: str, name: str, handler, methods, *, image_input: bool = False):
         """A route with the service's error mapping and metrics.  ``image_input``: the body is an
@@ -169,7 +158,7 @@ def create_app(codec: SdcCodec, *, workers: int = 2, queue: int = 16, max_body: 
     def options_of(request: Request) -> EncodeOptions:
         """The query's encoder options, resolved and checked by the codec (422 if bad)."""
         try:
-            return codec.options(**_parse_options(request.query_params))
+            return codec.options(**parse_options(request.query_params))
         except SdcInputError as exc:
             raise HttpError(422, str(exc), type(exc).__name__) from None
 

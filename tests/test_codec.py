@@ -126,7 +126,9 @@ def test_fp16_set_decodes_files_of_the_fp32_set(codec, model_set_fp16):
     (dict(colors=1), "colors"),
     (dict(colors=2.5), "colors"),
     (dict(mode="jpeg"), "unknown mode"),
-    (dict(quant_step=0.3), "u8 mode only"),
+    (dict(mode="palette", quant_step=0.3), "u8 mode only"),
+    (dict(mode="u8", colors=64, group_channels=2, dither=False), "colors, group_channels, dither apply to palette mode only"),
+    (dict(quant_step=0.3, colors=64), "apply to palette mode only"),
     (dict(mode="u8", quant_step=-1.0), "positive"),
     (dict(denoise_steps=65), "denoise_steps"),
     (dict(denoise_steps=3, denoise_stride=500), "training timesteps"),
@@ -294,7 +296,7 @@ def test_taef2_palette_mode_bytes_and_psnr_floors(taef2_set, name):
 def test_taef2_palette_mode_beats_the_original_recipe(taef2_set):
     """On the same 8-bit latent, our default palette mode (decoder-weighted k-means, one
     palette per 4 channels) gives a higher PSNR than libimagequant + zlib in no more bytes."""
-    from sdc_bench.peers import original_recipe
+    from sdc_bench.recipe2022 import original_recipe
 
     codec = SdcCodec(taef2_set)
     image = kodak("kodim05")

@@ -39,7 +39,7 @@ def test_save_checks_options_and_writes_a_valid_file(registered, codec):
     with pytest.raises(SdcInputError, match="2..4096"):
         make_image(8, 8).save(io.BytesIO(), format="SDC", colors=1)
     with pytest.raises(SdcInputError, match="u8 mode only"):
-        make_image(8, 8).save(io.BytesIO(), format="SDC", quant_step=0.5)
+        make_image(8, 8).save(io.BytesIO(), format="SDC", mode="palette", quant_step=0.5)
     buffer = io.BytesIO()
     make_image(40, 24).save(buffer, format="SDC", mode="palette", colors=8, denoise_steps=1)
     details = Image.open(io.BytesIO(buffer.getvalue())).info["sdc"]

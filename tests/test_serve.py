@@ -19,7 +19,7 @@ pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
 from sdc_bench.serve import launch  # noqa: E402
-from sdc_serve import create_app  # noqa: E402
+from sdc_serve import ServeSettings, create_app  # noqa: E402
 
 
 def _png(image) -> bytes:
@@ -30,7 +30,7 @@ def _png(image) -> bytes:
 
 @pytest.fixture(scope="module")
 def client(model_set):
-    with TestClient(create_app(SdcCodec(model_set), workers=2, queue=4, max_body=1 << 20)) as test_client:
+    with TestClient(create_app(SdcCodec(model_set), ServeSettings(workers=2, queue=4, max_body=1 << 20))) as test_client:
         yield test_client
 
 
@@ -94,7 +94,7 @@ def test_a_file_for_another_model_set_is_422(client, other_model_set):
 
 
 def test_a_full_queue_answers_503_with_retry_after(model_set):
-    app = create_app(SdcCodec(model_set), workers=1, queue=0)
+    app = create_app(SdcCodec(model_set), ServeSettings(workers=1, queue=0))
     with TestClient(app) as test_client:
         service = app.state.service
         service.admitted = service.capacity  # every worker and queue slot taken
