@@ -12,6 +12,6 @@ kernels = Extension(
 setup(
     package_dir={"sdc_runtime": "runtime", "sdc_export": "export", "sdc_bench": "bench", "sdc_serve": "serve",
                  "sdc_peers": "peers"},
-    packages=["sdc_runtime", "sdc_export", "sdc_bench", "sdc_serve", "sdc_peers"],
+    packages=["sdc_runtime", "sdc_export", "sdc_export.int8", "sdc_bench", "sdc_serve", "sdc_peers"],
     ext_modules=cythonize([kernels], compiler_directives={"language_level": 3}),
 )

@@ -27,7 +27,7 @@ QUALITIES = {"palette": 10, "u8": 60}
 
 
 def add_parser(sub) -> None:
-    from sdc_export.quantize import CALIBRATION_SIDE, calibration_side
+    from sdc_export.int8 import CALIBRATION_SIDE, calibration_side
     from sdc_runtime.options import MAX_EFFORT
 
     p = sub.add_parser("int8", help="PSNR lost by int8 graphs, calibrated on disjoint images")
@@ -49,7 +49,7 @@ def run(args) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from sdc_export.quantize import calibration_images, quantize_set
+    from sdc_export.int8 import calibration_images, quantize_model_set
     from sdc_runtime import SdcCodec
     from sdc_runtime.manifest import load_manifest
 
@@ -77,10 +77,11 @@ def run(args) -> int:
             quantized = os.path.join(scratch, "set")
             shutil.copytree(args.models, quantized)
             bar.set_description_str(f"quantize on {calibrate[0]}..{calibrate[-1]}")
-            _, parity, sweeps = quantize_set(quantized, roles,
-                                             calibration_images(images, len(calibrate), args.calibration_side),
-                                             sweep_nodes=not args.no_sweep, weight_bits=args.int8_weight_bits)
-            _rewrite_precision(quantized, roles, args.int8_weight_bits)
+            parity, sweeps = quantize_model_set(
+                quantized, roles, calibration_images(images, len(calibrate), args.calibration_side),
+                sweep_nodes=not args.no_sweep, weight_bits=args.int8_weight_bits,
+                # The quantization takes minutes: its stages show in the bar as they run.
+                progress=lambda stage, done, total: bar.set_description_str(f"{stage} {done}/{total}"))
             int8 = SdcCodec(quantized)
             for name in measure:
                 with Image.open(os.path.join(args.images, name)) as im:
@@ -111,26 +112,11 @@ def run(args) -> int:
 
 
 def add_weight_bits_option(p) -> None:
-    from sdc_export.quantize import DEFAULT_WEIGHT_BITS
+    from sdc_export.int8 import DEFAULT_WEIGHT_BITS
     from sdc_runtime.manifest import WEIGHT_BITS
 
     p.add_argument("--int8-weight-bits", type=int, default=DEFAULT_WEIGHT_BITS, choices=WEIGHT_BITS,
                    help=f"the bits of the int8 weights (default: the export's, {DEFAULT_WEIGHT_BITS})")
-
-
-def _rewrite_precision(model_dir: str, roles, weight_bits: int) -> None:
-    """quantize_set rewrites the graphs; the copied manifest still says fp32 for them and
-    lists the fp32 hashes, which the runtime does not check at open.  Mark them int8, with
-    the bits of their weights (which choose the runtime's kernels), as the export would."""
-    from sdc_runtime.manifest import MANIFEST_NAME
-
-    path = os.path.join(model_dir, MANIFEST_NAME)
-    with open(path) as fh:
-        data = json.load(fh)
-    for role in roles:
-        data["graphs"][role].update(precision="int8", weight_bits=weight_bits)
-    with open(path, "w") as fh:
-        json.dump(data, fh)
 
 
 def summarize(rows: list[dict]) -> list[dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from sdc_runtime.refine import psnr  # the one the encoder's closed loop scores its files by
+from sdc_runtime.image import psnr  # the one the encoder's closed loop scores its files by
 
 __all__ = ["psnr", "ssim", "ms_ssim"]
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
-import json
 import os
 
 import numpy as np
@@ -16,9 +15,10 @@ from sdc_peers import CLASSICAL, matched
 from sdc_runtime.errors import SdcUsageError
 
 from . import sweep
+from .figures import image_row
 from .metrics import ms_ssim, psnr, ssim
 from .recipe2022 import original_recipe
-from .timing import machine
+from .timing import add_run_options, machine, save_json
 
 METRICS = ("bytes", "bpp", "psnr", "ssim", "ms_ssim")
 DEFAULT_POINTS = ("u8,u8:0.2,u8:0.3,u8:0.45,u8:0.6,palette:16:4,palette:64:4,palette:128:4,palette:256:4,"
@@ -231,22 +231,12 @@ def plot(result: dict, path: str) -> None:
 
 def crop_grid(crops: dict, path: str, side: int = 256) -> None:
     """The same centred square (up to side x side pixels) of each image, side by side, unscaled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(crops), figsize=(4 * len(crops), 4.4))
-    for ax, (title, pixels) in zip(np.atleast_1d(axes), crops.items()):
+    def centre(pixels):
         h, w = pixels.shape[:2]
         size = min(side, h, w)
         y0, x0 = (h - size) // 2, (w - size) // 2
-        ax.imshow(pixels[y0:y0 + size, x0:x0 + size], interpolation="nearest")
-        ax.set_title(title, fontsize=10)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        return pixels[y0:y0 + size, x0:x0 + size]
+    image_row([(title, centre(pixels)) for title, pixels in crops.items()], path)
 
 
 def add_parser(sub):
@@ -265,17 +255,13 @@ def add_parser(sub):
                    help="effort sweep: each quality at each effort; Bjontegaard deltas against the lowest")
     p.add_argument("--crop-image", default="kodim23", help="image for the side-by-side crops")
     p.add_argument("--crop-point", default="palette K=256 G=4", help="operating point for the crops")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="bench-out/rd", help="output folder")
-    p.set_defaults(run=_main)
+    add_run_options(p, "bench-out/rd", _main)
 
 
 def _main(args) -> int:
-    os.makedirs(args.out, exist_ok=True)
     result = run(args)
     crops = result.pop("crops")
-    with open(os.path.join(args.out, "rd.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
+    save_json(result, args.out, "rd.json")
     with open(os.path.join(args.out, "rd.csv"), "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["image", "codec", *METRICS])
         writer.writeheader()

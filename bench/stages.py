@@ -95,7 +95,7 @@ def _time_int8(args, codec, pixels, raw, scaled, timesteps, rows):
     from sdc_runtime import SdcCodec
 
     int8 = SdcCodec(args.int8, provider=args.provider, threads=args.threads)
-    if int8.fingerprint != codec.fingerprint:
+    if int8.manifest.fingerprint != codec.manifest.fingerprint:
         raise SdcUsageError("--int8 must be a set of the same checkpoint as --models")
     graphs = int8.manifest.graphs
     stages = {"vae_encoder": lambda: int8.stages.encode(pixels),
@@ -206,9 +206,7 @@ def add_parser(sub):
 def _quantized_copy(args) -> str:
     import shutil
 
-    from sdc_export.quantize import calibration_images, quantize_set
-
-    from .int8 import _rewrite_precision
+    from sdc_export.int8 import calibration_images, quantize_model_set
 
     if not args.calibration or not args.keep:
         raise SdcUsageError("--quantize needs --calibration DIR and --keep DIR")
@@ -216,9 +214,8 @@ def _quantized_copy(args) -> str:
     shutil.copytree(args.models, args.keep)
     # Neither the sweep nor the correction: the correction changes weights, scales and biases
     # only, and on a full-size UNet it is slow (second moments of up to 4608 inputs a layer).
-    _, parity, _ = quantize_set(args.keep, roles, calibration_images(args.calibration, 3), sweep_nodes=False,
+    parity, _ = quantize_model_set(args.keep, roles, calibration_images(args.calibration, 3), sweep_nodes=False,
                                 correct=False, weight_bits=args.int8_weight_bits)
-    _rewrite_precision(args.keep, roles, args.int8_weight_bits)
     for p in parity:
         print(p.line(), "(uncorrected graph, timed for speed; the export's parity is after the correction)")
     return args.keep

@@ -9,13 +9,13 @@ is written as a picture.
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import numpy as np
 
+from .figures import image_row
 from .metrics import psnr
-from .timing import machine
+from .timing import add_run_options, machine, save_json
 
 
 def _mosaics(folder: str, count: int):
@@ -92,23 +92,10 @@ def markdown(result: dict) -> str:
 
 
 def picture(crop, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The untiled and tiled decodes around a tile corner, and their difference."""
     untiled, tiled, difference, (x, y), half = crop
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
-    for ax, image, title in zip(axes, (untiled, tiled, difference),
-                                (f"untiled (corner at x={x}, y={y} at centre)", "tiled", "|difference| x 8")):
-        ax.imshow(image, interpolation="nearest")
-        ax.axhline(half - 0.5, color="red", linewidth=0.6, alpha=0.6)
-        ax.axvline(half - 0.5, color="red", linewidth=0.6, alpha=0.6)
-        ax.set_title(title, fontsize=10)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    image_row([(f"untiled (corner at x={x}, y={y} at centre)", untiled), ("tiled", tiled),
+               ("|difference| x 8", difference)], path, cross=half)
 
 
 def add_parser(sub):
@@ -118,20 +105,16 @@ def add_parser(sub):
     p.add_argument("--tile-size", type=int, default=512)
     p.add_argument("--mode", default="u8", choices=["u8", "palette"])
     p.add_argument("--limit", type=int, default=6, help="at most this many mosaics")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="bench-out/tiles", help="output folder")
-    p.set_defaults(run=_main)
+    add_run_options(p, "bench-out/tiles", _main)
 
 
 def _main(args) -> int:
-    os.makedirs(args.out, exist_ok=True)
     result = run(args)
     crop = result.pop("crop")
-    with open(os.path.join(args.out, "tiles.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
+    text = markdown(result)
+    save_json(result, args.out, "tiles.json")
     if crop is not None:
         picture(crop, os.path.join(args.out, "corner.png"))
-    text = markdown(result)
     with open(os.path.join(args.out, "summary.md"), "w") as fh:
         fh.write(text + "\n")
     print(text)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 
@@ -28,7 +29,7 @@ def machine() -> str:
         cpu = names[0] if names else cpu
     except OSError:
         pass
-    flags = cpu_flags()
+    flags = speed_flags()
     return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()},"
             f" flags {' '.join(flags) if flags else 'none of ' + ' '.join(SPEED_FLAGS)}")
 
@@ -38,10 +39,11 @@ def machine() -> str:
 SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
 
 
-def cpu_flags() -> list[str]:
-    from sdc_runtime.neural import cpu_flags as all_flags
+def speed_flags() -> list[str]:
+    """Which of SPEED_FLAGS this CPU has."""
+    from sdc_runtime.neural import cpu_flags
 
-    return [f for f in SPEED_FLAGS if f in all_flags()]
+    return [f for f in SPEED_FLAGS if f in cpu_flags()]
 
 
 def report(result: dict, table: str, json_path: str | None) -> int:
@@ -51,3 +53,18 @@ def report(result: dict, table: str, json_path: str | None) -> int:
             json.dump(result, fh, indent=1)
     print(table)
     return 0
+
+
+def add_run_options(parser, out: str, main) -> None:
+    """What every folder-writing bench's parser ends with: ONNX Runtime's threads, the output
+    folder, and the function that runs it."""
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=out, help=f"output folder (default {out})")
+    parser.set_defaults(run=main)
+
+
+def save_json(result: dict, folder: str, name: str) -> None:
+    """``result`` as ``folder/name``, the folder made where it is missing."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, name), "w") as fh:
+        json.dump(result, fh, indent=1)

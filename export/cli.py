@@ -8,6 +8,8 @@ import time
 
 from sdc_runtime.errors import SdcExportError, SdcUsageError
 from sdc_runtime.extras import require_extra
+from sdc_runtime.progress import StageBars
+from sdc_runtime.roles import DECODERS
 from sdc_runtime.tools import ToolParser, run_tool
 
 from . import DEFAULT_OPSET, __version__
@@ -16,7 +18,7 @@ PROG = "sdc-export"
 
 
 def build_parser() -> ToolParser:
-    from .quantize import calibration_side
+    from .int8 import calibration_side
 
     p = ToolParser(prog=PROG, description="Export a Stable Diffusion checkpoint to an sdcodec ONNX model set.")
     p.add_argument("--model", required=True, metavar="SRC",
@@ -61,9 +63,7 @@ def build_parser() -> ToolParser:
     return p
 
 
-def run(args) -> int:
-    from tqdm import tqdm
-
+def run(args, int8_recipe=None) -> int:
     from .inputs import check_precision_roles, check_source, export_roles, find_pair, prepare_output
 
     if not 14 <= args.opset <= 21:
@@ -79,20 +79,14 @@ def run(args) -> int:
     if args.int8 is not None:
         from sdc_runtime.manifest import WEIGHT_BITS
 
-        from .quantize import (
-            CALIBRATION_SIDE,
-            DEFAULT_INT8_ROLES,
-            DEFAULT_WEIGHT_BITS,
-            MIN_CALIBRATION_IMAGES,
-            calibration_images,
-        )
+        from .int8 import CALIBRATION_SIDE, DEFAULT_WEIGHT_BITS, MIN_CALIBRATION_IMAGES, calibration_images
 
         if args.calibration is None:
             raise SdcUsageError("--int8 needs --calibration DIR, a folder of images to calibrate on")
         if args.calibration_count < MIN_CALIBRATION_IMAGES:
             raise SdcUsageError(f"--calibration-count must be at least {MIN_CALIBRATION_IMAGES}, not"
                              f" {args.calibration_count}")
-        named = DEFAULT_INT8_ROLES if args.int8 == "default" else tuple(r for r in args.int8.split(",") if r)
+        named = DECODERS if args.int8 == "default" else tuple(r for r in args.int8.split(",") if r)
         # The default names every decoder; an export without a tiny decoder has one fewer.
         precision["int8"] = tuple(r for r in named if args.int8 != "default" or r != "tiny_decoder"
                                   or args.tiny_decoder)
@@ -103,6 +97,8 @@ def run(args) -> int:
         precision["weight_bits"] = bits
         precision["calibration"] = calibration_images(args.calibration, args.calibration_count, side)
         precision["sweep_nodes"] = not args.no_sweep
+        if int8_recipe is not None:
+            precision["int8_recipe"] = int8_recipe
     is_tae = find_pair(args.model) is not None
     if is_tae and args.tiny_decoder:
         raise SdcExportError("--tiny-decoder applies to Stable Diffusion exports only")
@@ -117,24 +113,17 @@ def run(args) -> int:
     from .sources import load_stable_diffusion
 
     started = time.perf_counter()
-    # Steps' names are up to 30 characters ("correct vae_decoder.whole.onnx"): the timer stays in its column.
-    bar = tqdm(total=12, desc="load", file=sys.stderr, disable=args.quiet, bar_format="{desc:<32} {bar} {elapsed}")
-
-    def progress(text):
-        bar.set_description_str(text)
-        bar.update(1)
-
+    progress = StageBars(not args.quiet)
     try:
         if is_tae:
             report = export_tae(args.model, args.out, fp16=args.fp16, opset=args.opset, force=args.force,
                                 progress=progress, **precision)
         else:
             parts = load_stable_diffusion(args.model, revision=args.revision)
-            progress("loaded")
             report = export_stable_diffusion(parts, args.out, fp16=args.fp16, opset=args.opset, force=args.force,
                                              tiny_decoder=args.tiny_decoder, progress=progress, **precision)
     finally:
-        bar.close()
+        progress.close()
     total = time.perf_counter() - started
     for parity in report.parity:
         print(parity.line())
@@ -159,12 +148,13 @@ def _wide_stage(sweep) -> str:
     return f"; first stage ({share}) {verdict}: {sweep.wide_gain_db:+.2f} dB in 16 bits"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, int8_recipe=None) -> int:
+    """sdc-export; ``int8_recipe`` (an Int8Recipe) replaces the int8 defaults, for tests and probes."""
     args = build_parser().parse_args(argv)
 
     def work():
         require_extra("export", PROG)
-        return run(args)
+        return run(args, int8_recipe)
     return run_tool(PROG, work)
 
 

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -24,11 +23,12 @@ TAEF2 = os.path.join(os.path.dirname(REPO), "shared", "models", "taef2")
 
 def main(argv=None) -> int:
     from sdc_runtime import SdcCodec
+    from sdc_runtime.tools import ToolParser
 
     from .cli import main as export_main
     from .tiny import make_random_sd
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ToolParser(prog="python -m sdc_export.demo", description=__doc__.splitlines()[0])
     # Its own folder: the README's next commands write models/taef2 and must find it free.
     parser.add_argument("--out", default=os.path.join(REPO, "models", "demo"),
                         help="where to write (default models/demo/)")
@@ -60,8 +60,9 @@ def main(argv=None) -> int:
 
 def _round_trip(codec, image, name: str, out: str, label: str) -> None:
     from sdc_runtime import sdc_info
+    from sdc_runtime.image import psnr
 
-    original = np.asarray(image, np.float64)
+    original = np.asarray(image)
     for mode in ("palette", "u8"):
         started = time.perf_counter()
         data = codec.encode(image, mode=mode)
@@ -73,8 +74,8 @@ def _round_trip(codec, image, name: str, out: str, label: str) -> None:
         decoded = codec.decode(data)
         decode_s = time.perf_counter() - started
         decoded.save(path.replace(".sdc", ".png"))
-        mse = np.mean((np.asarray(decoded, np.float64) - original) ** 2)
-        print(f"   {mode:8s} {len(data):7d} bytes  {sdc_info(data)['bpp']:.4f} bpp  PSNR {10 * np.log10(255 ** 2 / mse):5.2f} dB"
+        print(f"   {mode:8s} {len(data):7d} bytes  {sdc_info(data)['bpp']:.4f} bpp"
+              f"  PSNR {psnr(original, np.asarray(decoded)):5.2f} dB"
               f"  encode {encode_s:.2f} s  decode {decode_s:.2f} s  -> {path}")
 
 

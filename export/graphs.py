@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from sdc_runtime.errors import SdcExportError
+from sdc_runtime.roles import ROLES
 
 from .attention import fuse_attention
 
@@ -75,7 +76,7 @@ class GraphSpec:
         first, second = self.module[:self.split].eval(), self.module[self.split:].eval()
         with torch.no_grad():
             middle = first(*self.example)
-        names = ("tiled", "whole") if self.role == "vae_encoder" else ("whole", "tiled")
+        names = ROLES[self.role].split_order
         return [GraphSpec(f"{self.role}.{names[0]}", first, self.input_names, "features", self.example),
                 GraphSpec(f"{self.role}.{names[1]}", second, ["features"], self.output_name, (middle,))]
 
@@ -176,11 +177,11 @@ def check_parity(spec: GraphSpec, path: str, precision: str, *, batch: int = 2) 
 
     generator = torch.Generator().manual_seed(1234)
     inputs = []
-    for example in spec.example:
+    for name, example in zip(spec.input_names, spec.example):
         shape = (batch,) + tuple(example.shape[1:])
         if example.ndim == 1:  # timestep: a mid-schedule value for every batch item
             inputs.append(torch.full(shape, 15.0))
-        elif spec.role in ("vae_encoder", "vae_encoder.tiled"):
+        elif name == "image":
             inputs.append(torch.rand(shape, generator=generator) * 2 - 1)
         else:
             inputs.append(torch.randn(shape, generator=generator))

@@ -10,6 +10,7 @@ import re
 
 from sdc_runtime.errors import SdcExportError
 from sdc_runtime.files import parent_problem
+from sdc_runtime.roles import FP32_ONLY_ROLES
 
 SD_SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -67,9 +68,6 @@ def prepare_output(out: str, force: bool) -> None:
 SD_ROLES = ("vae_encoder", "vae_decoder", "unet")
 TINY_DECODER_ROLE = "tiny_decoder"
 TAE_ROLES = ("vae_encoder", "vae_decoder", "decoder_gradient")
-# The decoder gradient runs in the encoder's closed loop only, where fp32 costs only time; a
-# backward pass in fp16 or int8 would lose the small gradients the loop follows.
-FP32_ONLY_ROLES = ("decoder_gradient",)
 
 
 def export_roles(is_tae: bool, tiny_decoder: bool) -> tuple[str, ...]:

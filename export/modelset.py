@@ -15,11 +15,13 @@ from sdc_runtime.errors import SdcExportError
 from sdc_runtime.latent import sd_quant_mapping
 from sdc_runtime.manifest import MANIFEST_NAME, Graph, Manifest, Scheduler, sha256_file
 from sdc_runtime.options import EncoderDefaults, QualityPoint
+from sdc_runtime.progress import report
+from sdc_runtime.roles import DECODERS, FP32_ONLY_ROLES, ROLES
 
 from . import DEFAULT_OPSET
 from .graphs import GraphSpec, UNetEmptyPrompt, VaeDecoder, VaeEncoder, check_parity, convert_fp16, export_graph
-from .inputs import FP32_ONLY_ROLES, check_precision_roles, prepare_output
-from .quantize import DEFAULT_WEIGHT_BITS
+from .inputs import check_precision_roles, prepare_output
+from .int8 import DEFAULT_RECIPE, DEFAULT_WEIGHT_BITS, Int8Recipe
 from .sources import StableDiffusionParts, weights_digest
 
 # Each family's encoder defaults, written into its manifests: the runtime has none of its own.
@@ -88,15 +90,6 @@ def sd_defaults(channels: int, scaling_factor: float) -> EncoderDefaults:
                            quality_table=sd_quality(channels, scaling_factor))
 
 
-# Working memory per image pixel of each graph on the CPU EP, in bytes: the slope of peak RSS
-# between two image sizes (/usr/bin/time -v, BENCHMARKS.md "Tiled neural stages"), rounded up.
-# The runtime sizes its tiles from these; the UNet's is per image pixel too (latent cell / 64).
-# The decoder gradient keeps every activation of its forward pass for the backward one.
-GRADIENT_MEMORY_PER_PIXEL = 3200
-MEMORY_PER_PIXEL = {
-    "sd": {"vae_encoder": 2100, "vae_decoder": 4200, "unet": 5400, "tiny_decoder": 1100},
-    "tae": {"vae_encoder": 1100, "vae_decoder": 1100, "decoder_gradient": GRADIENT_MEMORY_PER_PIXEL},
-}
 
 
 @dataclass
@@ -183,13 +176,13 @@ def sd_graph_specs(parts: StableDiffusionParts) -> tuple[list[GraphSpec], int, i
 
 # The graphs whose fp16 output can overflow on some checkpoints (the SD VAE decoder is the
 # known case): an fp16 set may ship them in fp32 as well, for the runtime to fall back on.
-DECODER_ROLES = ("vae_decoder", "tiny_decoder")
 
 
 def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, opset: int,
                     force: bool, keep_fp32: tuple[str, ...] = (), fp32_fallback: bool = False,
                     int8: tuple[str, ...] = (), calibration: list | None = None, sweep_nodes: bool = True,
-                    weight_bits: int = DEFAULT_WEIGHT_BITS, fuse_attention: bool = True,
+                    weight_bits: int = DEFAULT_WEIGHT_BITS, int8_recipe: Int8Recipe = DEFAULT_RECIPE,
+                    fuse_attention: bool = True,
                     progress=None) -> ExportReport:
     """Export ``specs`` into a scratch folder beside ``out``, check parity, write the manifest,
     then move the folder into place.  ``describe(graphs, files, opset)`` builds the Manifest.
@@ -215,26 +208,26 @@ def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, o
             precision = ("int8" if spec.role in int8 else
                          "fp16" if fp16 and spec.role not in keep_fp32 + FP32_ONLY_ROLES else "fp32")
             precisions[spec.role] = precision
-            fallback = precision == "fp16" and fp32_fallback and spec.role in DECODER_ROLES
+            fallback = precision == "fp16" and fp32_fallback and spec.role in DECODERS
             for graph in [spec] + (spec.parts() if spec.split is not None else []):
                 path = os.path.join(scratch, f"{graph.role}.onnx")
-                _step(progress, f"export {graph.role}")
+                report(progress, f"export {graph.role}", 0, 1)
                 export_graph(graph, path, opset, fuse=fuse_attention)
                 if fallback:
                     shutil.copyfile(path, os.path.join(scratch, f"{graph.role}.fp32.onnx"))
                     parts.setdefault(spec.role, {}).setdefault("fallback", {})[f"{graph.role}.onnx"] = \
                         f"{graph.role}.fp32.onnx"
                 if precision == "fp16":
-                    _step(progress, f"fp16 {graph.role}")
+                    report(progress, f"fp16 {graph.role}", 0, 1)
                     convert_fp16(path)
-                _step(progress, f"parity {graph.role}")
+                report(progress, f"parity {graph.role}", 0, 1)
                 # int8 graphs are exported in fp32 first: their torch parity is the fp32 one.
                 parity.append(check_parity(graph, path, "fp16" if precision == "fp16" else "fp32"))
                 if graph is not spec:
                     parts.setdefault(spec.role, {})[graph.role.rsplit(".", 1)[1]] = f"{graph.role}.onnx"
         _check(parity)
         if int8:
-            from .quantize import quantize_set
+            from .int8 import quantize_set
 
             # The calibration runs the set through the runtime, so it first needs a manifest:
             # the same set with its int8 graphs still in fp32.
@@ -242,12 +235,13 @@ def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, o
                             parts, opset)
             graph_fields, int8_parity, sweeps = quantize_set(scratch, tuple(r for r in roles if r in int8),
                                                             calibration, sweep_nodes=sweep_nodes,
-                                                            weight_bits=weight_bits, progress=progress)
+                                                            weight_bits=weight_bits, progress=progress,
+                                                            recipe=int8_recipe)
             parity.extend(int8_parity)
             _check(parity)
             for role, fields in graph_fields.items():
                 parts.setdefault(role, {}).update(fields, weight_bits=weight_bits)
-        _step(progress, "hash files")
+        report(progress, "hash files", 0, 1)
         manifest = _write_manifest(scratch, describe, precisions, parts, opset)
         sizes = {name: os.path.getsize(os.path.join(scratch, name)) for name in os.listdir(scratch)}
         for name in sizes:
@@ -279,16 +273,12 @@ def _write_manifest(folder: str, describe, precisions: dict[str, str], parts: di
     return manifest
 
 
-def _step(progress, text: str) -> None:
-    if progress is not None:
-        progress(text)
-
-
 def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool = False,
                             opset: int = DEFAULT_OPSET, force: bool = False, tiny_decoder: str | None = None,
                             keep_fp32: tuple[str, ...] = (), fp32_fallback: bool = False,
                             int8: tuple[str, ...] = (), calibration: list | None = None,
                             sweep_nodes: bool = True, weight_bits: int = DEFAULT_WEIGHT_BITS,
+                            int8_recipe: Int8Recipe = DEFAULT_RECIPE,
                             fuse_attention: bool = True, progress=None) -> ExportReport:
     specs, downscale, multiple = sd_graph_specs(parts)
     vae = parts.vae
@@ -304,7 +294,7 @@ def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool
                                specs[1].example))
     scale, zero = sd_quant_mapping(scaling, channels)
     scheduler = scheduler_constants(parts.scheduler_config)
-    _step(progress, "fingerprint weights")
+    report(progress, "fingerprint weights", 0, 1)
     weights = decoder_sensitivity(lambda z: vae.decode(z).sample, channels, 1.0 / scaling)
     fingerprint = fingerprint_of({
         "family": "sd", "vae": weights_digest(vae), "unet": weights_digest(parts.unet),
@@ -316,15 +306,16 @@ def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool
         return Manifest(
             family="sd", latent_channels=channels, downscale=downscale, scaling_factor=scaling,
             quant_scale=scale, quant_zero=zero,
-            graphs={role: Graph(file, prec, (0.0, 1.0) if role == "tiny_decoder" else (-1.0, 1.0),
-                                MEMORY_PER_PIXEL["sd"][role], **parts)
+            graphs={role: Graph(file, prec, ROLES[role].image_range["sd"],
+                                ROLES[role].memory_per_pixel["sd"], **parts)
                     for role, (file, prec, parts) in graphs.items()}, defaults=sd_defaults(channels, scaling),
             files=files, fingerprint=fingerprint, opset=opset_used, source=parts.source,
             scheduler=scheduler, unet_latent_multiple=multiple, channel_weights=weights)
 
     return write_model_set(out, specs, describe, fp16=fp16, opset=opset, force=force, keep_fp32=keep_fp32,
                            fp32_fallback=fp32_fallback, int8=int8, calibration=calibration, sweep_nodes=sweep_nodes,
-                           weight_bits=weight_bits, fuse_attention=fuse_attention, progress=progress)
+                           weight_bits=weight_bits, int8_recipe=int8_recipe, fuse_attention=fuse_attention,
+                           progress=progress)
 
 
 # TAE latents pass through tanh(x/3)*3 in the decoder: beyond +-6 nothing changes.
@@ -334,6 +325,7 @@ TAE_LATENT_RANGE = 6.0
 def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAULT_OPSET, force: bool = False,
                keep_fp32: tuple[str, ...] = (), fp32_fallback: bool = False, int8: tuple[str, ...] = (),
                calibration: list | None = None, sweep_nodes: bool = True, weight_bits: int = DEFAULT_WEIGHT_BITS,
+               int8_recipe: Int8Recipe = DEFAULT_RECIPE,
                fuse_attention: bool = True, progress=None) -> ExportReport:
     """A TAESD-format pair -> model set: image in [0, 1], latent scale 1, no UNet."""
     from .tae import DecoderGradient, load_tae_pair, tae_splits
@@ -349,7 +341,7 @@ def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAUL
         GraphSpec("decoder_gradient", DecoderGradient(decoder), ["latent", "image"], "gradient",
                   (torch.zeros(1, channels, lh, lw), torch.zeros(1, 3, lh * 8, lw * 8))),
     ]
-    _step(progress, "fingerprint weights")
+    report(progress, "fingerprint weights", 0, 1)
     weights = decoder_sensitivity(decoder, channels, 1.5)
     fingerprint = fingerprint_of({"family": "tae", "encoder": weights_digest(encoder),
                                   "decoder": weights_digest(decoder), "latent_channels": channels})
@@ -360,7 +352,8 @@ def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAUL
             family="tae", latent_channels=channels, downscale=8, scaling_factor=1.0,
             quant_scale=(step,) * channels, quant_zero=(127.5,) * channels, quant_adaptive=True,
             channel_weights=weights,
-            graphs={role: Graph(file, prec, (0.0, 1.0), MEMORY_PER_PIXEL["tae"][role], **parts)
+            graphs={role: Graph(file, prec, ROLES[role].image_range["tae"],
+                                ROLES[role].memory_per_pixel["tae"], **parts)
                     for role, (file, prec, parts) in graphs.items()},
             defaults=tae_defaults(channels),
             files=files, fingerprint=fingerprint, opset=opset_used,
@@ -368,4 +361,5 @@ def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAUL
 
     return write_model_set(out, specs, describe, fp16=fp16, opset=opset, force=force, keep_fp32=keep_fp32,
                            fp32_fallback=fp32_fallback, int8=int8, calibration=calibration, sweep_nodes=sweep_nodes,
-                           weight_bits=weight_bits, fuse_attention=fuse_attention, progress=progress)
+                           weight_bits=weight_bits, int8_recipe=int8_recipe, fuse_attention=fuse_attention,
+                           progress=progress)

@@ -31,14 +31,19 @@ cdef inline Py_ssize_t _nearest(const double* value, const double[:, ::1] palett
     return best
 
 
+cdef void _check_palette(const double[:, ::1] palette, Py_ssize_t channels) except *:
+    """A palette the kernels can index with 16-bit labels, one column per channel."""
+    if palette.shape[1] != channels or palette.shape[0] == 0:
+        raise ValueError("palette must be a non-empty (K, C) array matching the data's channels")
+    if palette.shape[0] > 65536:
+        raise ValueError("palette has more than 65536 entries")
+
+
 def nearest_assign(const double[:, ::1] points, const double[:, ::1] palette,
                    unsigned short[::1] labels, double[::1] distances):
     """labels[i] = index of the palette row nearest to points[i] (squared L2, first minimum)."""
     cdef Py_ssize_t i, n = points.shape[0], channels = points.shape[1]
-    if palette.shape[1] != channels or palette.shape[0] == 0:
-        raise ValueError("palette must be a non-empty (K, C) array matching the points")
-    if palette.shape[0] > 65536:
-        raise ValueError("palette has more than 65536 entries")
+    _check_palette(palette, channels)
     if labels.shape[0] != n or distances.shape[0] != n:
         raise ValueError("labels and distances must have one entry per point")
     with nogil:
@@ -60,10 +65,7 @@ def dither_floyd_steinberg(const double[:, :, ::1] image, const double[:, ::1] p
     cdef double* next_err
     cdef double* value
     cdef double* swap
-    if palette.shape[1] != channels or palette.shape[0] == 0:
-        raise ValueError("palette must be a non-empty (K, C) array matching the image channels")
-    if palette.shape[0] > 65536:
-        raise ValueError("palette has more than 65536 entries")
+    _check_palette(palette, channels)
     if indices.shape[0] != h or indices.shape[1] != w:
         raise ValueError("indices must have the image's height and width")
     # Two error rows with one guard cell on each side, so the diffusion needs no edge tests.

@@ -12,8 +12,16 @@ from .bitstream import SdcContents, sdc_check, sdc_decode, sdc_decode_all, sdc_e
 from .codec import SdcCodec
 from .container import Header
 from .errors import (
-    SdcChecksumError, SdcError, SdcFormatError, SdcInputError, SdcLimitError, SdcModelError,
-    SdcProviderError, SdcTargetError, SdcTruncatedError, SdcVersionError,
+    SdcChecksumError,
+    SdcError,
+    SdcFormatError,
+    SdcInputError,
+    SdcLimitError,
+    SdcModelError,
+    SdcProviderError,
+    SdcTargetError,
+    SdcTruncatedError,
+    SdcVersionError,
 )
 from .image import SdcWarning
 from .options import EncodeOptions

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import container, entropy, latent as latent_coding
+from . import container, entropy
+from . import latent as latent_coding
 from .container import DEFAULT_MAX_PIXELS, MODE_U8, Header, Section
 from .errors import SdcFormatError, SdcInputError
 

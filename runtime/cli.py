@@ -16,12 +16,14 @@ from PIL import Image
 from . import __version__
 from . import options as encode_options
 from .bitstream import sdc_info
-from .codec import DECODERS, SdcCodec
+from .codec import SdcCodec
 from .container import DEFAULT_MAX_PIXELS
 from .errors import SdcInputError, SdcUsageError
 from .files import parent_problem, write_atomic
 from .image import image_bytes, image_format_for, load_image
 from .neural import DEFAULT_MEMORY_LIMIT, PROVIDERS
+from .progress import StageBars
+from .roles import DECODERS
 from .tools import ToolParser, run_tool
 
 PROG = "sdc-runtime"
@@ -67,33 +69,6 @@ def _write(path: str, data: bytes) -> None:
         raise SdcInputError(f"cannot write {path}: {exc.strerror}") from None  # e.g. the disk filled up
 
 
-class _Progress:
-    """tqdm bars on stderr, one per stage (tiles of the encoder, denoising steps, decoder
-    tiles), each opened at its first report; nothing when not wanted or tqdm is missing."""
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.stage, self.bar = enabled, None, None
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        if stage != self.stage:
-            self.close()
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                self.enabled = False
-                return
-            unit = {"denoise": "step", "refine": "pass", "descend": "step", "score": "file", "size search": "file"}.get(stage, "tile")
-            self.stage, self.bar = stage, tqdm(total=total, desc=stage, unit=unit, leave=False, file=sys.stderr)
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
 def codec_from_args(args) -> SdcCodec:
     """The codec the common options name (also for the commands other packages add)."""
     models = args.models or os.environ.get("SDC_MODELS")
@@ -114,7 +89,7 @@ def _cmd_encode(args) -> None:
     except SdcInputError as exc:
         raise SdcUsageError(str(exc)) from None
     image = load_image(sys.stdin.buffer.read() if args.input == "-" else args.input, max_pixels=args.max_pixels)
-    bar = _Progress(sys.stderr.isatty() or args.verbose)
+    bar = StageBars(sys.stderr.isatty() or args.verbose)
     try:
         result = codec.encode_to_size(image, options, progress=bar)
     finally:
@@ -136,7 +111,7 @@ def _cmd_decode(args) -> None:
         raise SdcUsageError(f"--output-quality must be in 1..100, not {args.output_quality}")
     codec = codec_from_args(args)
     data = _read(args.input)
-    bar = _Progress(sys.stderr.isatty() or args.verbose)
+    bar = StageBars(sys.stderr.isatty() or args.verbose)
     try:
         image = codec.decode(data, denoise_steps=args.denoise_steps, decoder=args.decoder, progress=bar)
     except SdcInputError as exc:

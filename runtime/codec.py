@@ -15,17 +15,23 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from . import container, latent as latent_coding, refine
+from . import container, refine
+from . import latent as latent_coding
 from .bitstream import SdcContents, sdc_decode_all, sdc_encode
 from .container import DEFAULT_MAX_PIXELS, Header
 from .errors import SdcInputError, SdcModelError, SdcTargetError
 from .image import check_pixel_limit, pad_to, to_picture
 from .neural import DEFAULT_MEMORY_LIMIT, NeuralStages
 from .options import (
-    ENCODE_OPTION_NAMES, LATENT_CODING_OPTIONS, MODES, EncodeOptions, resolve_denoising, resolve_encode_options,
+    ENCODE_OPTION_NAMES,
+    LATENT_CODING_OPTIONS,
+    MODES,
+    EncodeOptions,
+    resolve_denoising,
+    resolve_encode_options,
 )
+from .roles import DECODERS
 
-DECODERS = ("vae_decoder", "tiny_decoder")
 # Quality 1 itself, then a bisection of qualities 1..100, then the descent at the quality found:
 # the most files a size search writes.
 SIZE_SEARCH_ENCODES = 2 + math.ceil(math.log2(100))
@@ -70,7 +76,9 @@ class SdcCodec:
         self.max_pixels = max_pixels
 
     @property
-    def fingerprint(self) -> bytes:
+    def header_fingerprint(self) -> bytes:
+        """What the files this set writes carry of its fingerprint (``manifest.fingerprint``,
+        hex): its first FINGERPRINT_BYTES bytes."""
         return bytes.fromhex(self.manifest.fingerprint)[: container.FINGERPRINT_BYTES]
 
     def options(self, **overrides) -> EncodeOptions:
@@ -211,7 +219,7 @@ class SdcCodec:
             latent_width=latent.shape[2], downscale=m.downscale, mode=MODES[options.mode],
             colors=options.colors if options.mode == "palette" else 0, group_channels=options.group_channels,
             denoise_steps=options.denoise_steps, denoise_stride=options.denoise_stride,
-            eta=float(np.float32(options.eta)), seed=options.seed, fingerprint=self.fingerprint,
+            eta=float(np.float32(options.eta)), seed=options.seed, fingerprint=self.header_fingerprint,
             quant_scale=scale, quant_zero=zero)
         levels = np.moveaxis(latent_coding.to_level_space(latent, scale, zero), -1, 0)
         # Weight level-space errors back to raw units (step^2) times the decoder's sensitivity.
@@ -232,10 +240,10 @@ class SdcCodec:
     def _contents(self, data, *, extras: bool) -> SdcContents:
         contents = sdc_decode_all(data, max_pixels=self.max_pixels, extras=extras)
         header, m = contents.header, self.manifest
-        if header.fingerprint != self.fingerprint:
+        if header.fingerprint != self.header_fingerprint:
             raise SdcModelError(
                 f"the file needs the model set with fingerprint {header.fingerprint.hex()}, "
-                f"but {self.stages.model_dir} has {self.fingerprint.hex()}")
+                f"but {self.stages.model_dir} has {self.header_fingerprint.hex()}")
         if header.latent_channels != m.latent_channels or header.downscale != m.downscale:
             raise SdcModelError("the file's latent shape does not fit this model set")
         return contents

@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import (
-    SdcChecksumError, SdcFormatError, SdcInputError, SdcLimitError, SdcTruncatedError, SdcVersionError,
-)
+from .errors import SdcChecksumError, SdcFormatError, SdcInputError, SdcLimitError, SdcTruncatedError, SdcVersionError
 
 MAGIC = b"\x89SDC\r\n\x1a\n"
 VERSION = 1

@@ -3,6 +3,7 @@ graph's value range; output images in the format asked for, with their metadata.
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -178,3 +179,10 @@ def image_bytes(image: Image.Image, fmt: str, *, quality: int | None = None) -> 
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
+
+
+def psnr(reference: np.ndarray, test: np.ndarray, peak: float = 255.0) -> float:
+    """PSNR in dB of ``test`` against ``reference`` (arrays of one shape, values up to ``peak``):
+    the one every part of the project scores with."""
+    error = float(np.mean(np.square(np.asarray(reference, np.float64) - np.asarray(test, np.float64))))
+    return math.inf if error == 0 else 10 * math.log10(peak ** 2 / error)

@@ -11,10 +11,12 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .errors import SdcInputError, SdcModelError
+from .files import write_atomic
 from .options import EncoderDefaults, ModelLimits, QualityPoint, check_quality_table, resolve_encode_options
+from .roles import GRAPH_ROLES, REQUIRED_ROLES
 
 MANIFEST_NAME = "manifest.json"
 # 2: encoder defaults moved from the runtime into the manifest.
@@ -24,9 +26,6 @@ FAMILIES = ("sd", "tae")
 PRECISIONS = ("fp32", "fp16", "int8")
 # The spans of int8 graphs' weights (Graph.weight_bits).
 WEIGHT_BITS = (7, 8)
-# Graph roles a model set may hold.  Encoder and decoder are required.  ``decoder_gradient``
-# (latent, image -> the squared error's gradient at the latent) serves the encoder's closed loop.
-GRAPH_ROLES = ("vae_encoder", "vae_decoder", "unet", "tiny_decoder", "decoder_gradient")
 
 
 @dataclass(frozen=True)
@@ -158,7 +157,7 @@ class Manifest:
             bad("quantization mapping must have one entry per latent channel")
         if not all(math.isfinite(s) and s > 0 for s in self.quant_scale):
             bad("quantization scales must be positive")
-        for role in ("vae_encoder", "vae_decoder"):
+        for role in REQUIRED_ROLES:
             if role not in self.graphs:
                 bad(f"graph {role!r} missing")
         for role, graph in self.graphs.items():
@@ -234,3 +233,14 @@ def verify_files(model_dir: str | os.PathLike, manifest: Manifest) -> None:
             raise SdcModelError(f"model set file missing: {name}")
         if sha256_file(path) != expected:
             raise SdcModelError(f"model set file {name} does not match its sha256 in the manifest")
+
+
+def write_manifest(model_dir: str | os.PathLike, manifest: Manifest) -> Manifest:
+    """Write ``manifest`` into the set's folder, its file hashes taken afresh from the folder's
+    files (every file but the manifest), validated first; returns what was written."""
+    files = {name: sha256_file(os.path.join(model_dir, name)) for name in sorted(os.listdir(model_dir))
+             if name != MANIFEST_NAME and os.path.isfile(os.path.join(model_dir, name))}
+    manifest = replace(manifest, files=files)
+    manifest.validate()
+    write_atomic(os.path.join(model_dir, MANIFEST_NAME), manifest.to_json().encode("utf-8"))
+    return manifest

@@ -17,6 +17,7 @@ from .extras import PROVIDER_INSTALL_HINTS
 from .image import graph_output_to_levels, to_graph_input, to_uint8
 from .manifest import Graph, Manifest, Scheduler, load_manifest
 from .options import Denoising
+from .progress import report
 from .tiles import MAX_OVERLAP_PIXELS, grid, overlaps, ramp, spans
 
 # The working-memory budget of the neural stages when the caller names none (--memory-limit).
@@ -162,6 +163,9 @@ class NeuralStages:
         self.tile_size = tile_size
         self._sessions: dict = {}
         self._lock = threading.Lock()
+        # Callables (file, {input name: array}) that see every feed a graph is given, before it
+        # runs: the export's int8 calibration records them (observe_feeds).
+        self._feed_observers: list = []
         # Each graph file's role, for messages, and the fp32 stand-ins of fp16 files.
         self._roles = {f: role for role, g in self.manifest.graphs.items() for f in (g.file, g.whole, g.tiled) if f}
         self._fallbacks = {f: alt for g in self.manifest.graphs.values() for f, alt in (g.fallback or {}).items()}
@@ -190,12 +194,19 @@ class NeuralStages:
             raise SdcModelError(f"the model set has no {role.replace('_', ' ')} graph")
         return graph
 
+    def observe_feeds(self, observer) -> None:
+        """Call ``observer(file, feeds)`` with every feed ({input name: array}) any graph of the
+        set is given from now on, before it runs."""
+        self._feed_observers.append(observer)
+
     def _run(self, file: str, *arrays: np.ndarray) -> np.ndarray:
         session = self.session(file)
         feeds = {}
         for spec, array in zip(session.get_inputs(), arrays, strict=True):
             dtype = np.float16 if spec.type == "tensor(float16)" else np.float32
             feeds[spec.name] = np.ascontiguousarray(array, dtype)
+        for observer in self._feed_observers:
+            observer(file, feeds)
         try:
             output = session.run(None, feeds)[0].astype(np.float32)
         except Exception as exc:  # onnxruntime's errors are untyped (allocation failures among them)
@@ -240,7 +251,7 @@ class NeuralStages:
         features = _blended(cells, height // f, width // f,
                             lambda y0, y1, x0, x1: self._run(
                                 local, to_graph_input(pixels[y0 * f:y1 * f, x0 * f:x1 * f], value_range)),
-                            lambda: _report(progress, "encode", next(counter), len(tiles)))
+                            lambda: report(progress, "encode", next(counter), len(tiles)))
         return self._run(graph.whole, features) if graph.whole else features
 
     def gradient_fits(self, height: int, width: int) -> bool:
@@ -289,7 +300,7 @@ class NeuralStages:
                     graph_output_to_levels(part, value_range) * weight[:, :, None])
                 weights[y0 - band_start:y1 - band_start, x0 * f:x1 * f] += weight
                 done += 1
-                _report(progress, "decode", done, total)
+                report(progress, "decode", done, total)
             final = (rows[i + 1][0] * f if i + 1 < len(rows) else h * f) - band_start
             out[band_start:band_start + final] = to_uint8(levels[:final] / weights[:final, :, None])
             levels, weights, band_start = levels[final:], weights[final:], band_start + final
@@ -332,7 +343,7 @@ class NeuralStages:
             # multiples of it too, so every tile goes to the graph as it is.
             prediction = _blended(tiles, h, w,
                                   lambda y0, y1, x0, x1: self.predict(sample[:, :, y0:y1, x0:x1], timestep),
-                                  lambda: _report(progress, "denoise", next(counter), steps * len(tiles)))
+                                  lambda: report(progress, "denoise", next(counter), steps * len(tiles)))
             sample = ddim_step(prediction, t, t - stride, sample, m.scheduler, eta=eta, noise=noise)
         return (sample[:, :, :height, :width] / np.float32(m.scaling_factor)).astype(np.float32)
 
@@ -353,8 +364,3 @@ def _blended(tiles, height: int, width: int, run_tile, report) -> np.ndarray:
         report()
     out /= weight
     return out
-
-
-def _report(progress, stage: str, done: int, total: int) -> None:
-    if progress is not None:
-        progress(stage, done, total)

@@ -10,9 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from .container import (
-    MAX_COLORS, MAX_DENOISE_STEPS, MAX_GROUP_CHANNELS, MODE_PALETTE, MODE_U8, smallest_file_bytes,
-)
+from .container import MAX_COLORS, MAX_DENOISE_STEPS, MAX_GROUP_CHANNELS, MODE_PALETTE, MODE_U8, smallest_file_bytes
 from .errors import SdcInputError
 
 MODES = {"u8": MODE_U8, "palette": MODE_PALETTE}

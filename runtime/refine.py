@@ -35,6 +35,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .image import psnr
+from .progress import report
+
 # effort -> (free passes, quantized passes, descent steps).  A free pass costs one decode and
 # one encode, and scoring each candidate one more decode; a quantized pass costs two decodes
 # and an encode; a descent step one run of the gradient graph (about three decodes) and a coding
@@ -74,11 +77,6 @@ class Loop:
     held: object
 
 
-def psnr(reference: np.ndarray, test: np.ndarray) -> float:
-    error = np.mean(np.square(reference.astype(np.float64) - test.astype(np.float64)))
-    return math.inf if error == 0 else 10 * math.log10(255.0 ** 2 / error)
-
-
 def _bounds(latent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     flat = latent.reshape(latent.shape[0], -1)
     return flat.min(axis=1)[:, None, None], flat.max(axis=1)[:, None, None]
@@ -92,7 +90,7 @@ def settle(latent: np.ndarray, effort: int, loop: Loop, progress=None) -> list[n
     for done in range(passes):
         refined = candidates[-1] + FREE_STEP * (latent - loop.encode(loop.decode(candidates[-1])))
         candidates.append(np.clip(refined, lo, hi).astype(np.float32))
-        _report(progress, "refine", done + 1, passes)
+        report(progress, "refine", done + 1, passes)
     return candidates
 
 
@@ -121,16 +119,16 @@ def best_file(rgb: np.ndarray, latent: np.ndarray, candidates: list[np.ndarray],
     files = len(candidates) + passes + (steps > 0)
     for done, candidate in enumerate(candidates, 1):
         consider(candidate)
-        _report(progress, "score", done, files)
+        report(progress, "score", done, files)
     refined, shown = best_latent, best_shown
     lo, hi = _bounds(latent)
     for done in range(len(candidates) + 1, len(candidates) + passes + 1):
         refined = np.clip(refined + QUANTIZED_STEP * (latent - loop.encode(shown)), lo, hi).astype(np.float32)
         shown = consider(refined)
-        _report(progress, "score", done, files)
+        report(progress, "score", done, files)
     if steps:
         consider(run_descent(best_latent, steps, code, loop, lo, hi, progress))
-        _report(progress, "score", files, files)
+        report(progress, "score", files, files)
     return best
 
 
@@ -155,10 +153,5 @@ def run_descent(start: np.ndarray, steps: int, code, loop: Loop, lo: np.ndarray,
         unbiased = first / (1 - beta1 ** step)
         scale = np.sqrt(second / (1 - beta2 ** step)) + 1e-12
         refined = np.clip(refined - DESCENT_RATE * unbiased / scale, lo, hi)
-        _report(progress, "descend", step, steps)
+        report(progress, "descend", step, steps)
     return refined.astype(np.float32)
-
-
-def _report(progress, stage: str, done: int, total: int) -> None:
-    if progress is not None:
-        progress(stage, done, total)

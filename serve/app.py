@@ -17,10 +17,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import math
 import time
-from importlib import resources
 from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
 
 import numpy as np
 from PIL import Image
@@ -33,11 +32,18 @@ from starlette.routing import Route
 
 from sdc_peers import matched
 from sdc_runtime import (
-    SdcCodec, SdcError, SdcFormatError, SdcInputError, SdcLimitError, SdcModelError, SdcTargetError, sdc_info,
+    SdcCodec,
+    SdcError,
+    SdcFormatError,
+    SdcInputError,
+    SdcLimitError,
+    SdcModelError,
+    SdcTargetError,
+    container,
+    sdc_info,
 )
-from sdc_runtime import container
-from sdc_runtime.image import image_bytes, load_image, to_picture
 from sdc_runtime import options as encode_options
+from sdc_runtime.image import image_bytes, load_image, psnr, to_picture
 from sdc_runtime.options import EncodeOptions
 
 from .settings import ServeSettings
@@ -204,9 +210,8 @@ def create_app(codec: SdcCodec, settings: ServeSettings = ServeSettings()) -> St
         def panel(name, size, pixels):
             if pixels is None:
                 return {"name": name, "bytes": None, "bpp": None, "psnr": None, "image": None}
-            mse = float(np.mean((pixels.astype(np.float64) - original) ** 2))
             return {"name": name, "bytes": size, "bpp": 8 * size / (width * height),
-                    "psnr": 10 * math.log10(255 ** 2 / mse) if mse else float("inf"),
+                    "psnr": psnr(original, pixels),
                     "image": "data:image/png;base64," + base64.b64encode(image_bytes(Image.fromarray(pixels), "PNG")).decode()}
         panels = [panel("sdcodec", budget, ours)]
         panels += [panel(name, *(result if result else (None, None))) for name, result in peers.items()]

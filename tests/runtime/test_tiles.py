@@ -1,0 +1,119 @@
+"""Tiled neural stages: the tiling itself, exactness against untiled runs on the trained
+TAEF2 pair (seams measured), the tiny SD set's encoder, UNet and decoder in tiles, and tile
+sizes from the memory budget.  Photo-size runs are in BENCHMARKS.md; these are reduced."""
+import numpy as np
+import pytest
+from helpers import kodak, make_image, needs_shared, psnr
+
+from sdc_runtime import SdcCodec, SdcInputError
+from sdc_runtime.tiles import grid, overlaps, ramp, spans
+
+
+@pytest.mark.parametrize("length,tile,align", [(100, 30, 1), (1000, 256, 8), (97, 32, 4), (64, 64, 1), (65, 64, 2)])
+def test_spans_cover_everything_aligned_with_enough_overlap(length, tile, align):
+    result = spans(length, tile, align)
+    assert result[0][0] == 0 and result[-1][1] == length
+    covered = np.zeros(length, int)
+    for start, stop in result:
+        assert start % align == 0 and 0 < stop - start < tile + align
+        covered[start:stop] += 1
+    assert covered.min() >= 1
+    for (_, stop), (next_start, _) in zip(result, result[1:]):
+        assert stop - next_start >= min(tile // 4, align)  # neighbours overlap
+    assert spans(length, tile, align) == result  # a function of the sizes alone
+
+
+def test_a_length_that_fits_is_one_span():
+    assert spans(64, 64) == [(0, 64)] and spans(10, 0) == [(0, 10)]
+
+
+def test_ramps_sum_to_positive_weights_and_fall_towards_inner_edges():
+    axis = spans(300, 100)
+    total = np.zeros(300)
+    for span, gap in zip(axis, overlaps(axis)):
+        weight = ramp(span, 300, gap)
+        assert weight.min() > 0 and weight.max() == 1
+        total[span[0]:span[1]] += weight
+    assert total.min() > 0.5
+    first = ramp(axis[0], 300, overlaps(axis)[0])
+    assert first[0] == 1 and first[-1] < 0.1  # the image edge keeps full weight, the inner edge fades
+    assert len(list(grid(300, 200, 100))) == len(axis) * len(spans(200, 100))
+
+
+@needs_shared
+def test_taef2_tiled_matches_untiled(taef2_set):
+    """A 768x512 Kodak image in 256-pixel tiles (3x2 tiles and more): against the untiled round
+    trip at least 35 dB, within 0.1 dB of its PSNR to the original, and no seam: the mean
+    gradient across tile borders at most 5% above the interior's."""
+    image = kodak("kodim23", box=(0, 0, 768, 512))
+    whole, tiled = SdcCodec(taef2_set, tile_size=0), SdcCodec(taef2_set, tile_size=256)
+    # Effort 0: the closed loop's descent runs untiled only, so it would part the two files.
+    a = np.asarray(whole.decode(whole.encode(image, mode="u8", effort=0)))
+    b = np.asarray(tiled.decode(tiled.encode(image, mode="u8", effort=0)))
+    assert psnr(a, b) >= 35
+    assert abs(psnr(image, a) - psnr(image, b)) <= 0.1
+    # Every tile edge of the decoder, in pixels: the gradient across it in the tiled decode may
+    # be at most 5% above the untiled decode's at the same place (a seam would raise it).
+    for axis, length in ((0, 512), (1, 768)):
+        edges = sorted({e * 8 for span in spans(length // 8, 256 // 8) for e in span} - {0, length})
+        across = lambda img: np.abs(np.diff(img.astype(float), axis=axis)).take([e - 1 for e in edges], axis=axis).mean()
+        assert across(b) <= 1.05 * across(a), axis
+
+
+def test_the_sd_family_runs_every_stage_in_tiles(model_set):
+    """Encoder, UNet and decoder in 64-pixel tiles on the tiny SD set: the same size back,
+    progress per stage, deterministic.  Its weights are random and its VAE normalizes over
+    whatever it sees, so tiled output is not compared for quality here (TAEF2's test is)."""
+    image = make_image(200, 136, seed=2)
+    whole, tiled = SdcCodec(model_set, tile_size=0), SdcCodec(model_set, tile_size=64)
+    steps = []
+    data = tiled.encode(image, progress=lambda stage, done, total: steps.append((stage, done, total)))
+    assert {stage for stage, _, _ in steps} == {"encode"} and steps[-1][1] == steps[-1][2] > 1
+    steps.clear()
+    out = tiled.decode(data, progress=lambda stage, done, total: steps.append((stage, done, total)))
+    assert out.size == (200, 136)
+    assert [s for s in ("denoise", "decode") if any(stage == s for stage, _, _ in steps)] == ["denoise", "decode"]
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(tiled.decode(data)))
+    covering = SdcCodec(model_set, tile_size=256)  # one tile covers it all: exactly the untiled run
+    np.testing.assert_array_equal(np.asarray(covering.decode(data)), np.asarray(whole.decode(data)))
+
+
+def test_tiles_come_from_the_memory_budget(model_set):
+    codec = SdcCodec(model_set)
+    stages = codec.stages
+    assert stages.tile_for("vae_decoder", 512, 512) == 0  # fits: untiled
+    tile = stages.tile_for("vae_decoder", 8000, 6000)
+    assert 128 <= tile < 8000 and tile % 64 == 0
+    small = SdcCodec(model_set, memory_limit=256 << 20).stages.tile_for("vae_decoder", 8000, 6000)
+    assert small < tile
+    assert SdcCodec(model_set, tile_size=0).stages.tile_for("vae_decoder", 8000, 6000) == 0
+    for bad in (dict(memory_limit=10), dict(tile_size=5), dict(tile_size=-1)):
+        with pytest.raises(SdcInputError):
+            SdcCodec(model_set, **bad)
+
+
+def test_peak_memory_follows_the_budget(tae_set, tmp_path):
+    """Reduced photo-size run: 1024x768 through the TAE architecture (untiled it needs about
+    0.9 GB of working memory) with a 300 MB budget, at the default effort (the encoder loop's
+    decodes included), in a fresh process: its peak RSS stays far below the untiled need, and
+    the image comes back whole."""
+    import subprocess
+    import sys
+
+    script = f"""
+import numpy as np
+from sdc_runtime import SdcCodec
+codec = SdcCodec({tae_set!r}, memory_limit=300 << 20)
+y, x = np.mgrid[0:768, 0:1024]
+image = np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)
+assert codec.stages.tile_for("vae_decoder", 768, 1024) > 0
+out = codec.decode(codec.encode(image, mode="u8"))
+assert out.size == (1024, 768)
+# VmHWM: this process's own peak (ru_maxrss would include the parent's, kept across exec).
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=600)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    peak_mb = int(result.stdout.split()[-1]) / 1024
+    print(f"peak RSS {peak_mb:.0f} MB")
+    assert peak_mb < 500, peak_mb
