@@ -2,14 +2,12 @@
 [--int8 [GRAPHS] --calibration DIR [--calibration-count N] [--int8-weight-bits 7|8]] [--opset N] [--force]"""
 from __future__ import annotations
 
-import os
 import sys
 import time
 
-from sdc_runtime.errors import SdcExportError, SdcUsageError
+from sdc_runtime.errors import SdcExportError
 from sdc_runtime.extras import require_extra
 from sdc_runtime.progress import StageBars
-from sdc_runtime.roles import DECODERS
 from sdc_runtime.tools import ToolParser, run_tool
 
 from . import DEFAULT_OPSET, __version__
@@ -64,49 +62,16 @@ def build_parser() -> ToolParser:
 
 
 def run(args, int8_recipe=None) -> int:
-    from .inputs import check_precision_roles, check_source, export_roles, find_pair, prepare_output
+    from .inputs import check_source, find_pair, prepare_output
+    from .plan import SD_ROLES, TAE_ROLES, plan_from_args
 
-    if not 14 <= args.opset <= 21:
-        raise SdcExportError(f"opset {args.opset} is not supported (14..21)")
-    keep_fp32 = tuple(role for role in args.keep_fp32.split(",") if role)
-    if (keep_fp32 or args.fp32_fallback) and not args.fp16:
-        raise SdcUsageError("--keep-fp32 and --fp32-fallback apply to --fp16 exports only")
-    precision = dict(keep_fp32=keep_fp32, fp32_fallback=args.fp32_fallback, fuse_attention=not args.no_fuse_attention)
-    if args.int8 is None and (args.calibration is not None or args.no_sweep or args.calibration_side is not None
-                              or args.int8_weight_bits is not None):
-        raise SdcUsageError("--calibration, --calibration-side, --int8-weight-bits and --no-sweep apply to --int8"
-                         " exports only")
-    if args.int8 is not None:
-        from sdc_runtime.manifest import WEIGHT_BITS
-
-        from .int8 import CALIBRATION_SIDE, DEFAULT_WEIGHT_BITS, MIN_CALIBRATION_IMAGES, calibration_images
-
-        if args.calibration is None:
-            raise SdcUsageError("--int8 needs --calibration DIR, a folder of images to calibrate on")
-        if args.calibration_count < MIN_CALIBRATION_IMAGES:
-            raise SdcUsageError(f"--calibration-count must be at least {MIN_CALIBRATION_IMAGES}, not"
-                             f" {args.calibration_count}")
-        named = DECODERS if args.int8 == "default" else tuple(r for r in args.int8.split(",") if r)
-        # The default names every decoder; an export without a tiny decoder has one fewer.
-        precision["int8"] = tuple(r for r in named if args.int8 != "default" or r != "tiny_decoder"
-                                  or args.tiny_decoder)
-        side = CALIBRATION_SIDE if args.calibration_side is None else args.calibration_side
-        bits = DEFAULT_WEIGHT_BITS if args.int8_weight_bits is None else args.int8_weight_bits
-        if bits not in WEIGHT_BITS:
-            raise SdcUsageError(f"--int8-weight-bits must be {' or '.join(map(str, WEIGHT_BITS))}, not {bits}")
-        precision["weight_bits"] = bits
-        precision["calibration"] = calibration_images(args.calibration, args.calibration_count, side)
-        precision["sweep_nodes"] = not args.no_sweep
-        if int8_recipe is not None:
-            precision["int8_recipe"] = int8_recipe
     is_tae = find_pair(args.model) is not None
     if is_tae and args.tiny_decoder:
         raise SdcExportError("--tiny-decoder applies to Stable Diffusion exports only")
+    roles = TAE_ROLES if is_tae else SD_ROLES + (("tiny_decoder",) if args.tiny_decoder else ())
+    plan = plan_from_args(args, roles, *([int8_recipe] if int8_recipe is not None else []))
     if not is_tae:
         check_source(args.model)
-    if args.tiny_decoder and not os.path.isdir(args.tiny_decoder):
-        raise SdcExportError(f"--tiny-decoder {args.tiny_decoder} is not a folder")
-    check_precision_roles(export_roles(is_tae, bool(args.tiny_decoder)), keep_fp32, precision.get("int8", ()))
     prepare_output(args.out, args.force)  # fail before the slow load
     # Only now the imports of torch and the exporters (seconds): every check above answers at once.
     from .modelset import export_stable_diffusion, export_tae
@@ -116,12 +81,10 @@ def run(args, int8_recipe=None) -> int:
     progress = StageBars(not args.quiet)
     try:
         if is_tae:
-            report = export_tae(args.model, args.out, fp16=args.fp16, opset=args.opset, force=args.force,
-                                progress=progress, **precision)
+            report = export_tae(args.model, args.out, plan, progress)
         else:
             parts = load_stable_diffusion(args.model, revision=args.revision)
-            report = export_stable_diffusion(parts, args.out, fp16=args.fp16, opset=args.opset, force=args.force,
-                                             tiny_decoder=args.tiny_decoder, progress=progress, **precision)
+            report = export_stable_diffusion(parts, args.out, plan, progress)
     finally:
         progress.close()
     total = time.perf_counter() - started

@@ -1,6 +1,6 @@
 """What an export checks before it loads anything: the source (a TAESD-format pair or a
-diffusers Stable Diffusion folder or hub id), the graphs its precision options name, and the
-output folder.  Without torch, so that a mistyped path or a full folder is reported at once,
+diffusers Stable Diffusion folder or hub id) and the output folder (the options are the
+plan's, ``plan.py``).  Without torch, so that a mistyped path or a full folder is reported at once,
 not after seconds of imports."""
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import re
 
 from sdc_runtime.errors import SdcExportError
 from sdc_runtime.files import parent_problem
-from sdc_runtime.roles import FP32_ONLY_ROLES
 
 SD_SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -61,28 +60,3 @@ def prepare_output(out: str, force: bool) -> None:
     problem = parent_problem(out)
     if problem:
         raise SdcExportError(f"cannot write {out}: {problem}")
-
-
-# The graphs each kind of export writes (modelset's specs; a test holds the two together), so
-# that the graphs --int8 and --keep-fp32 name are checked before the model loads.
-SD_ROLES = ("vae_encoder", "vae_decoder", "unet")
-TINY_DECODER_ROLE = "tiny_decoder"
-TAE_ROLES = ("vae_encoder", "vae_decoder", "decoder_gradient")
-
-
-def export_roles(is_tae: bool, tiny_decoder: bool) -> tuple[str, ...]:
-    """The roles of the graphs an export writes: a TAE pair's, or Stable Diffusion's (with the
-    tiny decoder where one is given)."""
-    return TAE_ROLES if is_tae else SD_ROLES + ((TINY_DECODER_ROLE,) if tiny_decoder else ())
-
-
-def check_precision_roles(roles, keep_fp32: tuple[str, ...], int8: tuple[str, ...]) -> None:
-    """The graphs --keep-fp32 and --int8 name exist among ``roles``, and can take that precision."""
-    for flag, named in (("--keep-fp32", keep_fp32), ("--int8", int8)):
-        unknown = sorted(set(named) - set(roles))
-        if unknown:
-            raise SdcExportError(f"{flag}: this export has no {', '.join(unknown)} graph (it has {', '.join(roles)})")
-    if set(int8) & set(FP32_ONLY_ROLES):
-        raise SdcExportError(f"--int8: {', '.join(sorted(set(int8) & set(FP32_ONLY_ROLES)))} is always fp32")
-    if set(int8) & set(keep_fp32):
-        raise SdcExportError(f"{', '.join(sorted(set(int8) & set(keep_fp32)))}: both --int8 and --keep-fp32")

@@ -16,12 +16,11 @@ from sdc_runtime.latent import sd_quant_mapping
 from sdc_runtime.manifest import MANIFEST_NAME, Graph, Manifest, Scheduler, sha256_file
 from sdc_runtime.options import EncoderDefaults, QualityPoint
 from sdc_runtime.progress import report
-from sdc_runtime.roles import DECODERS, FP32_ONLY_ROLES, ROLES
+from sdc_runtime.roles import DECODERS, ROLES
 
-from . import DEFAULT_OPSET
 from .graphs import GraphSpec, UNetEmptyPrompt, VaeDecoder, VaeEncoder, check_parity, convert_fp16, export_graph
-from .inputs import check_precision_roles, prepare_output
-from .int8 import DEFAULT_RECIPE, DEFAULT_WEIGHT_BITS, Int8Recipe
+from .inputs import prepare_output
+from .plan import ExportPlan
 from .sources import StableDiffusionParts, weights_digest
 
 # Each family's encoder defaults, written into its manifests: the runtime has none of its own.
@@ -174,29 +173,15 @@ def sd_graph_specs(parts: StableDiffusionParts) -> tuple[list[GraphSpec], int, i
     return specs, downscale, multiple
 
 
-# The graphs whose fp16 output can overflow on some checkpoints (the SD VAE decoder is the
-# known case): an fp16 set may ship them in fp32 as well, for the runtime to fall back on.
-
-
-def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, opset: int,
-                    force: bool, keep_fp32: tuple[str, ...] = (), fp32_fallback: bool = False,
-                    int8: tuple[str, ...] = (), calibration: list | None = None, sweep_nodes: bool = True,
-                    weight_bits: int = DEFAULT_WEIGHT_BITS, int8_recipe: Int8Recipe = DEFAULT_RECIPE,
-                    fuse_attention: bool = True,
-                    progress=None) -> ExportReport:
+def write_model_set(out: str, specs: list[GraphSpec], describe, plan: ExportPlan, progress=None) -> ExportReport:
     """Export ``specs`` into a scratch folder beside ``out``, check parity, write the manifest,
-    then move the folder into place.  ``describe(graphs, files, opset)`` builds the Manifest.
-
-    With ``fp16``: the roles in ``keep_fp32`` stay fp32; with ``fp32_fallback`` every fp16
-    decoder also ships in fp32 (``<file>.fp32.onnx``), which the runtime runs where the fp16
-    output is not finite.  The roles in ``int8`` are quantized (``quantize``), calibrated by
-    running the finished set on the ``calibration`` images, their weights in ``weight_bits``.  ``fuse_attention``: attention as
-    ONNX Runtime's MultiHeadAttention (``attention.py``), or left as the exporter wrote it."""
+    then move the folder into place, in the precisions ``plan`` gives each role (the int8 ones
+    quantized by ``int8``, calibrated by running the finished set on the plan's images).
+    ``describe(graphs, files, opset)`` builds the Manifest."""
     roles = [spec.role for spec in specs]
-    check_precision_roles(roles, keep_fp32, int8)
-    if int8 and not calibration:
-        raise SdcExportError("--int8 needs calibration images (--calibration DIR)")
-    prepare_output(out, force)
+    if sorted(roles) != sorted(plan.roles):
+        raise SdcExportError(f"the plan names the graphs {', '.join(plan.roles)}; the export writes {', '.join(roles)}")
+    prepare_output(out, plan.force)
     parent = os.path.dirname(os.path.abspath(out))
     scratch = tempfile.mkdtemp(prefix=".sdc-export-", dir=parent)
     parity: list = []
@@ -205,14 +190,13 @@ def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, o
         parts: dict[str, dict] = {}
         precisions: dict[str, str] = {}
         for spec in specs:
-            precision = ("int8" if spec.role in int8 else
-                         "fp16" if fp16 and spec.role not in keep_fp32 + FP32_ONLY_ROLES else "fp32")
+            precision = plan.precision_of(spec.role)
             precisions[spec.role] = precision
-            fallback = precision == "fp16" and fp32_fallback and spec.role in DECODERS
+            fallback = precision == "fp16" and plan.fp32_fallback and spec.role in DECODERS
             for graph in [spec] + (spec.parts() if spec.split is not None else []):
                 path = os.path.join(scratch, f"{graph.role}.onnx")
                 report(progress, f"export {graph.role}", 0, 1)
-                export_graph(graph, path, opset, fuse=fuse_attention)
+                export_graph(graph, path, plan.opset, fuse=plan.fuse_attention)
                 if fallback:
                     shutil.copyfile(path, os.path.join(scratch, f"{graph.role}.fp32.onnx"))
                     parts.setdefault(spec.role, {}).setdefault("fallback", {})[f"{graph.role}.onnx"] = \
@@ -226,23 +210,23 @@ def write_model_set(out: str, specs: list[GraphSpec], describe, *, fp16: bool, o
                 if graph is not spec:
                     parts.setdefault(spec.role, {})[graph.role.rsplit(".", 1)[1]] = f"{graph.role}.onnx"
         _check(parity)
-        if int8:
+        if plan.int8:
             from .int8 import quantize_set
 
             # The calibration runs the set through the runtime, so it first needs a manifest:
             # the same set with its int8 graphs still in fp32.
             _write_manifest(scratch, describe, {r: "fp32" if p == "int8" else p for r, p in precisions.items()},
-                            parts, opset)
-            graph_fields, int8_parity, sweeps = quantize_set(scratch, tuple(r for r in roles if r in int8),
-                                                            calibration, sweep_nodes=sweep_nodes,
-                                                            weight_bits=weight_bits, progress=progress,
-                                                            recipe=int8_recipe)
+                            parts, plan.opset)
+            graph_fields, int8_parity, sweeps = quantize_set(scratch, tuple(r for r in roles if r in plan.int8),
+                                                            plan.calibration, sweep_nodes=plan.sweep_nodes,
+                                                            weight_bits=plan.weight_bits, progress=progress,
+                                                            recipe=plan.int8_recipe)
             parity.extend(int8_parity)
             _check(parity)
             for role, fields in graph_fields.items():
-                parts.setdefault(role, {}).update(fields, weight_bits=weight_bits)
+                parts.setdefault(role, {}).update(fields, weight_bits=plan.weight_bits)
         report(progress, "hash files", 0, 1)
-        manifest = _write_manifest(scratch, describe, precisions, parts, opset)
+        manifest = _write_manifest(scratch, describe, precisions, parts, plan.opset)
         sizes = {name: os.path.getsize(os.path.join(scratch, name)) for name in os.listdir(scratch)}
         for name in sizes:
             os.chmod(os.path.join(scratch, name), shipping_mode(0o666))
@@ -273,21 +257,15 @@ def _write_manifest(folder: str, describe, precisions: dict[str, str], parts: di
     return manifest
 
 
-def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool = False,
-                            opset: int = DEFAULT_OPSET, force: bool = False, tiny_decoder: str | None = None,
-                            keep_fp32: tuple[str, ...] = (), fp32_fallback: bool = False,
-                            int8: tuple[str, ...] = (), calibration: list | None = None,
-                            sweep_nodes: bool = True, weight_bits: int = DEFAULT_WEIGHT_BITS,
-                            int8_recipe: Int8Recipe = DEFAULT_RECIPE,
-                            fuse_attention: bool = True, progress=None) -> ExportReport:
+def export_stable_diffusion(parts: StableDiffusionParts, out: str, plan: ExportPlan, progress=None) -> ExportReport:
     specs, downscale, multiple = sd_graph_specs(parts)
     vae = parts.vae
     channels = vae.config.latent_channels
     scaling = float(vae.config.scaling_factor)
-    if tiny_decoder is not None:
+    if plan.tiny_decoder is not None:
         from .tae import load_tae_decoder
 
-        decoder, tiny_channels = load_tae_decoder(tiny_decoder)
+        decoder, tiny_channels = load_tae_decoder(plan.tiny_decoder)
         if tiny_channels != channels:
             raise SdcExportError(f"the tiny decoder takes {tiny_channels} latent channels, the VAE makes {channels}")
         specs.append(GraphSpec("tiny_decoder", ScaledTinyDecoder(decoder, scaling).eval(), ["latent"], "image",
@@ -312,21 +290,14 @@ def export_stable_diffusion(parts: StableDiffusionParts, out: str, *, fp16: bool
             files=files, fingerprint=fingerprint, opset=opset_used, source=parts.source,
             scheduler=scheduler, unet_latent_multiple=multiple, channel_weights=weights)
 
-    return write_model_set(out, specs, describe, fp16=fp16, opset=opset, force=force, keep_fp32=keep_fp32,
-                           fp32_fallback=fp32_fallback, int8=int8, calibration=calibration, sweep_nodes=sweep_nodes,
-                           weight_bits=weight_bits, int8_recipe=int8_recipe, fuse_attention=fuse_attention,
-                           progress=progress)
+    return write_model_set(out, specs, describe, plan, progress)
 
 
 # TAE latents pass through tanh(x/3)*3 in the decoder: beyond +-6 nothing changes.
 TAE_LATENT_RANGE = 6.0
 
 
-def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAULT_OPSET, force: bool = False,
-               keep_fp32: tuple[str, ...] = (), fp32_fallback: bool = False, int8: tuple[str, ...] = (),
-               calibration: list | None = None, sweep_nodes: bool = True, weight_bits: int = DEFAULT_WEIGHT_BITS,
-               int8_recipe: Int8Recipe = DEFAULT_RECIPE,
-               fuse_attention: bool = True, progress=None) -> ExportReport:
+def export_tae(folder: str, out: str, plan: ExportPlan, progress=None) -> ExportReport:
     """A TAESD-format pair -> model set: image in [0, 1], latent scale 1, no UNet."""
     from .tae import DecoderGradient, load_tae_pair, tae_splits
 
@@ -359,7 +330,4 @@ def export_tae(folder: str, out: str, *, fp16: bool = False, opset: int = DEFAUL
             files=files, fingerprint=fingerprint, opset=opset_used,
             source={"model": os.path.abspath(folder), "kind": "tae", "variant": variant})
 
-    return write_model_set(out, specs, describe, fp16=fp16, opset=opset, force=force, keep_fp32=keep_fp32,
-                           fp32_fallback=fp32_fallback, int8=int8, calibration=calibration, sweep_nodes=sweep_nodes,
-                           weight_bits=weight_bits, int8_recipe=int8_recipe, fuse_attention=fuse_attention,
-                           progress=progress)
+    return write_model_set(out, specs, describe, plan, progress)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from .errors import SdcInputError
+from .errors import SdcInputError, SdcLimitError
 
 # Output formats that carry each kind of metadata (Pillow's save options).
 METADATA_FORMATS = {"PNG", "JPEG", "WEBP"}
@@ -33,8 +33,10 @@ class Picture:
 
 
 def check_pixel_limit(width: int, height: int, max_pixels: int | None) -> None:
+    """SdcLimitError where an image is over ``max_pixels``: the one error of that cause, on
+    encode and decode alike."""
     if max_pixels is not None and width * height > max_pixels:
-        raise SdcInputError(f"image of {width}x{height} is over the pixel limit of {max_pixels}"
+        raise SdcLimitError(f"image of {width}x{height} is over the pixel limit of {max_pixels}"
                             " (raise it with max_pixels= or --max-pixels)")
 
 
@@ -56,9 +58,14 @@ def load_image(source, *, max_pixels: int | None = None) -> Image.Image:
                 warnings.warn(f"the input has {frames} frames; only the first is encoded", SdcWarning, stacklevel=2)
             image.load()
         return image
+    except SdcLimitError:
+        raise
     except Image.DecompressionBombError as exc:  # Pillow's own limit, checked inside Image.open
-        raise SdcInputError(f"cannot read the input image: {exc} (Pillow's limit: Image.MAX_IMAGE_PIXELS)") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise SdcLimitError(f"cannot read the input image: {exc} (Pillow's limit: Image.MAX_IMAGE_PIXELS)") from None
+    except UnidentifiedImageError:  # its message holds the source's repr: a file object's address
+        what = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the input"
+        raise SdcInputError(f"cannot read {what}: not an image format Pillow reads") from None
+    except (OSError, ValueError) as exc:
         raise SdcInputError(f"cannot read the input image: {exc}") from None
 
 

@@ -112,13 +112,22 @@ def needs_exact_kernels(weight_bits: int | None) -> bool:
     return (weight_bits or 8) > 7 and cpu_flags().isdisjoint(EXACT_DOT_FLAGS)
 
 
+# ONNX Runtime's severity of errors (0 verbose .. 4 fatal): what is logged at all.
+ERROR_SEVERITY = 3
+
+
 def session_options(threads: int | None = None, *, exact_int8: bool = True):
     """The ONNX Runtime session options of every graph the codec runs; the export's int8
     calibration, correction and parity checks run their graphs with the same.  Not
     ``exact_int8`` only measures what the saturating kernels would cost (sdc-bench session)."""
     import onnxruntime as ort
 
+    # ONNX Runtime's own log lines (coloured warnings, a telemetry notice where HOME is not
+    # writable) would break the tools' one line on stderr: errors reach the caller as
+    # exceptions, which the codec turns into its own.
+    ort.set_default_logger_severity(ERROR_SEVERITY)
     options = ort.SessionOptions()
+    options.log_severity_level = ERROR_SEVERITY
     # No memory arena: it grows in powers of two and never shrinks, which would double the
     # working memory that tiles are sized to bound (measured: BENCHMARKS.md); the graphs'
     # large buffers gain nothing from pooling.

@@ -306,8 +306,8 @@ def test_sd_export_with_a_tiny_decoder(tiny_sd, taesd_random, tmp_path):
     assert main(["--model", tiny_sd, "--out", out, "--quiet", "--tiny-decoder", taesd_random]) == 0
     manifest = load_manifest(out)
     assert manifest.graphs["tiny_decoder"].image_range == (0.0, 1.0)
-    from sdc_export.inputs import export_roles
-    assert set(manifest.graphs) == set(export_roles(False, True))  # what the early role check knows
+    from sdc_export.plan import SD_ROLES
+    assert set(manifest.graphs) == set(SD_ROLES + ("tiny_decoder",))  # what the early role check knows
     decoder, _ = load_tae_decoder(taesd_random)
     latent = np.random.default_rng(0).normal(0, 3, (1, 4, 6, 10)).astype(np.float32)
     session = ort.InferenceSession(os.path.join(out, "tiny_decoder.onnx"), providers=["CPUExecutionProvider"])
@@ -460,9 +460,9 @@ def test_precision_options_are_checked(tiny_sd, tmp_path, extra, needle):
 
 def test_the_early_role_check_names_the_graphs_each_export_writes(model_set, tae_set):
     """sdc-export checks the graphs --int8 and --keep-fp32 name before it loads the model,
-    against export_roles; the exported sets' manifests hold exactly those graphs."""
-    from sdc_export.inputs import export_roles
+    against the plan's; the exported sets' manifests hold exactly those graphs."""
+    from sdc_export.plan import SD_ROLES, TAE_ROLES
     from sdc_runtime.manifest import load_manifest
 
-    assert set(load_manifest(model_set).graphs) == set(export_roles(False, False))
-    assert set(load_manifest(tae_set).graphs) == set(export_roles(True, False))
+    assert set(load_manifest(model_set).graphs) == set(SD_ROLES)
+    assert set(load_manifest(tae_set).graphs) == set(TAE_ROLES)

@@ -8,10 +8,10 @@ import struct
 
 import numpy as np
 import pytest
+from helpers import assert_one_line_error, make_image, recrc, run_cli
 from PIL import Image
 
-from helpers import assert_one_line_error, make_image, recrc, run_cli
-from sdc_runtime import sdc_info
+from sdc_runtime import SdcLimitError, sdc_info
 
 
 def _png(image):
@@ -84,6 +84,13 @@ def test_verify_checks_the_model_set(model_set, tmp_path):
     assert_one_line_error(run_cli("sdc-runtime", "verify", "--models", str(copy)), "unet.onnx does not match")
     (copy / "unet.onnx").unlink()
     assert_one_line_error(run_cli("sdc-runtime", "verify", "--models", str(copy)), "file missing: unet.onnx")
+
+
+def test_not_an_image_on_stdin_is_named_without_a_python_repr(model_set):
+    """Issue 33.8: the message says what was read, not '<_io.BytesIO object at 0x...>'."""
+    result = run_cli("sdc-runtime", "encode", "-", "-", "--models", model_set, stdin=b"plain text, no image")
+    assert_one_line_error(result, "cannot read the input: not an image format Pillow reads")
+    assert b"object at 0x" not in result.stderr
 
 
 def test_stdin_and_stdout(model_set):
@@ -176,7 +183,7 @@ def test_bad_inputs_and_outputs_are_one_line_errors(model_set, tmp_path, monkeyp
                           "cannot read the input image")
     (tmp_path / "text.png").write_text("not an image")
     assert_one_line_error(run_cli("sdc-runtime", "encode", str(tmp_path / "text.png"), out, "--models", model_set),
-                          "cannot read the input image")
+                          f"cannot read {tmp_path / 'text.png'}: not an image format Pillow reads")
     assert_one_line_error(run_cli("sdc-runtime", "encode", str(src), out, "--models", str(tmp_path)), "not a model set")
     monkeypatch.delenv("SDC_MODELS", raising=False)
     assert_one_line_error(run_cli("sdc-runtime", "encode", str(src), out), "no model set")
@@ -199,7 +206,7 @@ def test_oversized_input_image_is_refused_before_decoding(model_set, tmp_path, m
     Image.new("RGB", (3000, 2000)).save(big)
     loads = []
     monkeypatch.setattr(Image.Image, "load", lambda self: loads.append(1))
-    with pytest.raises(SdcInputError, match="3000x2000 is over the pixel limit of 1000000"):
+    with pytest.raises(SdcLimitError, match="3000x2000 is over the pixel limit of 1000000"):
         load_image(str(big), max_pixels=1_000_000)
     assert loads == []
     monkeypatch.undo()

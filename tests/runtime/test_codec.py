@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from helpers import kodak, make_image, needs_shared, psnr
 
-from sdc_runtime import SdcCodec, SdcError, SdcInputError, SdcModelError, SdcProviderError, sdc_decode, sdc_info
+from sdc_runtime import (
+    SdcCodec, SdcError, SdcInputError, SdcLimitError, SdcModelError, SdcProviderError, sdc_decode, sdc_info,
+)
 from sdc_runtime.latent import dequantize_u8, quantize_u8
 from sdc_runtime.neural import denoise_timesteps, step_noise
 
@@ -164,8 +166,11 @@ def test_a_set_without_unet_refuses_denoising(tae_set):
 def test_bad_images_and_providers(codec):
     with pytest.raises(SdcInputError):
         codec.encode("not an image")
-    with pytest.raises(SdcInputError, match="pixel limit"):
+    with pytest.raises(SdcLimitError, match="pixel limit"):  # as decode raises it (issue 33.7)
         SdcCodec(codec.stages.model_dir, max_pixels=10).encode(make_image(8, 8))
+    data = codec.encode(make_image(8, 8))
+    with pytest.raises(SdcLimitError, match="over the limit"):
+        SdcCodec(codec.stages.model_dir, max_pixels=10).decode(data)
     with pytest.raises(SdcProviderError, match="unknown provider"):
         SdcCodec(codec.stages.model_dir, provider="tpu")
     with pytest.raises(SdcInputError, match="unknown decoder"):

@@ -177,3 +177,27 @@ def test_the_fast_kernels_are_exact_for_eight_bit_weights_where_the_cpu_has_vnni
                                 providers=["CPUExecutionProvider"])
     out = fast.run(None, {"x": np.full((1, channels, 4, 4), 255, np.float32)})[0]
     np.testing.assert_array_equal(out, np.float32(channels * 255 * 127))
+
+
+def test_onnx_runtime_s_own_log_lines_never_reach_stderr(tmp_path):
+    """Issue 33.12: a graph ONNX Runtime warns about (an initializer no node reads) opens through
+    the runtime's session options without a line on stderr, as the tools' contract needs."""
+    import subprocess
+    import sys
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    unused = numpy_helper.from_array(np.ones(4, np.float32), "unused")
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [unused])
+    path = tmp_path / "warns.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    script = ("import onnxruntime as ort, sys; from sdc_runtime.neural import session_options; "
+              f"ort.InferenceSession({str(path)!r}, session_options(), providers=['CPUExecutionProvider'])")
+    quiet = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert quiet.returncode == 0 and quiet.stderr == b"", quiet.stderr
+    loud = subprocess.run([sys.executable, "-c", f"import onnxruntime as ort; ort.InferenceSession({str(path)!r})"],
+                          capture_output=True, timeout=120)
+    assert b"unused" in loud.stderr  # the warning the runtime silences is real

@@ -30,7 +30,8 @@ def _png(image) -> bytes:
 
 @pytest.fixture(scope="module")
 def client(model_set):
-    with TestClient(create_app(SdcCodec(model_set), ServeSettings(workers=2, queue=4, max_body=1 << 20))) as test_client:
+    app = create_app(SdcCodec(model_set, max_pixels=4 << 20), ServeSettings(workers=2, queue=4, max_body=1 << 20))
+    with TestClient(app) as test_client:
         yield test_client
 
 
@@ -61,6 +62,8 @@ def _huge_header(data: bytes) -> bytes:
     ("decode", "huge", "", 413, "SdcLimitError"),
     ("decode", b"x" * ((1 << 20) + 1), "", 413, "SdcLimitError"),
     ("encode", b"not an image at all", "", 415, "SdcInputError"),
+    ("encode", "big png", "", 413, "SdcLimitError"),  # the pixel limit: one error, one status (issue 33.7)
+    ("compare", "big png", "", 413, "SdcLimitError"),
     ("encode", "png", "?colors=5000", 422, "SdcInputError"),
     ("encode", "png", "?colors=many", 422, "SdcInputError"),
     ("encode", "png", "?speed=80", 422, "SdcInputError"),
@@ -72,10 +75,12 @@ def _huge_header(data: bytes) -> bytes:
 ])
 def test_bad_input_is_a_4xx_with_a_json_body(client, codec, route, body, query, status, kind):
     good = codec.encode(make_image(16, 16), mode="u8")
-    body = {"huge": _huge_header(good), "png": _png(make_image(16, 16)), "sdc": good}.get(body, body)
+    body = {"huge": _huge_header(good), "png": _png(make_image(16, 16)), "sdc": good,
+            "big png": _png(Image.new("RGB", (3000, 2000)))}.get(body, body)
     response = client.post(f"/v1/{route}{query}", content=body)
     assert response.status_code == status, response.text
     assert response.json()["type"] == kind and response.json()["error"]
+    assert "object at 0x" not in response.json()["error"]  # no Python repr (issue 33.8)
     assert client.get("/healthz").status_code == 200  # and the service is fine afterwards
 
 
