@@ -152,6 +152,11 @@ BASE_BYTES = 160 << 20
 IMAGE_BYTES_PER_PIXEL = 12
 # Tiles are never smaller than this (pixels per side): below it the overlap is most of the work.
 MIN_TILE = 128
+# The autoencoders run on no image side smaller than this (pixels): a latent of a cell or two
+# is mostly the convolutions' zero padding (a solid 8x8 colour came back at 14 dB, a 64x64 one
+# at 35 dB; BENCHMARKS.md).  Smaller images are edge-replicated up to it for the encoder, and
+# their latents for the decoder (docs/FORMAT.md), and the results cropped.
+MIN_CODED_SIDE = 64
 
 
 class NeuralStages:
@@ -248,6 +253,10 @@ class NeuralStages:
         graph = self.graph("vae_encoder")
         f, value_range = m.downscale, graph.image_range
         height, width = pixels.shape[:2]
+        if min(height, width) < MIN_CODED_SIDE:
+            (top, bottom), (left, right) = (_centred(side // f, -(-MIN_CODED_SIDE // f)) for side in (height, width))
+            grown = np.pad(pixels, ((top * f, bottom * f), (left * f, right * f), (0, 0)), mode="edge")
+            return self.encode(grown, progress=progress)[:, :, top:top + height // f, left:left + width // f]
         tiles = list(grid(height, width, self.tile_for("vae_encoder", height, width), align=f,
                           max_overlap=MAX_OVERLAP_PIXELS))
         if len(tiles) == 1:
@@ -272,7 +281,25 @@ class NeuralStages:
         """(1, C, h, w) latent and the (h*f, w*f, 3) uint8 image it should decode to -> the
         gradient at the latent of the decoded image's squared error (in the graph's units)."""
         graph = self.graph("decoder_gradient")
-        return self._run(graph.file, latent, to_graph_input(pixels, graph.image_range))
+        f = self.manifest.downscale
+        h, w = latent.shape[2:]
+        if min(h, w) * f >= MIN_CODED_SIDE:
+            return self._run(graph.file, latent, to_graph_input(pixels, graph.image_range))
+        # As decode grows a small latent (edge cells repeated): the gradient at the grown latent,
+        # each repeated cell's gradient added into the cell it repeats.
+        (top, bottom), (left, right) = (_centred(side, -(-MIN_CODED_SIDE // f)) for side in (h, w))
+        grown = np.pad(latent, ((0, 0), (0, 0), (top, bottom), (left, right)), mode="edge")
+        target = np.pad(pixels, ((top * f, bottom * f), (left * f, right * f), (0, 0)), mode="edge")
+        gradient = self._run(graph.file, grown, to_graph_input(target, graph.image_range))
+        for axis, before, after in ((2, top, bottom), (3, left, right)):
+            inner = np.take(gradient, range(before, gradient.shape[axis] - after), axis=axis).copy()
+            first, last = [slice(None)] * 4, [slice(None)] * 4
+            first[axis], last[axis] = slice(0, 1), slice(-1, None)
+            inner[tuple(first)] += np.take(gradient, range(before), axis=axis).sum(axis, keepdims=True)
+            inner[tuple(last)] += np.take(gradient, range(gradient.shape[axis] - after, gradient.shape[axis]),
+                                          axis=axis).sum(axis, keepdims=True)
+            gradient = inner
+        return gradient
 
     def decode(self, latent: np.ndarray, *, decoder: str = "vae_decoder", progress=None) -> np.ndarray:
         """(1, C, h, w) raw latent -> (h*f, w*f, 3) uint8 image.
@@ -283,6 +310,10 @@ class NeuralStages:
         graph = self.graph(decoder)
         f, value_range = m.downscale, graph.image_range
         h, w = latent.shape[2:]
+        if min(h, w) * f < MIN_CODED_SIDE:
+            (top, bottom), (left, right) = (_centred(side, -(-MIN_CODED_SIDE // f)) for side in (h, w))
+            grown = np.pad(latent, ((0, 0), (0, 0), (top, bottom), (left, right)), mode="edge")
+            return self.decode(grown, decoder=decoder, progress=progress)[top * f:(top + h) * f, left * f:(left + w) * f]
         tile, overlap = self.tile_for(decoder, h * f, w * f) // f, MAX_OVERLAP_PIXELS // f
         rows, cols = spans(h, tile, max_overlap=overlap), spans(w, tile, max_overlap=overlap)
         if len(rows) == len(cols) == 1:
@@ -373,3 +404,10 @@ def _blended(tiles, height: int, width: int, run_tile, report) -> np.ndarray:
         report()
     out /= weight
     return out
+
+
+def _centred(cells: int, least: int) -> tuple[int, int]:
+    """The cells to add before and after a side of ``cells`` so that it spans at least
+    ``least``, centred (the extra one after): away from the zero padding of the graphs' edges."""
+    extra = max(least - cells, 0)
+    return extra // 2, extra - extra // 2

@@ -590,19 +590,20 @@ def test_the_sweep_widens_the_decoder_s_first_stage_to_16_bits(tae_set, calibrat
     """The sweep tries 16-bit activations in the decoder's lowest-resolution stage and keeps
     them when they gain at least keep_gain_db and the stage is cheap (wide_flop_share)."""
     from sdc_export import int8
-    from sdc_export.int8 import DEFAULT_RECIPE, Int8Recipe, qdq, sweep
+    from sdc_export.int8 import DEFAULT_RECIPE, Int8Recipe, qdq
+    from sdc_export.int8.sweep import snr_db, sweep
 
     decoder = os.path.join(tae_set, "vae_decoder.onnx")
     stage = qdq.first_stage(decoder)
     images = int8.calibration_images(calibration_dir, 3)
     feeds = int8.record_graph_inputs(tae_set, images)["vae_decoder.onnx"]
     # A costly stage is not tried.
-    result = sweep.sweep("vae_decoder", decoder, feeds, str(tmp_path),
+    result = sweep("vae_decoder", decoder, feeds, str(tmp_path),
                          recipe=Int8Recipe(max_sweep_units=3, wide_flop_share=0.001))
     assert result.wide == () and result.wide_gain_db is None
     assert 0.001 < result.wide_flop_share < 0.05  # TAESD's 64 channels at 1x of 1x, 2x, 4x, 8x
     # The export's share: tried, and kept as its gain says.
-    result = sweep.sweep("vae_decoder", decoder, feeds, str(tmp_path), recipe=Int8Recipe(max_sweep_units=3))
+    result = sweep("vae_decoder", decoder, feeds, str(tmp_path), recipe=Int8Recipe(max_sweep_units=3))
     assert result.wide_gain_db is not None
     assert result.wide == (tuple(stage) if result.wide_gain_db >= DEFAULT_RECIPE.keep_gain_db else ())
     # 16 bits where asked, 8 elsewhere, and closer to fp32.
@@ -619,8 +620,8 @@ def test_the_sweep_widens_the_decoder_s_first_stage_to_16_bits(tae_set, calibrat
     assert wide & set(bits) and wide & set(bits) <= sixteen and len(sixteen - wide) <= 1 and sixteen - wide <= upsampled
     assert set(_activation_bits(plain).values()) == {8}
     reference = qdq.outputs(decoder, feeds)
-    assert sweep.snr_db(reference, qdq.outputs(widened, feeds, 7)) > \
-        sweep.snr_db(reference, qdq.outputs(plain, feeds, 7))
+    assert snr_db(reference, qdq.outputs(widened, feeds, 7)) > \
+        snr_db(reference, qdq.outputs(plain, feeds, 7))
 
 
 @needs_shared

@@ -5,7 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
-from helpers import make_image, psnr
+from helpers import make_image, needs_shared, psnr
 from PIL import Image, ImageCms
 
 from sdc_runtime import SdcCodec, SdcWarning, sdc_info
@@ -184,3 +184,34 @@ def test_codec_on_every_mode_keeps_the_size(codec):
         decoded = SdcCodec.decode(codec, codec.encode(image))
         assert decoded.size == image.size, name
         assert decoded.mode == ("RGBA" if alpha is not None else "RGB"), name
+
+
+@needs_shared
+@pytest.mark.parametrize("side", [1, 8])
+def test_tiny_solid_images_keep_their_colour(taef2_set, side):
+    """Issue 33.3: an icon-sized image is coded on a canvas the autoencoder handles (edge-grown
+    to 64 pixels, the latent grown the same way to decode), and the default encoder's descent
+    gets room and steps to move its few cells.  Before: (200, 30, 40) at 8x8 came back at 14 dB."""
+    from sdc_runtime import SdcCodec
+
+    codec = SdcCodec(taef2_set)
+    for colour in ((200, 30, 40), (40, 160, 220), (250, 250, 250)):
+        image = Image.new("RGB", (side, side), colour)
+        decoded = codec.decode(codec.encode(image))
+        assert decoded.size == (side, side)
+        assert psnr(np.asarray(image), np.asarray(decoded)) >= (30 if side == 8 else 25), colour
+
+
+def test_small_images_run_on_a_grown_canvas_and_are_cropped_back(codec):
+    """The encoder's latent of a small image is the matching cells of the edge-grown, centred
+    canvas's latent, and the decoder's image the matching pixels of the grown latent's decode."""
+    from sdc_runtime.neural import MIN_CODED_SIDE
+
+    stages, f = codec.stages, codec.manifest.downscale
+    pixels = np.asarray(make_image(16, 8))
+    grown = np.pad(pixels, ((24, 32), (24, 24), (0, 0)), mode="edge")  # 8x16 centred in 64x64, whole cells
+    assert grown.shape[:2] == (MIN_CODED_SIDE, MIN_CODED_SIDE)
+    np.testing.assert_allclose(stages.encode(pixels), stages.encode(grown)[:, :, 3:4, 3:5], atol=1e-5)
+    latent = stages.encode(pixels)
+    grown_latent = np.pad(latent, ((0, 0), (0, 0), (3, 4), (3, 3)), mode="edge")
+    np.testing.assert_array_equal(stages.decode(latent), stages.decode(grown_latent)[24:32, 24:40])
