@@ -89,6 +89,8 @@ def sdc_info(data, /) -> dict:
         "width": header.width,
         "height": header.height,
         "mode": container.MODE_NAMES[header.mode],
+        # 0: a colour image; 8 or 16: a grey image of that depth, shown as one channel.
+        "grey_bits": container.grey_bits(header),
         "latent_shape": [header.latent_channels, header.latent_height, header.latent_width],
         "downscale": header.downscale,
         "colors": header.colors,

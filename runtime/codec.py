@@ -20,7 +20,7 @@ from . import latent as latent_coding
 from .bitstream import SdcContents, sdc_decode_all, sdc_encode
 from .container import DEFAULT_MAX_PIXELS, Header
 from .errors import SdcInputError, SdcModelError, SdcTargetError
-from .image import check_pixel_limit, pad_to, to_picture
+from .image import check_pixel_limit, pad_to, shown_as_coded, to_picture
 from .neural import DEFAULT_MEMORY_LIMIT, NeuralStages
 from .options import (
     ENCODE_OPTION_NAMES,
@@ -114,10 +114,11 @@ class SdcCodec:
         candidates = refine.settle(latent, resolved.effort, loop, progress) if loop else None
         alpha = picture.alpha if resolved.alpha == "keep" else None
         metadata = {} if resolved.strip else picture.metadata
+        flags = container.grey_flags(picture.grey_bits)
 
         def file_at(options: EncodeOptions, descend: bool = True) -> bytes:
             def code(candidate):
-                return self._code_latent(candidate, size, options, alpha=alpha, metadata=metadata)
+                return self._code_latent(candidate, size, options, alpha=alpha, metadata=metadata, flags=flags)
             if loop is None:
                 return code(latent)
             return refine.best_file(picture.rgb, latent, candidates, options.effort, code, loop, progress,
@@ -211,7 +212,7 @@ class SdcCodec:
         return self._code_latent(latent, size, self.options(**{**options, "effort": 0}))
 
     def _code_latent(self, latent: np.ndarray, size: tuple[int, int], options: EncodeOptions, *,
-                     alpha=None, metadata=None) -> bytes:
+                     alpha=None, metadata=None, flags: int = 0) -> bytes:
         m = self.manifest
         scale, zero = self.quant_mapping(latent, options.quant_step)
         header = Header(
@@ -220,7 +221,7 @@ class SdcCodec:
             colors=options.colors if options.mode == "palette" else 0, group_channels=options.group_channels,
             denoise_steps=options.denoise_steps, denoise_stride=options.denoise_stride,
             eta=float(np.float32(options.eta)), seed=options.seed, fingerprint=self.header_fingerprint,
-            quant_scale=scale, quant_zero=zero)
+            quant_scale=scale, quant_zero=zero, flags=flags)
         levels = np.moveaxis(latent_coding.to_level_space(latent, scale, zero), -1, 0)
         # Weight level-space errors back to raw units (step^2) times the decoder's sensitivity.
         weights = np.square(np.asarray(scale, np.float64))
@@ -270,7 +271,8 @@ class SdcCodec:
     def decode(self, data, /, *, denoise_steps: int | None = None, decoder: str = "vae_decoder",
                progress=None) -> Image.Image:
         """.sdc bytes -> PIL image of the original size: RGB, or RGBA where the file holds
-        alpha; its metadata (icc_profile, exif, xmp) in ``image.info``.  ``denoise_steps``
+        alpha (L, LA or I;16 where it says the image was grey); its metadata (icc_profile,
+        exif, xmp) in ``image.info``.  ``denoise_steps``
         overrides the file's; the stride, eta and seed are the file's (stride and eta the model
         set's defaults where the file stored no steps)."""
         contents = self._contents(data, extras=True)
@@ -285,4 +287,4 @@ class SdcCodec:
         if contents.alpha is not None:
             image.putalpha(Image.fromarray(contents.alpha, "L"))
         image.info.update(contents.metadata)
-        return image
+        return shown_as_coded(image, container.grey_bits(header))

@@ -17,6 +17,11 @@ from .errors import SdcChecksumError, SdcFormatError, SdcInputError, SdcLimitErr
 MAGIC = b"\x89SDC\r\n\x1a\n"
 VERSION = 1
 
+# Header flags (docs/FORMAT.md): what the image was, for a decoder to show it so.
+FLAG_GREY = 1  # a grey image: shown as one channel, the luma of the decoded RGB
+FLAG_DEEP = 2  # with FLAG_GREY: a 16-bit grey image, shown in 16 bits
+KNOWN_FLAGS = FLAG_GREY | FLAG_DEEP
+
 MODE_U8 = 1
 MODE_PALETTE = 2
 MODE_NAMES = {MODE_U8: "u8", MODE_PALETTE: "palette"}
@@ -65,6 +70,19 @@ class Header:
     fingerprint: bytes  # first FINGERPRINT_BYTES of the model set's fingerprint
     quant_scale: tuple[float, ...]
     quant_zero: tuple[float, ...]
+    flags: int = 0  # FLAG_GREY, FLAG_DEEP
+
+
+def grey_bits(header: Header) -> int:
+    """0 for a colour image; 8 or 16 for a grey one of that depth (the header's flags)."""
+    if not header.flags & FLAG_GREY:
+        return 0
+    return 16 if header.flags & FLAG_DEEP else 8
+
+
+def grey_flags(bits: int) -> int:
+    """The header flags of an image of ``grey_bits``."""
+    return (FLAG_GREY if bits else 0) | (FLAG_DEEP if bits == 16 else 0)
 
 
 @dataclass
@@ -107,6 +125,10 @@ def expected_raw_lengths(header: Header) -> dict[int, int]:
 
 
 def _validate_header(h: Header, max_pixels: int | None) -> None:
+    if h.flags & ~KNOWN_FLAGS:
+        raise SdcFormatError(f"unknown header flags 0x{h.flags & ~KNOWN_FLAGS:x}")
+    if h.flags & FLAG_DEEP and not h.flags & FLAG_GREY:
+        raise SdcFormatError("the 16-bit flag is set without the grey flag")
     if h.width < 1 or h.height < 1:
         raise SdcFormatError("image size must be at least 1x1")
     if max_pixels is not None and h.width * h.height > max_pixels:
@@ -150,7 +172,7 @@ def check_writable(header: Header) -> None:
     caller's input, not a file, so the error is SdcInputError."""
     for name, bits in (("width", 32), ("height", 32), ("latent_channels", 16), ("latent_height", 16),
                        ("latent_width", 16), ("downscale", 8), ("mode", 8), ("colors", 16), ("denoise_steps", 8),
-                       ("group_channels", 8), ("denoise_stride", 16), ("seed", 32)):
+                       ("group_channels", 8), ("denoise_stride", 16), ("seed", 32), ("flags", 16)):
         value = getattr(header, name)
         if not isinstance(value, (int, np.integer)) or not 0 <= value < 1 << bits:
             raise SdcInputError(f"header field {name} must be an integer in 0..{(1 << bits) - 1}, not {value!r}")
@@ -175,7 +197,7 @@ def pack(header: Header, sections: list[Section]) -> bytes:
     expected = expected_raw_lengths(header)
     check_section_kinds(header, [s.kind for s in sections], SdcInputError)
     parts = [_FIXED.pack(
-        MAGIC, VERSION, 0, header.width, header.height, header.latent_channels,
+        MAGIC, VERSION, header.flags, header.width, header.height, header.latent_channels,
         header.latent_height, header.latent_width, header.downscale, header.mode,
         header.colors, header.denoise_steps, header.group_channels, header.denoise_stride, header.eta,
         header.seed, header.fingerprint)]
@@ -215,8 +237,6 @@ def unpack(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple
         raise SdcTruncatedError(f"truncated .sdc header: {n} of {_FIXED.size} bytes")
     (_, _, flags, width, height, channels, lat_h, lat_w, downscale, mode, colors,
      steps, group_channels, stride, eta, seed, fingerprint) = _FIXED.unpack_from(data, 0)
-    if flags:
-        raise SdcFormatError("reserved header flags are not zero")
     if not 1 <= channels <= MAX_CHANNELS:
         raise SdcLimitError(f"latent channel count {channels} is outside 1..{MAX_CHANNELS}")
     offset = _FIXED.size
@@ -241,7 +261,7 @@ def unpack(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple
         raise SdcChecksumError("CRC32 mismatch: the .sdc data is corrupt")
     header = Header(width, height, channels, lat_h, lat_w, downscale, mode, colors, group_channels, steps,
                     stride, eta, seed, bytes(fingerprint),
-                    tuple(q[0] for q in quant), tuple(q[1] for q in quant))
+                    tuple(q[0] for q in quant), tuple(q[1] for q in quant), flags)
     _validate_header(header, max_pixels)
     expected = expected_raw_lengths(header)
     check_section_kinds(header, [t[0] for t in table])

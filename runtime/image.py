@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .errors import SdcInputError, SdcLimitError
 
@@ -25,11 +25,17 @@ class SdcWarning(UserWarning):
 @dataclass
 class Picture:
     """An input image as the codec codes it: (H, W, 3) uint8 RGB, (H, W) uint8 alpha or None
-    when opaque, and the metadata to carry (icc_profile, exif, xmp)."""
+    when opaque, the metadata to carry (icc_profile, exif, xmp), and ``grey_bits``: 0 for a
+    colour image, 8 or 16 for a grey one (decoded to one channel of that depth)."""
 
     rgb: np.ndarray
     alpha: np.ndarray | None = None
     metadata: dict[str, bytes] = field(default_factory=dict)
+    grey_bits: int = 0
+
+
+# Pillow modes of grey images, and the depth a decoder gives them back in.
+GREY_MODES = {"1": 8, "L": 8, "LA": 8, "La": 8, "F": 8, "I": 16}
 
 
 def check_pixel_limit(width: int, height: int, max_pixels: int | None) -> None:
@@ -87,6 +93,9 @@ def picture_of(image: Image.Image) -> Picture:
     xmp = image.info.get("xmp") or image.info.get("XML:com.adobe.xmp")
     if xmp:
         metadata["xmp"] = xmp.encode() if isinstance(xmp, str) else bytes(xmp)
+    if mode_is_cmyk_with_profile(image):
+        image = _cmyk_to_srgb(image)
+        metadata.pop("icc_profile")
     mode, alpha = image.mode, None
     if mode.startswith("I;16") or mode == "I":
         grey = _from_16bit(np.asarray(image))
@@ -107,7 +116,51 @@ def picture_of(image: Image.Image) -> Picture:
         rgb = np.ascontiguousarray(array[:, :, :3])
         if has_alpha and array[:, :, 3].min() < 255:
             alpha = np.ascontiguousarray(array[:, :, 3])
-    return Picture(rgb, alpha, metadata)
+    grey_bits = 16 if mode.startswith("I;16") else GREY_MODES.get(mode, 0)
+    space = _profile_space(metadata.get("icc_profile"))
+    if space is not None and space != ("GRAY" if grey_bits else "RGB"):
+        warnings.warn(f"the ICC profile describes {space} data, not the {'grey' if grey_bits else 'RGB'} image"
+                      " coded: it is dropped", SdcWarning, stacklevel=3)
+        metadata.pop("icc_profile")
+    return Picture(rgb, alpha, metadata, grey_bits)
+
+
+def _profile_space(icc: bytes | None) -> str | None:
+    """The colour space an ICC profile describes ('RGB', 'GRAY', 'CMYK', 'Lab', ...); None
+    without one, or for bytes littlecms cannot read (carried as they are)."""
+    if not icc:
+        return None
+    try:
+        return ImageCms.ImageCmsProfile(io.BytesIO(icc)).profile.xcolor_space.strip()
+    except (OSError, ImageCms.PyCMSError):
+        return None
+
+
+def mode_is_cmyk_with_profile(image: Image.Image) -> bool:
+    return image.mode == "CMYK" and _profile_space(image.info.get("icc_profile")) == "CMYK"
+
+
+def _cmyk_to_srgb(image: Image.Image) -> Image.Image:
+    """A colour-managed CMYK image in sRGB, through its own profile (the output carries no
+    profile: untagged RGB is sRGB); Pillow's plain conversion would ignore the profile."""
+    source = ImageCms.ImageCmsProfile(io.BytesIO(image.info["icc_profile"]))
+    return ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+
+
+def shown_as_coded(image: Image.Image, grey_bits: int) -> Image.Image:
+    """A decoded RGB(A) image as its file says the input was: grey images as their luma (L or
+    LA; I;16 for 16-bit grey without alpha), colour ones as they are."""
+    if not grey_bits:
+        return image
+    info = dict(image.info)
+    if image.mode == "RGBA":
+        grey = image.convert("LA")
+    elif grey_bits == 16:
+        grey = Image.fromarray(np.asarray(image.convert("L")).astype(np.uint16) * np.uint16(257))  # I;16
+    else:
+        grey = image.convert("L")
+    grey.info.update(info)
+    return grey
 
 
 def to_picture(image, *, max_pixels: int | None = None) -> Picture:
@@ -181,8 +234,10 @@ def image_bytes(image: Image.Image, fmt: str, *, quality: int | None = None) -> 
                 options["xmp"] = image.info["xmp"]
     if quality is not None and fmt in ("JPEG", "WEBP", "AVIF"):
         options["quality"] = quality
-    if image.mode == "RGBA" and fmt not in ALPHA_FORMATS:
-        image = image.convert("RGB")
+    if image.mode in ("RGBA", "LA") and fmt not in ALPHA_FORMATS:
+        image = image.convert(image.mode[:-1])
+    if image.mode == "I;16" and fmt != "PNG":  # PNG alone holds 16-bit grey among the outputs
+        image = Image.fromarray((np.asarray(image) // 257).astype(np.uint8), "L")
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
     return buffer.getvalue()

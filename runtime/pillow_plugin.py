@@ -66,7 +66,9 @@ class SdcImageFile(ImageFile.ImageFile):
         self._size = (details["width"], details["height"])
         # As Pillow's own plugins do: the mode and the metadata from the file at open, so that
         # convert() and save() see them before (and without) a decode.
-        self._mode = "RGBA" if "alpha" in details["sections"] else "RGB"
+        alpha = "alpha" in details["sections"]
+        grey = {0: "RGBA" if alpha else "RGB", 8: "LA" if alpha else "L", 16: "LA" if alpha else "I;16"}
+        self._mode = grey[details["grey_bits"]]
         self.info.update(sdc_metadata(data))
         self.info["sdc"] = details
         self._sdc_data = data

@@ -54,11 +54,12 @@ QUANTIZED_STEP = 0.3
 # usual moment decays.
 DESCENT_RATE = 0.03
 ADAM_BETAS = (0.9, 0.999)
-# The narrowest range (raw latent units) a channel may move in: a flat or tiny image's
-# latent spans almost nothing (one cell: nothing), which would pin the refinement to E(x)
-# (a solid 8x8 colour stayed at 23 dB, and reached 40 with room to move; BENCHMARKS.md).
-# Photos' channels span several units, so it leaves them alone.
+# The narrowest range (raw latent units) a channel may move in, in the latent of an image
+# under 64x64 pixels (SMALL_LATENT_CELLS cells): a tiny image's latent spans almost nothing
+# (one cell: nothing), which would pin the refinement to E(x) (a solid 8x8 colour stayed at
+# 23 dB, and reached 40 with room to move).  Larger latents keep E(x)'s own range.
 MIN_SPAN = 1.0
+SMALL_LATENT_CELLS = 64
 # Images under SMALL_IMAGE_PIXELS run on a canvas of that size anyway (neural.MIN_CODED_SIDE),
 # where a descent step costs little; they take up to MAX_SMALL_IMAGE_FACTOR times the steps,
 # because their few latent cells must cross whole quantization steps to move at all.  Measured
@@ -89,10 +90,11 @@ class Loop:
 
 
 def _bounds(latent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each channel's range in E(x), at least MIN_SPAN wide (around its middle)."""
+    """Each channel's range in E(x); in a small image's latent at least MIN_SPAN wide (around
+    its middle)."""
     flat = latent.reshape(latent.shape[0], -1)
     lo, hi = flat.min(axis=1), flat.max(axis=1)
-    grow = np.maximum(MIN_SPAN - (hi - lo), 0) / 2
+    grow = np.maximum(MIN_SPAN - (hi - lo), 0) / 2 if flat.shape[1] < SMALL_LATENT_CELLS else 0.0
     return (lo - grow)[:, None, None], (hi + grow)[:, None, None]
 
 

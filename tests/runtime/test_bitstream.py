@@ -329,9 +329,20 @@ def test_rejects_crc_mismatch(u8_file):
         sdc_decode(bytes(flipped))
 
 
-def test_rejects_nonzero_flags(u8_file):
-    with pytest.raises(SdcFormatError, match="flags"):
-        sdc_decode(recrc(_set(u8_file, "<H", 10, 1)))
+@pytest.mark.parametrize("flags,needle", [(4, "unknown header flags 0x4"), (0x8000, "unknown header flags"),
+                                          (2, "16-bit flag is set without the grey flag")])
+def test_rejects_unknown_or_inconsistent_flags(u8_file, flags, needle):
+    with pytest.raises(SdcFormatError, match=needle):
+        sdc_decode(recrc(_set(u8_file, "<H", 10, flags)))
+
+
+@pytest.mark.parametrize("flags", [1, 3])
+def test_the_grey_flags_travel_exactly(u8_file, flags):
+    """Bit 0: a grey image; bit 1 with it: 16-bit grey (docs/FORMAT.md)."""
+    header, levels = sdc_decode(recrc(_set(u8_file, "<H", 10, flags)))
+    assert header.flags == flags
+    assert sdc_info(recrc(_set(u8_file, "<H", 10, flags)))["grey_bits"] == (16 if flags & 2 else 8)
+    assert sdc_encode(levels, header)[10:12] == struct.pack("<H", flags)
 
 
 def test_rejects_section_length_that_disagrees_with_header(u8_file):

@@ -9,7 +9,7 @@ from helpers import make_image, needs_shared, psnr
 from PIL import Image, ImageCms
 
 from sdc_runtime import SdcCodec, SdcWarning, sdc_info
-from sdc_runtime.image import image_bytes, load_image, to_picture
+from sdc_runtime.image import GREY_MODES, image_bytes, load_image, to_picture
 
 RNG = np.random.default_rng(5)
 GREY16 = RNG.integers(0, 65536, (12, 20)).astype(np.uint16)
@@ -176,14 +176,18 @@ def test_lossy_output_quality(codec):
 def test_round_trip_of_a_16_bit_png_through_the_codec(tmp_path, codec):
     image = _reopened(Image.fromarray(GREY16))
     decoded = codec.decode(codec.encode(image))
-    assert decoded.size == (20, 12) and decoded.mode == "RGB"
+    assert decoded.size == (20, 12) and decoded.mode == "I;16"  # grey 16-bit in, grey 16-bit out
 
 
 def test_codec_on_every_mode_keeps_the_size(codec):
     for name, image, expected, alpha in _cases():
         decoded = SdcCodec.decode(codec, codec.encode(image))
         assert decoded.size == image.size, name
-        assert decoded.mode == ("RGBA" if alpha is not None else "RGB"), name
+        grey = image.mode in GREY_MODES or image.mode.startswith("I;16")
+        if alpha is not None:
+            assert decoded.mode == ("LA" if grey else "RGBA"), name
+        else:
+            assert decoded.mode in (("L", "I;16") if grey else ("RGB",)), name
 
 
 @needs_shared
@@ -215,3 +219,41 @@ def test_small_images_run_on_a_grown_canvas_and_are_cropped_back(codec):
     latent = stages.encode(pixels)
     grown_latent = np.pad(latent, ((0, 0), (0, 0), (3, 4), (3, 3)), mode="edge")
     np.testing.assert_array_equal(stages.decode(latent), stages.decode(grown_latent)[24:32, 24:40])
+
+
+@pytest.mark.parametrize("mode,value,decoded_mode", [
+    ("L", 90, "L"), ("LA", (90, 200), "LA"), ("1", 1, "L"), ("I;16", 40000, "I;16"), ("I", 40000, "I;16"),
+    ("RGB", (90, 90, 90), "RGB"),
+])
+def test_grey_inputs_decode_to_grey_images(codec, mode, value, decoded_mode):
+    """Issue 33.5: the file says the image was grey (header flags), and the decoder shows one
+    channel, in 16 bits where the input had them; an RGB image stays RGB even when neutral."""
+    image = Image.new(mode, (40, 24), value)
+    data = codec.encode(image)
+    decoded = codec.decode(data)
+    assert decoded.mode == decoded_mode and decoded.size == (40, 24)
+    assert sdc_info(data)["grey_bits"] == {"L": 8, "LA": 8, "I;16": 16, "RGB": 0}[decoded_mode]
+    out = Image.open(io.BytesIO(image_bytes(decoded, "PNG")))
+    assert out.mode == decoded_mode
+    if decoded_mode == "I;16":
+        assert np.asarray(decoded).dtype == np.uint16 and np.all(np.asarray(decoded) % 257 == 0)
+
+
+def test_a_profile_of_another_colour_space_never_reaches_the_output(codec):
+    """Issue 33.4: a profile travels only with an image of its own colour space (RGB for colour,
+    GRAY for grey); one describing other data is dropped with a warning, so no output carries a
+    profile its pixels do not match.  (A CMYK input with a CMYK profile is converted to sRGB
+    through it, and carries none.)"""
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    for mode, profile, kept in (("RGB", srgb, True), ("RGB", lab, False), ("L", srgb, False)):
+        image = Image.new(mode, (24, 16), 90)
+        image.info["icc_profile"] = profile
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            decoded = codec.decode(codec.encode(image))
+        assert (decoded.info.get("icc_profile") == profile) is kept, (mode, kept)
+        assert kept or any("ICC profile describes" in str(w.message) for w in caught)
+        if decoded.info.get("icc_profile"):
+            space = ImageCms.ImageCmsProfile(io.BytesIO(decoded.info["icc_profile"])).profile.xcolor_space.strip()
+            assert space == ("GRAY" if decoded.mode.startswith(("L", "I")) else "RGB")

@@ -84,7 +84,7 @@ def test_efforts_are_increasing_schedules():
 def test_a_high_effort_file_is_an_ordinary_file(codec):
     """Same header apart from the levels' mapping, read by the same decoder; effort 8 runs the
     UNet steps the file asks for inside the loop."""
-    image = make_image(64, 48)
+    image = make_image(80, 64)
     plain = codec.encode(image, effort=0)
     refined = codec.encode(image, effort=8)
     assert refined != plain
@@ -93,7 +93,7 @@ def test_a_high_effort_file_is_an_ordinary_file(codec):
         assert a[key] == b[key]
     header, levels = sdc_decode(refined)  # the model-free reader
     assert levels.shape == tuple(a["latent_shape"])
-    assert np.asarray(codec.decode(refined)).shape == (48, 64, 3)
+    assert np.asarray(codec.decode(refined)).shape == (64, 80, 3)
 
 
 @pytest.mark.parametrize("quality", [1, 60])
