@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -26,6 +27,7 @@ from PIL import Image
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -87,7 +89,10 @@ class Service:
     """The state of one server process: its codec, its pool, its admission count, its metrics."""
 
     def __init__(self, codec: SdcCodec, settings: ServeSettings):
-        self.codec, self.max_body = codec, settings.max_body
+        self.codec, self.max_body, self.grace_seconds = codec, settings.max_body, settings.grace_seconds
+        # Set when a shutdown's grace period has run out: requests still running then answer 503.
+        self.grace_over: asyncio.Event | None = None
+        self._running, self._running_lock = 0, threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="sdc")
         self.capacity = settings.workers + settings.queue  # requests admitted at once: running plus waiting
         self.admitted = 0
@@ -127,17 +132,44 @@ class Service:
             started = True
             self.queue_depth.dec()
             self.in_flight.inc()
+            with self._running_lock:
+                self._running += 1
             try:
                 return function(*args)
             finally:
                 self.in_flight.dec()
+                with self._running_lock:
+                    self._running -= 1
 
+        if self.grace_over is None:
+            self.grace_over = asyncio.Event()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.pool, job)
+            work = asyncio.get_running_loop().run_in_executor(self.pool, job)
+            over = asyncio.ensure_future(self.grace_over.wait())
+            await asyncio.wait({work, over}, return_when=asyncio.FIRST_COMPLETED)
+            over.cancel()
+            if not work.done():  # its thread cannot be stopped; its result is no longer wanted
+                work.add_done_callback(lambda future: future.exception())
+                raise HttpError(503, f"the server is shutting down and this request ran past the"
+                                     f" {self.grace_seconds:g} s grace period", "ShuttingDown")
+            return work.result()
         finally:
             self.admitted -= 1
             if not started:
                 self.queue_depth.dec()
+
+    def begin_shutdown(self) -> None:
+        """From a SIGTERM on (called in the event loop's thread): requests still running when
+        the grace period ends get 503 instead of being cut."""
+        if self.grace_over is None:
+            self.grace_over = asyncio.Event()
+        asyncio.get_running_loop().call_later(self.grace_seconds, self.grace_over.set)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a worker thread still runs a request's work."""
+        with self._running_lock:
+            return self._running > 0
 
 
 def create_app(codec: SdcCodec, settings: ServeSettings = ServeSettings()) -> Starlette:
@@ -229,7 +261,17 @@ def create_app(codec: SdcCodec, settings: ServeSettings = ServeSettings()) -> St
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        service.pool.shutdown(wait=True)  # on SIGTERM: what is in flight finishes first
+        # After SIGTERM every request has been answered (or answered 503 at the grace period's
+        # end): work still running in the pool is no longer wanted.
+        service.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def json_error(request: Request, exc: Exception) -> Response:
+        """Starlette's own answers (404, 405) and unexpected failures (500), as JSON too."""
+        status = getattr(exc, "status_code", 500)
+        message = getattr(exc, "detail", None) or "internal error"
+        kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(status, "HTTPError" if status != 500 else "InternalError")
+        headers = getattr(exc, "headers", None)
+        return JSONResponse({"error": str(message), "type": kind}, status_code=status, headers=headers)
 
     app = Starlette(routes=[route("/", "page", page, ["GET"]),
                             route("/v1/compare", "compare", compare, ["POST"], image_input=True),
@@ -238,6 +280,7 @@ def create_app(codec: SdcCodec, settings: ServeSettings = ServeSettings()) -> St
                             route("/v1/info", "info", info, ["POST"]),
                             route("/healthz", "healthz", healthz, ["GET"]),
                             route("/metrics", "metrics", metrics, ["GET"])],
-                    lifespan=lifespan)
+                    lifespan=lifespan,
+                    exception_handlers={HTTPException: json_error, Exception: json_error})
     app.state.service = service
     return app

@@ -2,7 +2,10 @@
 (entry point group ``sdc_runtime.commands``), so the runtime never imports the service."""
 from __future__ import annotations
 
+import asyncio
+import os
 import signal
+import sys
 
 from sdc_runtime.cli import codec_from_args, size_bytes
 from sdc_runtime.extras import require_extra
@@ -10,6 +13,8 @@ from sdc_runtime.extras import require_extra
 from .settings import ServeSettings
 
 DEFAULTS = ServeSettings()
+# After the grace period: time to send the 503s before uvicorn closes the connections.
+CLOSE_SECONDS = 5
 
 
 def add_command(sub, common) -> None:
@@ -38,8 +43,22 @@ def _run(args) -> None:
     settings = ServeSettings(workers=args.workers, queue=args.queue, max_body=args.max_body,
                              grace_seconds=args.grace)
     app = create_app(codec_from_args(args), settings)
-    # uvicorn: one access-log line per request; SIGTERM stops accepting and finishes in-flight
-    # work, then uvicorn re-raises it to the handler it found: a no-op, so the exit status is 0.
+    service = app.state.service
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM, SIGINT: the grace period starts
+            if not self.should_exit:
+                asyncio.get_event_loop().call_soon_threadsafe(service.begin_shutdown)
+            super().handle_exit(sig, frame)
+
+    # uvicorn: one access-log line per request; SIGTERM stops accepting and lets in-flight
+    # requests finish (those past the grace period answer 503), then uvicorn re-raises it to
+    # the handler it found: a no-op, so the exit status is 0.  Its own cut comes later, so
+    # that every request gets its answer.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True,
-                timeout_graceful_shutdown=settings.grace_seconds)
+    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=True,
+                          timeout_graceful_shutdown=settings.grace_seconds + CLOSE_SECONDS)).run()
+    if service.busy:  # a worker thread still runs past the grace period: do not wait for it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -185,3 +185,52 @@ def test_sigterm_lets_the_request_in_flight_finish(model_set):
             server.kill()
     assert replies and replies[0].status_code == 200 and replies[0].content[:8] == b"\x89PNG\r\n\x1a\n"
     assert server.returncode == 0, (server.returncode, server.stderr.read().decode()[-2000:])
+
+
+def test_a_request_past_the_grace_period_gets_a_json_503_and_no_traceback(model_set):
+    """Issue 33.6: SIGTERM during a request longer than --grace: the client gets a JSON 503,
+    the log holds no traceback, and the server exits 0 without waiting for the work."""
+    import threading
+
+    import httpx
+
+    slow = _png(make_image(1024, 1024))  # effort 9 on a megapixel: many seconds on 2 cores
+    server, base = launch(model_set, "--grace", "1", stderr=subprocess.PIPE)
+    try:
+        replies = []
+        request = threading.Thread(target=lambda: replies.append(
+            httpx.post(f"{base}/v1/encode?effort=9&quality=90", content=slow, timeout=120)))
+        request.start()
+        time.sleep(1.0)  # the encode is under way
+        stopped = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        request.join(timeout=60)
+        server.wait(timeout=60)
+        took = time.monotonic() - stopped
+    finally:
+        if server.poll() is None:
+            server.kill()
+    log = server.stderr.read().decode()
+    assert replies and replies[0].status_code == 503, replies and replies[0].text
+    assert replies[0].json()["type"] == "ShuttingDown" and "grace period" in replies[0].json()["error"]
+    assert server.returncode == 0 and "Traceback" not in log, log[-3000:]
+    assert took < 30
+
+
+def test_unknown_routes_and_methods_answer_json(client):
+    """Issue 33.6: Starlette's own 404 and 405 are JSON {"error", "type"} like the codec's."""
+    missing = client.get("/v1/nothing-here")
+    assert missing.status_code == 404 and missing.json()["type"] == "NotFound" and missing.json()["error"]
+    wrong = client.get("/v1/encode")
+    assert wrong.status_code == 405 and wrong.json()["type"] == "MethodNotAllowed"
+
+
+def test_an_unexpected_failure_answers_a_json_500(model_set, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    codec = SdcCodec(model_set)
+    monkeypatch.setattr(codec, "decode", broken)
+    with TestClient(create_app(codec), raise_server_exceptions=False) as test_client:
+        response = test_client.post("/v1/decode", content=SdcCodec(model_set).encode(make_image(16, 16)))
+    assert response.status_code == 500 and response.json() == {"error": "internal error", "type": "InternalError"}
