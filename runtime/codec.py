@@ -30,6 +30,7 @@ from .options import (
     resolve_denoising,
     resolve_encode_options,
 )
+from .progress import report
 from .roles import DECODERS
 
 # Quality 1 itself, then a bisection of qualities 1..100, then the descent at the quality found:
@@ -138,9 +139,10 @@ class SdcCodec:
 
         def fits(quality: int) -> bool:
             files[quality] = file_at(self.options(quality=quality, **kept), descend=False)
-            if progress is not None:
-                progress("size search", len(files), SIZE_SEARCH_ENCODES)
+            report(progress, "size search", len(files), SIZE_SEARCH_ENCODES)
             return len(files[quality]) <= target
+
+        report(progress, "size search", 0, SIZE_SEARCH_ENCODES)
 
         if not fits(1):
             smallest = len(files[1])

@@ -259,8 +259,11 @@ class NeuralStages:
             return self.encode(grown, progress=progress)[:, :, top:top + height // f, left:left + width // f]
         tiles = list(grid(height, width, self.tile_for("vae_encoder", height, width), align=f,
                           max_overlap=MAX_OVERLAP_PIXELS))
+        report(progress, "encode", 0, len(tiles))  # every stage reports from its start
         if len(tiles) == 1:
-            return self._run(graph.file, to_graph_input(pixels, value_range))
+            latent = self._run(graph.file, to_graph_input(pixels, value_range))
+            report(progress, "encode", 1, 1)
+            return latent
         local = graph.tiled or graph.file
         # The tiles in latent cells: pixel tiles start and end on multiples of the downscale.
         cells = [((y0 // f, y1 // f), (x0 // f, x1 // f), (rows[0] // f, rows[1] // f), (cols[0] // f, cols[1] // f))
@@ -316,8 +319,11 @@ class NeuralStages:
             return self.decode(grown, decoder=decoder, progress=progress)[top * f:(top + h) * f, left * f:(left + w) * f]
         tile, overlap = self.tile_for(decoder, h * f, w * f) // f, MAX_OVERLAP_PIXELS // f
         rows, cols = spans(h, tile, max_overlap=overlap), spans(w, tile, max_overlap=overlap)
+        report(progress, "decode", 0, len(rows) * len(cols))
         if len(rows) == len(cols) == 1:
-            return to_uint8(graph_output_to_levels(self._run(graph.file, latent), value_range))
+            image = to_uint8(graph_output_to_levels(self._run(graph.file, latent), value_range))
+            report(progress, "decode", 1, 1)
+            return image
         if graph.whole:
             latent = self._run(graph.whole, latent)
         local = graph.tiled or graph.file
@@ -377,6 +383,7 @@ class NeuralStages:
         timesteps = denoise_timesteps(steps, stride)
         noises = step_noise(denoising.seed, sample.shape, steps) if eta > 0 else [None] * steps
         counter = iter(range(1, steps * len(tiles) + 1))
+        report(progress, "denoise", 0, steps * len(tiles))
         for t, noise in zip(timesteps, noises):
             timestep = np.full((1,), t, np.float32)
             # Tiles start on multiples of the UNet's down-sampling and the padded sides are

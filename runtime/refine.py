@@ -103,6 +103,7 @@ def settle(latent: np.ndarray, effort: int, loop: Loop, progress=None) -> list[n
     passes = PASSES[effort][0]
     lo, hi = _bounds(latent)
     candidates = [latent]
+    report(progress, "refine", 0, passes)
     for done in range(passes):
         refined = candidates[-1] + FREE_STEP * (latent - loop.encode(loop.decode(candidates[-1])))
         candidates.append(np.clip(refined, lo, hi).astype(np.float32))
@@ -134,6 +135,7 @@ def best_file(rgb: np.ndarray, latent: np.ndarray, candidates: list[np.ndarray],
     if loop.gradient is not None:
         passes = 0
     files = len(candidates) + passes + (steps > 0)
+    report(progress, "score", 0, files)
     for done, candidate in enumerate(candidates, 1):
         consider(candidate)
         report(progress, "score", done, files)
@@ -163,6 +165,7 @@ def run_descent(start: np.ndarray, steps: int, code, loop: Loop, lo: np.ndarray,
     first = np.zeros_like(refined)
     second = np.zeros_like(refined)
     beta1, beta2 = ADAM_BETAS
+    report(progress, "descend", 0, steps)
     for step in range(1, steps + 1):
         gradient = loop.gradient(loop.held(code(refined.astype(np.float32)))).astype(np.float64)
         first = beta1 * first + (1 - beta1) * gradient

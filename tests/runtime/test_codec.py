@@ -329,3 +329,23 @@ def test_taef2_quant_step_trades_bytes_for_quality_by_decoder_sensitivity(taef2_
     free = np.isclose(header_steps, 0.6 / np.sqrt(weights), rtol=1e-5)
     assert free.sum() >= 16  # most channels get exactly the weighted step
     assert np.all(header_steps[~free] > 0.6 / np.sqrt(weights[~free]))  # others widened to fit 8 bits
+
+
+def test_every_stage_reports_its_progress_from_its_start(model_set):
+    """Issue 33.9: a stage's first report is (stage, 0, total) before any of its work, then each
+    unit done, up to an honest total; a tiled encode and decode at effort 1 with denoising."""
+    codec = SdcCodec(model_set, tile_size=64)
+    calls = []
+    data = codec.encode(make_image(160, 128), effort=1, denoise_steps=2, progress=lambda *call: calls.append(call))
+    codec.decode(data, progress=lambda *call: calls.append(call))
+    runs = []  # consecutive calls of one stage
+    for stage, done, total in calls:
+        if not runs or runs[-1][0] != stage or done == 0:
+            runs.append((stage, []))
+        runs[-1][1].append((done, total))
+    stages = {stage for stage, _ in runs}
+    assert {"encode", "refine", "score", "decode", "denoise"} <= stages, stages
+    for stage, reports in runs:
+        assert reports[0][0] == 0, (stage, reports)  # opened at its start, not at its first unit
+        assert len({total for _, total in reports}) == 1 and all(0 <= d <= t for d, t in reports), (stage, reports)
+        assert [d for d, _ in reports] == sorted(d for d, _ in reports), (stage, reports)
