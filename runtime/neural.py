@@ -152,6 +152,8 @@ BASE_BYTES = 160 << 20
 IMAGE_BYTES_PER_PIXEL = 12
 # Tiles are never smaller than this (pixels per side): below it the overlap is most of the work.
 MIN_TILE = 128
+# The side (latent cells) of the input that measures a local graph's reach (context_cells).
+CONTEXT_PROBE = 48
 # The autoencoders run on no image side smaller than this (pixels): a latent of a cell or two
 # is mostly the convolutions' zero padding (a solid 8x8 colour came back at 14 dB, a 64x64 one
 # at 35 dB; BENCHMARKS.md).  Smaller images are edge-replicated up to it for the encoder, and
@@ -176,6 +178,7 @@ class NeuralStages:
         self.memory_limit = memory_limit
         self.tile_size = tile_size
         self._sessions: dict = {}
+        self._context: dict = {}  # graph file -> context_cells
         self._lock = threading.Lock()
         # Callables (file, {input name: array}) that see every feed a graph is given, before it
         # runs: the export's int8 calibration records them (observe_feeds).
@@ -233,6 +236,28 @@ class NeuralStages:
         role = self._roles.get(file, file)
         raise SdcModelError(f"{file} produced non-finite values (an fp16 overflow?): re-export the set with"
                             f" --keep-fp32 {role} or --fp32-fallback")
+
+    def context_cells(self, file: str) -> int | None:
+        """How far (latent cells) one input cell of a local decoder graph (a split decoder's
+        tiled part) reaches into its output: measured once per set, on a seeded random input
+        with one cell changed; None where it reaches the whole probe (GroupNorm statistics)."""
+        with self._lock:
+            if file in self._context:
+                return self._context[file]
+        spec = self.session(file).get_inputs()[0]
+        channels = spec.shape[1] if isinstance(spec.shape[1], int) else self.manifest.latent_channels
+        probe = np.random.default_rng(0).standard_normal((1, channels, CONTEXT_PROBE, CONTEXT_PROBE)).astype(np.float32)
+        moved = probe.copy()
+        centre = CONTEXT_PROBE // 2
+        moved[:, :, centre, centre] += 1.0
+        change = np.abs(self._run(file, moved) - self._run(file, probe)).max(axis=(0, 1)) > 0
+        rows, cols = np.nonzero(change)
+        scale = change.shape[0] // CONTEXT_PROBE  # output samples per input cell
+        reach = max(np.abs(rows // scale - centre).max(), np.abs(cols // scale - centre).max()) if rows.size else 0
+        cells = None if reach >= centre - 1 else int(reach)
+        with self._lock:
+            self._context[file] = cells
+        return cells
 
     def tile_for(self, role: str, height: int, width: int) -> int:
         """Tile side in image pixels for running ``role`` on a ``height`` x ``width`` image:
@@ -318,7 +343,13 @@ class NeuralStages:
             grown = np.pad(latent, ((0, 0), (0, 0), (top, bottom), (left, right)), mode="edge")
             return self.decode(grown, decoder=decoder, progress=progress)[top * f:(top + h) * f, left * f:(left + w) * f]
         tile, overlap = self.tile_for(decoder, h * f, w * f) // f, MAX_OVERLAP_PIXELS // f
-        rows, cols = spans(h, tile, max_overlap=overlap), spans(w, tile, max_overlap=overlap)
+        # A split decoder's local part, tiled with margins that cover its measured reach, gives
+        # every pixel it keeps exactly its untiled value: the image does not depend on the tile
+        # size (docs/FORMAT.md).  A decoder without one (GroupNorm throughout) blends as it can.
+        reach = self.context_cells(graph.tiled) if graph.tiled and tile else None
+        margin = 0 if reach is None else reach + 1
+        rows, cols = (spans(side, tile, max_overlap=overlap, min_overlap=2 * margin + 2 if margin else 0)
+                      for side in (h, w))
         report(progress, "decode", 0, len(rows) * len(cols))
         if len(rows) == len(cols) == 1:
             image = to_uint8(graph_output_to_levels(self._run(graph.file, latent), value_range))
@@ -328,7 +359,7 @@ class NeuralStages:
             latent = self._run(graph.whole, latent)
         local = graph.tiled or graph.file
         out = np.empty((h * f, w * f, 3), np.uint8)
-        col_ramps = [ramp(col, w * f, gap, f)[None, :] for col, gap in zip(cols, overlaps(cols))]
+        col_ramps = [ramp(col, w * f, gap, f, margin)[None, :] for col, gap in zip(cols, overlaps(cols))]
         band_start = 0  # the first output row not yet final
         levels = np.zeros((0, w * f, 3), np.float32)
         weights = np.zeros((0, w * f), np.float32)
@@ -338,7 +369,7 @@ class NeuralStages:
             grow = y1 - band_start - len(levels)  # extend the band down to this row's end
             levels = np.concatenate([levels, np.zeros((grow, w * f, 3), np.float32)])
             weights = np.concatenate([weights, np.zeros((grow, w * f), np.float32)])
-            row_ramp = ramp(row, h * f, row_gap, f)[:, None]
+            row_ramp = ramp(row, h * f, row_gap, f, margin)[:, None]
             for (x0, x1), col_ramp in zip(cols, col_ramps):
                 part = self._run(local, latent[:, :, row[0]:row[1], x0:x1])
                 weight = row_ramp * col_ramp

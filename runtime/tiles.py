@@ -18,15 +18,19 @@ import numpy as np
 MAX_OVERLAP_PIXELS = 128
 
 
-def spans(length: int, tile: int, align: int = 1, max_overlap: int | None = None) -> list[tuple[int, int]]:
+def spans(length: int, tile: int, align: int = 1, max_overlap: int | None = None,
+          min_overlap: int = 0) -> list[tuple[int, int]]:
     """(start, stop) of the tiles along one axis of ``length`` samples: one span if it fits,
     else the fewest tiles of at most ``tile`` samples (the last may be up to ``align`` - 1
     longer), starts multiples of ``align``, spread evenly, neighbours overlapping by at least
-    a quarter of a tile or ``max_overlap`` samples, whichever is less."""
+    a quarter of a tile or ``max_overlap`` samples, whichever is less, and never by less than
+    ``min_overlap`` (tiles then grow to twice that, at least)."""
+    tile = max(tile, 2 * min_overlap) if tile > 0 else tile
     if tile <= 0 or length <= tile:
         return [(0, length)]
     tile = max(align, tile - tile % align)
     overlap = tile // 4 if max_overlap is None else min(tile // 4, max_overlap)
+    overlap = max(overlap, min_overlap)
     overlap = max(align, -(-overlap // align) * align)
     count = max(2, math.ceil((length - overlap) / (tile - overlap)))
     # The smallest tile that still covers the length in that many tiles: no wasted work.
@@ -37,18 +41,21 @@ def spans(length: int, tile: int, align: int = 1, max_overlap: int | None = None
     return [(start, start + tile) for start in starts[:-1]] + [(starts[-1], length)]
 
 
-def ramp(span: tuple[int, int], length: int, neighbours: tuple[int, int], scale: int = 1) -> np.ndarray:
+def ramp(span: tuple[int, int], length: int, neighbours: tuple[int, int], scale: int = 1,
+         margin: int = 0) -> np.ndarray:
     """Weights along one axis for the samples of ``span`` (in units of ``scale`` samples):
-    1 inside, falling linearly over the overlap with each neighbour towards that side.
+    1 inside, falling linearly over the overlap with each neighbour towards that side, and 0
+    within ``margin`` span units of that side, where the tile's graph lacked context (with an
+    overlap of more than twice the margin, a neighbour's weight covers those samples).
     ``neighbours`` = (overlap before, overlap after) in span units; 0 at the array's edges."""
     start, stop = span[0] * scale, min(span[1] * scale, length)
     position = np.arange(start, stop, dtype=np.float64)
     weight = np.ones(stop - start)
-    before, after = neighbours[0] * scale, neighbours[1] * scale
+    before, after, skip = neighbours[0] * scale, neighbours[1] * scale, margin * scale
     if before:
-        weight = np.minimum(weight, (position - start + 1) / (before + 1))
+        weight = np.minimum(weight, np.clip((position - start - skip + 1) / (before - 2 * skip + 1), 0, 1))
     if after:
-        weight = np.minimum(weight, (stop - position) / (after + 1))
+        weight = np.minimum(weight, np.clip((stop - position - skip) / (after - 2 * skip + 1), 0, 1))
     return weight.astype(np.float32)
 
 
