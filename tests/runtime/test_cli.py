@@ -363,3 +363,20 @@ def test_a_reader_that_goes_away_is_no_traceback(codec, tmp_path):
     finally:
         os.close(writer)
     assert result.returncode == 1 and b"Traceback" not in result.stderr, result.stderr
+
+
+def test_stage_bars_show_each_stage_from_its_start_with_its_own_total(capsys):
+    """Issue 33.9: one bar per stage, opened at the stage's start (0 done) with the total the
+    stage reports, not a fixed one (the export's bar had 12 steps for every export)."""
+    pytest.importorskip("tqdm")
+    from sdc_runtime.progress import StageBars
+
+    bars = StageBars(True)
+    bars("calibrate", 0, 3)
+    assert bars.bar.total == 3 and bars.bar.n == 0
+    bars("calibrate", 2, 3)
+    assert bars.bar.n == 2
+    bars("export vae_decoder", 0, 1)
+    assert bars.stage == "export vae_decoder" and bars.bar.total == 1
+    bars.close()
+    assert "calibrate" in capsys.readouterr().err
