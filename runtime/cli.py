@@ -13,8 +13,9 @@ from importlib.metadata import entry_points
 
 from PIL import Image
 
-from . import __version__
+from . import __version__, batch
 from . import options as encode_options
+from .batch import Work
 from .bitstream import sdc_info
 from .codec import SdcCodec
 from .container import DEFAULT_MAX_PIXELS
@@ -81,13 +82,29 @@ def codec_from_args(args) -> SdcCodec:
         raise SdcUsageError(str(exc)) from None
 
 
-def _cmd_encode(args) -> None:
-    _check_output(args.output, args.input)
+def _one_or_many(args) -> bool:
+    """Whether the command codes a batch (--out-dir); else its two paths are INPUT OUTPUT."""
+    if args.out_dir is not None:
+        return True
+    if args.jobs != 1 or args.report or args.resume or args.engine != "local":
+        raise SdcUsageError("--jobs, --report, --resume and --engine apply with --out-dir only")
+    if len(args.paths) != 2:
+        raise SdcUsageError(f"expected INPUT OUTPUT, got {len(args.paths)} paths (many inputs need --out-dir DIR)")
+    args.input, args.output = args.paths
+    return False
+
+
+def _cmd_encode(args) -> int:
+    batch = _one_or_many(args)
+    if not batch:
+        _check_output(args.output, args.input)
     codec = codec_from_args(args)
     try:
         options = codec.options(**{spec.name: getattr(args, spec.name) for spec in encode_options.ENCODE_OPTIONS})
     except SdcInputError as exc:
         raise SdcUsageError(str(exc)) from None
+    if batch:
+        return _batch(args, codec, Work(codec.stages.model_dir, {}, decode=False, encode_options=options))
     image = load_image(sys.stdin.buffer.read() if args.input == "-" else args.input, max_pixels=args.max_pixels)
     bar = StageBars(sys.stderr.isatty() or args.verbose)
     try:
@@ -101,15 +118,26 @@ def _cmd_encode(args) -> None:
               f"{found}", file=sys.stderr)
 
 
-def _cmd_decode(args) -> None:
-    _check_output(args.output, args.input)
+def _cmd_decode(args) -> int:
+    batch = _one_or_many(args)
+    if not batch:
+        _check_output(args.output, args.input)
     try:
-        fmt = image_format_for(f"output.{args.format}" if args.format else args.output)
+        fmt = image_format_for(f"output.{args.format or 'png'}" if batch or args.format else args.output)
     except SdcInputError as exc:
         raise SdcUsageError(str(exc)) from None
     if args.output_quality is not None and not 1 <= args.output_quality <= 100:
         raise SdcUsageError(f"--output-quality must be in 1..100, not {args.output_quality}")
     codec = codec_from_args(args)
+    if batch:
+        if args.denoise_steps is not None:
+            try:
+                codec.options(denoise_steps=args.denoise_steps)
+            except SdcInputError as exc:
+                raise SdcUsageError(str(exc)) from None
+        return _batch(args, codec, Work(codec.stages.model_dir, {}, decode=True, image_format=fmt,
+                                        decode_options={"denoise_steps": args.denoise_steps, "decoder": args.decoder},
+                                        output_quality=args.output_quality), extension=(args.format or "png").lower())
     data = _read(args.input)
     bar = StageBars(sys.stderr.isatty() or args.verbose)
     try:
@@ -123,6 +151,33 @@ def _cmd_decode(args) -> None:
     finally:
         bar.close()
     _write(args.output, image_bytes(image, fmt, quality=args.output_quality))
+
+
+def _batch(args, codec: SdcCodec, work: Work, extension: str = "png") -> int:
+    """--out-dir: every input coded into the folder; 1 if any failed (each named on stderr)."""
+    import dataclasses
+    import time
+
+    if args.jobs < 1:
+        raise SdcUsageError(f"--jobs must be at least 1, not {args.jobs}")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise SdcUsageError(f"--out-dir {args.out_dir} is not a folder")
+    found, missing = batch.find_inputs(args.paths, decode=work.decode)
+    jobs = batch.plan(found, args.out_dir, decode=work.decode, extension=extension)
+    codec_options = dict(provider=args.provider, max_pixels=args.max_pixels, threads=args.threads,
+                         memory_limit=args.memory_limit, tile_size=args.tile_size)
+    work = dataclasses.replace(work, codec_options=batch.per_worker(codec_options, args.jobs, args.memory_limit))
+    os.makedirs(args.out_dir, exist_ok=True)
+    started = time.perf_counter()
+
+    def failed(outcome) -> None:
+        sys.stderr.write(f"{PROG}: error: {outcome.path}: {outcome.error}\n")
+
+    outcomes = batch.run_batch(work, jobs, missing, workers=args.jobs, resume=args.resume,
+                               report_path=args.report, engine=args.engine, ray_address=args.ray_address,
+                               show_progress=sys.stderr.isatty() or args.verbose, on_failure=failed)
+    sys.stderr.write(f"{PROG}: {batch.summary(outcomes, time.perf_counter() - started)}\n")
+    return 1 if any(o.error for o in outcomes) else 0
 
 
 def _cmd_info(args) -> None:
@@ -180,17 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tile side in pixels instead of one from --memory-limit; 0: never tile")
         p.add_argument("-v", "--verbose", action="store_true")
 
-    p = sub.add_parser("encode", help="image -> .sdc")
-    p.add_argument("input", help="image file, or - for stdin")
-    p.add_argument("output", help=".sdc file, or - for stdout")
+    p = sub.add_parser("encode", help="image -> .sdc (or folders of them, with --out-dir)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="INPUT OUTPUT: an image file (- for stdin) and a .sdc file (- for stdout); with --out-dir,"
+                        " every PATH is an input: a file, a folder (walked for images) or a glob")
     common(p)
+    add_batch_options(p)
     add_encode_options(p)
     p.set_defaults(run=_cmd_encode)
 
     p = sub.add_parser("decode", help=".sdc -> image (format from OUT's extension; PNG on stdout)")
-    p.add_argument("input", help=".sdc file, or - for stdin")
-    p.add_argument("output", help="image file, or - for stdout")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="INPUT OUTPUT: a .sdc file (- for stdin) and an image file (- for stdout); with --out-dir,"
+                        " every PATH is an input: a file, a folder (walked for .sdc files) or a glob")
     common(p)
+    add_batch_options(p)
     p.add_argument("--denoise-steps", type=int, default=None,
                    help="UNet denoising steps (default: the file's; 0 skips the UNet)")
     p.add_argument("--format", default=None, metavar="EXT",
@@ -212,6 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
     for command in entry_points(group=COMMANDS_GROUP):
         command.load()(sub, common)
     return parser
+
+
+def add_batch_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out-dir", metavar="DIR", default=None,
+                        help="code every input into DIR, mirroring the inputs' relative paths (README: bulk coding)")
+    parser.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
+                        help="with --out-dir: N workers, each with one codec, sharing the threads and --memory-limit")
+    parser.add_argument("--report", metavar="FILE", default=None,
+                        help="with --out-dir: one JSON line per input (path, output, bytes, bpp, seconds, error)")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --out-dir: skip the inputs whose output is already complete")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="with --out-dir: local worker processes, or a Ray cluster (the ray extra)")
+    parser.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="with --engine ray: the cluster to join (default: a local Ray instance)")
 
 
 def add_encode_options(parser: argparse.ArgumentParser) -> None:

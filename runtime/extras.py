@@ -30,6 +30,7 @@ EXTRA_MODULES = {
     "export": ("torch", "diffusers", "transformers", "onnx", "tqdm"),
     "bench": ("tqdm", "matplotlib", "scipy", "imagecodecs", "imagequant"),
     "serve": ("starlette", "uvicorn", "prometheus_client", "imagecodecs"),
+    "ray": ("ray", "pyarrow"),
 }
 
 

@@ -199,7 +199,6 @@ def test_bad_inputs_and_outputs_are_one_line_errors(model_set, tmp_path, monkeyp
 
 def test_oversized_input_image_is_refused_before_decoding(model_set, tmp_path, monkeypatch):
     """The pixel limit is checked on the PNG header: the pixels are never decoded."""
-    from sdc_runtime import SdcInputError
     from sdc_runtime.image import load_image
 
     big = tmp_path / "big.png"

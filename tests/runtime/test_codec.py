@@ -8,7 +8,14 @@ import pytest
 from helpers import kodak, make_image, needs_shared, psnr
 
 from sdc_runtime import (
-    SdcCodec, SdcError, SdcInputError, SdcLimitError, SdcModelError, SdcProviderError, sdc_decode, sdc_info,
+    SdcCodec,
+    SdcError,
+    SdcInputError,
+    SdcLimitError,
+    SdcModelError,
+    SdcProviderError,
+    sdc_decode,
+    sdc_info,
 )
 from sdc_runtime.latent import dequantize_u8, quantize_u8
 from sdc_runtime.neural import denoise_timesteps, step_noise
