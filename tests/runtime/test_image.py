@@ -211,7 +211,7 @@ def test_small_images_run_on_a_grown_canvas_and_are_cropped_back(codec):
     canvas's latent, and the decoder's image the matching pixels of the grown latent's decode."""
     from sdc_runtime.neural import MIN_CODED_SIDE
 
-    stages, f = codec.stages, codec.manifest.downscale
+    stages = codec.stages
     pixels = np.asarray(make_image(16, 8))
     grown = np.pad(pixels, ((24, 32), (24, 24), (0, 0)), mode="edge")  # 8x16 centred in 64x64, whole cells
     assert grown.shape[:2] == (MIN_CODED_SIDE, MIN_CODED_SIDE)
