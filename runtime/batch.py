@@ -246,11 +246,12 @@ def per_worker(codec_options: dict, workers: int, memory_limit: int) -> dict:
     return {**codec_options, "threads": max(1, threads // workers), "memory_limit": max(1 << 20, memory_limit // workers)}
 
 
-def run_batch(work: Work, jobs: list[Job], outcomes: list[Outcome], *, workers: int = 1, resume: bool = False,
-              report_path: str | None = None, engine: str = "local", ray_address: str | None = None,
-              show_progress: bool = False, on_failure=None) -> list[Outcome]:
-    """Code every job not already complete (with ``resume``); each outcome goes to the report
-    (one JSON line per input) and failures to ``on_failure`` as they come."""
+def run_batch(work: Work, jobs: list[Job], outcomes: list[Outcome], engine=None, *, workers: int = 1,
+              resume: bool = False, report_path: str | None = None, show_progress: bool = False,
+              on_failure=None) -> list[Outcome]:
+    """Code every job not already complete (with ``resume``) with ``engine(work, jobs,
+    workers)`` (``run_local`` by default; ``sdc_runtime.ray.run_ray``); each outcome goes to the
+    report (one JSON line per input) and failures to ``on_failure`` as they come."""
     if workers < 1:
         raise SdcUsageError(f"--jobs must be at least 1, not {workers}")
     remove_stale_temporaries(jobs)
@@ -276,13 +277,7 @@ def run_batch(work: Work, jobs: list[Job], outcomes: list[Outcome], *, workers: 
 
         for outcome in outcomes:
             record(outcome)
-        if engine == "ray":
-            from .ray import run_ray
-
-            results = run_ray(work, todo, workers, address=ray_address)
-        else:
-            results = run_local(work, todo, workers)
-        for outcome in results:
+        for outcome in (engine or run_local)(work, todo, workers):
             outcomes.append(outcome)
             record(outcome)
     finally:

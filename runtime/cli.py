@@ -6,6 +6,7 @@ output that cannot be written), 1 for failures, 0 for success.  Warnings are one
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -173,9 +174,15 @@ def _batch(args, codec: SdcCodec, work: Work, extension: str = "png") -> int:
     def failed(outcome) -> None:
         sys.stderr.write(f"{PROG}: error: {outcome.path}: {outcome.error}\n")
 
-    outcomes = batch.run_batch(work, jobs, missing, workers=args.jobs, resume=args.resume,
-                               report_path=args.report, engine=args.engine, ray_address=args.ray_address,
-                               show_progress=sys.stderr.isatty() or args.verbose, on_failure=failed)
+    if args.engine == "ray":
+        from .ray import run_ray
+
+        engine = functools.partial(run_ray, address=args.ray_address)
+    else:
+        engine = batch.run_local
+    outcomes = batch.run_batch(work, jobs, missing, engine, workers=args.jobs, resume=args.resume,
+                               report_path=args.report, show_progress=sys.stderr.isatty() or args.verbose,
+                               on_failure=failed)
     sys.stderr.write(f"{PROG}: {batch.summary(outcomes, time.perf_counter() - started)}\n")
     return 1 if any(o.error for o in outcomes) else 0
 
@@ -235,21 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tile side in pixels instead of one from --memory-limit; 0: never tile")
         p.add_argument("-v", "--verbose", action="store_true")
 
-    p = sub.add_parser("encode", help="image -> .sdc (or folders of them, with --out-dir)")
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="INPUT OUTPUT: an image file (- for stdin) and a .sdc file (- for stdout); with --out-dir,"
-                        " every PATH is an input: a file, a folder (walked for images) or a glob")
-    common(p)
-    add_batch_options(p)
+    p = coding_parser(sub, common, "encode", "image -> .sdc (or folders of them, with --out-dir)",
+                      "an image file (- for stdin) and a .sdc file (- for stdout)", "images")
     add_encode_options(p)
     p.set_defaults(run=_cmd_encode)
 
-    p = sub.add_parser("decode", help=".sdc -> image (format from OUT's extension; PNG on stdout)")
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="INPUT OUTPUT: a .sdc file (- for stdin) and an image file (- for stdout); with --out-dir,"
-                        " every PATH is an input: a file, a folder (walked for .sdc files) or a glob")
-    common(p)
-    add_batch_options(p)
+    p = coding_parser(sub, common, "decode", ".sdc -> image (format from OUT's extension; PNG on stdout)",
+                      "a .sdc file (- for stdin) and an image file (- for stdout)", ".sdc files")
     p.add_argument("--denoise-steps", type=int, default=None,
                    help="UNet denoising steps (default: the file's; 0 skips the UNet)")
     p.add_argument("--format", default=None, metavar="EXT",
@@ -271,6 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     for command in entry_points(group=COMMANDS_GROUP):
         command.load()(sub, common)
     return parser
+
+
+def coding_parser(sub, common, name: str, summary: str, one: str, walked: str) -> argparse.ArgumentParser:
+    """encode and decode: INPUT OUTPUT, or with --out-dir any number of inputs."""
+    p = sub.add_parser(name, help=summary)
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help=f"INPUT OUTPUT: {one}; with --out-dir, every PATH is an input: a file, a folder"
+                        f" (walked for {walked}) or a glob")
+    common(p)
+    add_batch_options(p)
+    return p
 
 
 def add_batch_options(parser: argparse.ArgumentParser) -> None:
