@@ -1,11 +1,11 @@
 """Export's int8 parity: each int8 graph against its fp32 graph on a held-out image."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from sdc_runtime.image import psnr as image_psnr
 from sdc_runtime.roles import role_of
 
 from .ops import DEFAULT_WEIGHT_BITS
@@ -37,8 +37,7 @@ def int8_parity(name: str, fp32: str, int8: str, feeds: list[dict], tolerance_db
     psnr = None
     role = role_of(name)
     if role.outputs_image and not name.endswith("." + role.split_order[0]):  # the part that outputs the image
-        span = image_range[1] - image_range[0]
-        mse = np.mean([np.mean(np.square((a - r) / span)) for r, a in zip(reference, actual)])
-        psnr = math.inf if mse == 0 else float(-10 * np.log10(mse))
+        flat = [np.concatenate([x.ravel() for x in arrays]) for arrays in (reference, actual)]
+        psnr = image_psnr(*flat, peak=image_range[1] - image_range[0])
     finite = all(np.isfinite(a).all() for a in actual)
     return Int8Parity(name, snr, psnr, tolerance_db, finite and snr >= tolerance_db)
