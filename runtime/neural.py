@@ -179,6 +179,9 @@ class NeuralStages:
         self.tile_size = tile_size
         self._sessions: dict = {}
         self._context: dict = {}  # graph file -> context_cells
+        # False: a split decoder's tiles without the margins that make them exact, at the tile
+        # size asked for (the export's calibration, which must reach the parts on small images).
+        self.exact_tiles = True
         self._lock = threading.Lock()
         # Callables (file, {input name: array}) that see every feed a graph is given, before it
         # runs: the export's int8 calibration records them (observe_feeds).
@@ -250,7 +253,9 @@ class NeuralStages:
         moved = probe.copy()
         centre = CONTEXT_PROBE // 2
         moved[:, :, centre, centre] += 1.0
-        change = np.abs(self._run(file, moved) - self._run(file, probe)).max(axis=(0, 1)) > 0
+        session = self.session(file)  # not _run: the probe is no feed of the codec's (observe_feeds)
+        name = spec.name
+        change = np.abs(session.run(None, {name: moved})[0] - session.run(None, {name: probe})[0]).max(axis=(0, 1)) > 0
         rows, cols = np.nonzero(change)
         scale = change.shape[0] // CONTEXT_PROBE  # output samples per input cell
         reach = max(np.abs(rows // scale - centre).max(), np.abs(cols // scale - centre).max()) if rows.size else 0
@@ -346,7 +351,7 @@ class NeuralStages:
         # A split decoder's local part, tiled with margins that cover its measured reach, gives
         # every pixel it keeps exactly its untiled value: the image does not depend on the tile
         # size (docs/FORMAT.md).  A decoder without one (GroupNorm throughout) blends as it can.
-        reach = self.context_cells(graph.tiled) if graph.tiled and tile else None
+        reach = self.context_cells(graph.tiled) if graph.tiled and tile and self.exact_tiles else None
         margin = 0 if reach is None else reach + 1
         rows, cols = (spans(side, tile, max_overlap=overlap, min_overlap=2 * margin + 2 if margin else 0)
                       for side in (h, w))

@@ -88,6 +88,9 @@ def record_graph_inputs(model_dir: str, images: list[np.ndarray], progress=None,
     for tile_size, qualities in ((0, recipe.calibration_qualities), (tile, recipe.calibration_tiled_qualities)):
         codec = SdcCodec(model_dir, tile_size=tile_size)
         codec.stages.observe_feeds(record)
+        # The parts of split decoders run only in tiles, and exact tiles are larger than the
+        # calibration crops: tile them as asked.
+        codec.stages.exact_tiles = False
         effort = codec.options().effort
         for done, rgb in enumerate(images, 1):
             report(progress, f"calibrate{' in tiles' if tile_size else ''}", done - 1, len(images))
