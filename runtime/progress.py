@@ -7,9 +7,9 @@ from typing import Callable, Optional
 
 Progress = Optional[Callable[[str, int, int], None]]
 
-# What a stage counts, for the bars (others count tiles).
-UNITS = {"denoise": "step", "refine": "pass", "descend": "step", "score": "file", "size search": "file",
-         "calibrate": "image", "sweep": "unit"}
+# What a stage counts, for the bars (by its first word; others count steps).
+UNITS = {"encode": "tile", "decode": "tile", "denoise": "step", "refine": "pass", "descend": "step",
+         "score": "file", "size": "file", "calibrate": "image", "sweep": "unit"}
 
 
 def report(progress: Progress, stage: str, done: int, total: int) -> None:
@@ -34,7 +34,7 @@ class StageBars:
             except ImportError:
                 self.enabled = False
                 return
-            unit = UNITS.get(stage.split()[0], "tile")
+            unit = UNITS.get(stage.split()[0], "step")
             self.stage, self.bar = stage, tqdm(total=total, desc=stage, unit=unit, leave=False, file=sys.stderr)
         self.bar.total = total
         self.bar.update(done - self.bar.n)
