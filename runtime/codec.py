@@ -175,8 +175,8 @@ class SdcCodec:
         def decode(latent):
             return self.stages.decode(latent[None])[:height, :width]
 
-        def decode_file(data):  # as a decoder of the file shows it (without any alpha)
-            return np.asarray(self.decode(data, denoise_steps=None if with_steps else 0))[..., :3]
+        def decode_file(data):  # as a decoder of the file shows it, in RGB (without any alpha)
+            return np.asarray(self._decoded(data, None if with_steps else 0, "vae_decoder", None)[0])[..., :3]
 
         def gradient(latent):
             return self.stages.decoder_gradient(latent[None], padded)[0]
@@ -277,6 +277,11 @@ class SdcCodec:
         exif, xmp) in ``image.info``.  ``denoise_steps``
         overrides the file's; the stride, eta and seed are the file's (stride and eta the model
         set's defaults where the file stored no steps)."""
+        image, header = self._decoded(data, denoise_steps, decoder, progress)
+        return shown_as_coded(image, container.grey_bits(header))
+
+    def _decoded(self, data, denoise_steps: int | None, decoder: str, progress) -> tuple[Image.Image, Header]:
+        """``decode``'s RGB(A) image, before a grey file is shown as grey, and the file's header."""
         contents = self._contents(data, extras=True)
         header = contents.header
         latent = latent_coding.dequantize_u8(contents.levels, header.quant_scale, header.quant_zero)
@@ -289,4 +294,4 @@ class SdcCodec:
         if contents.alpha is not None:
             image.putalpha(Image.fromarray(contents.alpha, "L"))
         image.info.update(contents.metadata)
-        return shown_as_coded(image, container.grey_bits(header))
+        return image, header

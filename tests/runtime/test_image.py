@@ -257,3 +257,11 @@ def test_a_profile_of_another_colour_space_never_reaches_the_output(codec):
         if decoded.info.get("icc_profile"):
             space = ImageCms.ImageCmsProfile(io.BytesIO(decoded.info["icc_profile"])).profile.xcolor_space.strip()
             assert space == ("GRAY" if decoded.mode.startswith(("L", "I")) else "RGB")
+
+
+def test_grey_inputs_go_through_the_closed_loop(codec):
+    """A grey input at an effort with refinement: the loop scores the RGB it decodes (before
+    the decoder shows it grey); a grey decode once broke it (an L image has no channels)."""
+    image = Image.new("L", (40, 30), 90)
+    for effort in (1, 3):
+        assert codec.decode(codec.encode(image, effort=effort)).mode == "L"
