@@ -247,15 +247,16 @@ class NeuralStages:
         with self._lock:
             if file in self._context:
                 return self._context[file]
-        spec = self.session(file).get_inputs()[0]
+        session = self.session(file)  # not _run: the probe is no feed of the codec's (observe_feeds)
+        spec = session.get_inputs()[0]
         channels = spec.shape[1] if isinstance(spec.shape[1], int) else self.manifest.latent_channels
-        probe = np.random.default_rng(0).standard_normal((1, channels, CONTEXT_PROBE, CONTEXT_PROBE)).astype(np.float32)
+        dtype = np.float16 if spec.type == "tensor(float16)" else np.float32
+        probe = np.random.default_rng(0).standard_normal((1, channels, CONTEXT_PROBE, CONTEXT_PROBE)).astype(dtype)
         moved = probe.copy()
         centre = CONTEXT_PROBE // 2
-        moved[:, :, centre, centre] += 1.0
-        session = self.session(file)  # not _run: the probe is no feed of the codec's (observe_feeds)
-        name = spec.name
-        change = np.abs(session.run(None, {name: moved})[0] - session.run(None, {name: probe})[0]).max(axis=(0, 1)) > 0
+        moved[:, :, centre, centre] += 1
+        outputs = [session.run(None, {spec.name: x})[0].astype(np.float32) for x in (moved, probe)]
+        change = np.abs(outputs[0] - outputs[1]).max(axis=(0, 1)) > 0
         rows, cols = np.nonzero(change)
         scale = change.shape[0] // CONTEXT_PROBE  # output samples per input cell
         reach = max(np.abs(rows // scale - centre).max(), np.abs(cols // scale - centre).max()) if rows.size else 0
