@@ -239,11 +239,12 @@ def run_local(work: Work, jobs: list[Job], workers: int):
             yield future.result()
 
 
-def per_worker(codec_options: dict, workers: int, memory_limit: int) -> dict:
-    """Each worker's share of the machine: threads and working memory split so that the
-    workers fit the limits together, not each."""
+def per_worker(codec_options: dict, workers: int) -> dict:
+    """Each worker's share of the machine: threads and working memory (``memory_limit``) split
+    so that the workers fit the limits together, not each."""
     threads = codec_options.get("threads") or os.cpu_count() or 1
-    return {**codec_options, "threads": max(1, threads // workers), "memory_limit": max(1 << 20, memory_limit // workers)}
+    return {**codec_options, "threads": max(1, threads // workers),
+            "memory_limit": max(1 << 20, codec_options["memory_limit"] // workers)}
 
 
 def run_batch(work: Work, jobs: list[Job], outcomes: list[Outcome], engine=None, *, workers: int = 1,

@@ -71,11 +71,17 @@ def _write(path: str, data: bytes) -> None:
         raise SdcInputError(f"cannot write {path}: {exc.strerror}") from None  # e.g. the disk filled up
 
 
-def codec_from_args(args) -> SdcCodec:
-    """The codec the common options name (also for the commands other packages add)."""
+def _models(args) -> str:
+    """The model set --models names, else $SDC_MODELS."""
     models = args.models or os.environ.get("SDC_MODELS")
     if not models:
         raise SdcUsageError("no model set: pass --models DIR or set SDC_MODELS")
+    return models
+
+
+def codec_from_args(args) -> SdcCodec:
+    """The codec the common options name (also for the commands other packages add)."""
+    models = _models(args)
     try:
         return SdcCodec(models, provider=args.provider, max_pixels=args.max_pixels, threads=args.threads,
                         memory_limit=args.memory_limit, tile_size=args.tile_size)
@@ -96,15 +102,15 @@ def _one_or_many(args) -> bool:
 
 
 def _cmd_encode(args) -> int:
-    batch = _one_or_many(args)
-    if not batch:
+    many = _one_or_many(args)
+    if not many:
         _check_output(args.output, args.input)
     codec = codec_from_args(args)
     try:
         options = codec.options(**{spec.name: getattr(args, spec.name) for spec in encode_options.ENCODE_OPTIONS})
     except SdcInputError as exc:
         raise SdcUsageError(str(exc)) from None
-    if batch:
+    if many:
         return _batch(args, codec, Work(codec.stages.model_dir, {}, decode=False, encode_options=options))
     image = load_image(sys.stdin.buffer.read() if args.input == "-" else args.input, max_pixels=args.max_pixels)
     bar = StageBars(sys.stderr.isatty() or args.verbose)
@@ -120,17 +126,17 @@ def _cmd_encode(args) -> int:
 
 
 def _cmd_decode(args) -> int:
-    batch = _one_or_many(args)
-    if not batch:
+    many = _one_or_many(args)
+    if not many:
         _check_output(args.output, args.input)
     try:
-        fmt = image_format_for(f"output.{args.format or 'png'}" if batch or args.format else args.output)
+        fmt = image_format_for(f"output.{args.format or 'png'}" if many or args.format else args.output)
     except SdcInputError as exc:
         raise SdcUsageError(str(exc)) from None
     if args.output_quality is not None and not 1 <= args.output_quality <= 100:
         raise SdcUsageError(f"--output-quality must be in 1..100, not {args.output_quality}")
     codec = codec_from_args(args)
-    if batch:
+    if many:
         if args.denoise_steps is not None:
             try:
                 codec.options(denoise_steps=args.denoise_steps)
@@ -159,15 +165,13 @@ def _batch(args, codec: SdcCodec, work: Work, extension: str = "png") -> int:
     import dataclasses
     import time
 
-    if args.jobs < 1:
-        raise SdcUsageError(f"--jobs must be at least 1, not {args.jobs}")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise SdcUsageError(f"--out-dir {args.out_dir} is not a folder")
     found, missing = batch.find_inputs(args.paths, decode=work.decode)
     jobs = batch.plan(found, args.out_dir, decode=work.decode, extension=extension)
     codec_options = dict(provider=args.provider, max_pixels=args.max_pixels, threads=args.threads,
                          memory_limit=args.memory_limit, tile_size=args.tile_size)
-    work = dataclasses.replace(work, codec_options=batch.per_worker(codec_options, args.jobs, args.memory_limit))
+    work = dataclasses.replace(work, codec_options=batch.per_worker(codec_options, args.jobs))
     os.makedirs(args.out_dir, exist_ok=True)
     started = time.perf_counter()
 
@@ -206,9 +210,7 @@ def _cmd_info(args) -> None:
 def _cmd_verify(args) -> None:
     from .manifest import load_manifest, verify_files
 
-    models = args.models or os.environ.get("SDC_MODELS")
-    if not models:
-        raise SdcUsageError("no model set: pass --models DIR or set SDC_MODELS")
+    models = _models(args)
     manifest = load_manifest(models)
     verify_files(models, manifest)
     print(f"{models}: {len(manifest.files)} files match the manifest; fingerprint {manifest.fingerprint[:32]}")

@@ -91,7 +91,7 @@ class Service:
     def __init__(self, codec: SdcCodec, settings: ServeSettings):
         self.codec, self.max_body, self.grace_seconds = codec, settings.max_body, settings.grace_seconds
         # Set when a shutdown's grace period has run out: requests still running then answer 503.
-        self.grace_over: asyncio.Event | None = None
+        self.grace_over = asyncio.Event()  # bound to the server's loop at first use (Python 3.10+)
         self._running, self._running_lock = 0, threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="sdc")
         self.capacity = settings.workers + settings.queue  # requests admitted at once: running plus waiting
@@ -141,8 +141,6 @@ class Service:
                 with self._running_lock:
                     self._running -= 1
 
-        if self.grace_over is None:
-            self.grace_over = asyncio.Event()
         try:
             work = asyncio.get_running_loop().run_in_executor(self.pool, job)
             over = asyncio.ensure_future(self.grace_over.wait())
@@ -161,8 +159,6 @@ class Service:
     def begin_shutdown(self) -> None:
         """From a SIGTERM on (called in the event loop's thread): requests still running when
         the grace period ends get 503 instead of being cut."""
-        if self.grace_over is None:
-            self.grace_over = asyncio.Event()
         asyncio.get_running_loop().call_later(self.grace_seconds, self.grace_over.set)
 
     @property
