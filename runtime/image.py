@@ -93,9 +93,11 @@ def picture_of(image: Image.Image) -> Picture:
     xmp = image.info.get("xmp") or image.info.get("XML:com.adobe.xmp")
     if xmp:
         metadata["xmp"] = xmp.encode() if isinstance(xmp, str) else bytes(xmp)
-    if mode_is_cmyk_with_profile(image):
+    space = _profile_space(metadata.get("icc_profile"))
+    if image.mode == "CMYK" and space == "CMYK":
         image = _cmyk_to_srgb(image)
         metadata.pop("icc_profile")
+        space = None
     mode, alpha = image.mode, None
     if mode.startswith("I;16") or mode == "I":
         grey = _from_16bit(np.asarray(image))
@@ -117,7 +119,6 @@ def picture_of(image: Image.Image) -> Picture:
         if has_alpha and array[:, :, 3].min() < 255:
             alpha = np.ascontiguousarray(array[:, :, 3])
     grey_bits = 16 if mode.startswith("I;16") else GREY_MODES.get(mode, 0)
-    space = _profile_space(metadata.get("icc_profile"))
     if space is not None and space != ("GRAY" if grey_bits else "RGB"):
         warnings.warn(f"the ICC profile describes {space} data, not the {'grey' if grey_bits else 'RGB'} image"
                       " coded: it is dropped", SdcWarning, stacklevel=3)
@@ -134,10 +135,6 @@ def _profile_space(icc: bytes | None) -> str | None:
         return ImageCms.ImageCmsProfile(io.BytesIO(icc)).profile.xcolor_space.strip()
     except (OSError, ImageCms.PyCMSError):
         return None
-
-
-def mode_is_cmyk_with_profile(image: Image.Image) -> bool:
-    return image.mode == "CMYK" and _profile_space(image.info.get("icc_profile")) == "CMYK"
 
 
 def _cmyk_to_srgb(image: Image.Image) -> Image.Image:
