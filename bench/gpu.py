@@ -76,21 +76,6 @@ def _gpu_used_mb() -> float | None:
     return float(used) if used else None
 
 
-def _modules(manifest, source: str):
-    """The PyTorch modules of the set's graphs: role -> (module, input builder)."""
-    if manifest.family == "tae":
-        from sdc_export.tae import DecoderGradient, load_tae_pair
-
-        encoder, decoder, _, _ = load_tae_pair(source)
-        return {"vae_encoder": encoder, "vae_decoder": decoder, "decoder_gradient": DecoderGradient(decoder)}
-    from sdc_export.graphs import UNetEmptyPrompt, VaeDecoder, VaeEncoder
-    from sdc_export.sources import load_stable_diffusion
-
-    parts = load_stable_diffusion(source)
-    return {"vae_encoder": VaeEncoder(parts.vae), "vae_decoder": VaeDecoder(parts.vae),
-            "unet": UNetEmptyPrompt(parts.unet, parts.empty_prompt_embedding)}
-
-
 def _inputs(role: str, manifest, side: int, rng) -> list[np.ndarray]:
     f, c = manifest.downscale, manifest.latent_channels
     image = (rng.random((1, 3, side, side)) * 2 - 1).astype(np.float32)
@@ -192,12 +177,13 @@ def _end_to_end(models: str, provider: str, photo: str | None) -> dict:
 
 def _main(args) -> int:
     from sdc_runtime import SdcCodec
-    from sdc_runtime.manifest import load_manifest
 
     device = _Device(args.device)
     sizes = [int(s) for s in args.sizes.split(",")]
     rng = np.random.default_rng(0)
-    modules = _modules(load_manifest(args.models[0]), args.torch_src)
+    from sdc_export.modelset import source_modules
+
+    modules = source_modules(args.torch_src)
     result = {"machine": machine(), "device": device.describe(), "provider": args.provider, "sets": {}}
     for models in args.models:
         codec = SdcCodec(models, provider=args.provider)

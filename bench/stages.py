@@ -121,25 +121,16 @@ def _time_int8(args, codec, pixels, raw, scaled, timesteps, rows):
 
 
 def _time_torch(args, pixels, latent, manifest, rows, bar, timesteps):
-    """The same neural stages in PyTorch: diffusers for SD, our own modules for TAE pairs."""
+    """The same neural stages in PyTorch: the modules the set's graphs were exported from."""
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    unet = context = None
-    if manifest.family == "tae":
-        from sdc_export.tae import load_tae_pair
+    from sdc_export.modelset import source_modules
 
-        encoder, decoder, _, _ = load_tae_pair(args.torch_src)
-        encode, decode = encoder, decoder
-    else:
-        from sdc_export.sources import load_stable_diffusion
-
-        # The export's own loader: the UNet is conditioned on the same "" embedding the model
-        # set baked in, with the text encoder's real prompt length (77 for SD 1.x and 2.x).
-        parts = load_stable_diffusion(args.torch_src)
-        vae, unet, context = parts.vae, parts.unet, parts.empty_prompt_embedding
-        encode, decode = (lambda x: vae.encode(x).latent_dist.mean), (lambda z: vae.decode(z).sample)
+    # The export's own modules: the UNet conditioned on the same "" the model set baked in.
+    modules = source_modules(args.torch_src)
+    encode, decode, unet = modules["vae_encoder"], modules["vae_decoder"], modules.get("unet")
     image_t, latent_t = torch.from_numpy(pixels), torch.from_numpy(latent)
     with torch.inference_mode():
         rows["vae_encoder"]["torch_s"] = median_seconds(lambda: encode(image_t), args.repeat)
@@ -150,8 +141,7 @@ def _time_torch(args, pixels, latent, manifest, rows, bar, timesteps):
             scaled = latent_t * manifest.scaling_factor
             for t in timesteps:
                 rows[f"unet step t={t}"]["torch_s"] = median_seconds(
-                    lambda t=t: unet(scaled, torch.tensor([float(t)]), encoder_hidden_states=context).sample,
-                    args.repeat)
+                    lambda t=t: unet(scaled, torch.tensor([float(t)])), args.repeat)
                 bar.update(1)
 
 

@@ -1,12 +1,14 @@
 """sdc-export --model SRC --out DIR [--fp16 [--keep-fp32 GRAPHS] [--fp32-fallback]]
-[--int8 [GRAPHS] --calibration DIR [--calibration-count N] [--int8-weight-bits 7|8]] [--opset N] [--force]"""
+[--int8 [GRAPHS] --calibration DIR [--calibration-count N] [--int8-weight-bits 7|8]]
+[--tiny-decoder DIR] [--scaling-factor S [--shift-factor T]] [--latent-space SET] [--opset N] [--force]"""
 from __future__ import annotations
 
 import sys
 import time
 
-from sdc_runtime.errors import SdcExportError
+from sdc_runtime.errors import SdcUsageError
 from sdc_runtime.extras import require_extra
+from sdc_runtime.manifest import load_manifest
 from sdc_runtime.progress import StageBars
 from sdc_runtime.tools import ToolParser, run_tool
 
@@ -20,8 +22,10 @@ def build_parser() -> ToolParser:
 
     p = ToolParser(prog=PROG, description="Export a Stable Diffusion checkpoint to an sdcodec ONNX model set.")
     p.add_argument("--model", required=True, metavar="SRC",
-                   help="local diffusers Stable Diffusion folder, a hub id (honours HF_HUB_OFFLINE), "
-                        "or a folder with a TAESD-format *_encoder.pth / *_decoder.pth pair")
+                   help="a diffusers Stable Diffusion 1.x/2.x or SDXL folder or hub id (honours HF_HUB_OFFLINE);"
+                        " a VAE alone: a folder with only vae/ (SD3, FLUX.1, FLUX.2 and other pipelines give their"
+                        " VAE) or with config.json at its root (sd-vae-ft-mse, sdxl-vae); or a folder with a"
+                        " TAESD-format *_encoder.pth / *_decoder.pth pair")
     p.add_argument("--out", required=True, metavar="DIR", help="model-set folder to write")
     p.add_argument("--fp16", action="store_true", help="fp16 weights and compute (fp32 I/O)")
     p.add_argument("--keep-fp32", default="", metavar="GRAPHS",
@@ -53,7 +57,17 @@ def build_parser() -> ToolParser:
                         " attention among int8 nodes")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--tiny-decoder", metavar="DIR", default=None,
-                   help="SD only: also ship this TAESD-format decoder as a fast alternative decoder")
+                   help="SD, SDXL and VAE sets: also ship this TAESD-format decoder (of the same latent space)"
+                        " as a fast alternative decoder")
+    p.add_argument("--scaling-factor", type=float, default=None, metavar="S",
+                   help="a VAE alone: its latents' scaling factor, for VAEs whose config has none"
+                        " (SD 1.x/2.x 0.18215, SDXL 0.13025, SD3 1.5305, FLUX.1 0.3611)")
+    p.add_argument("--shift-factor", type=float, default=None, metavar="T",
+                   help="a VAE alone: its latents' shift factor (default: its config's, else 0; SD3 0.0609,"
+                        " FLUX.1 0.1159)")
+    p.add_argument("--latent-space", metavar="SET", default=None,
+                   help="a TAESD-format pair: join the latent space of this VAE-only model set, so that files"
+                        " written with either set decode with the other")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--force", action="store_true", help="replace a non-empty DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -62,28 +76,37 @@ def build_parser() -> ToolParser:
 
 
 def run(args, int8_recipe=None) -> int:
-    from .inputs import check_source, find_pair, prepare_output
-    from .plan import SD_ROLES, TAE_ROLES, plan_from_args
+    from .inputs import classify_source, prepare_output
+    from .plan import SD_ROLES, TAE_ROLES, VAE_ROLES, plan_from_args
 
-    is_tae = find_pair(args.model) is not None
-    if is_tae and args.tiny_decoder:
-        raise SdcExportError("--tiny-decoder applies to Stable Diffusion exports only")
-    roles = TAE_ROLES if is_tae else SD_ROLES + (("tiny_decoder",) if args.tiny_decoder else ())
+    src = classify_source(args.model)
+    if src.kind == "tae" and args.tiny_decoder:
+        raise SdcUsageError("--tiny-decoder applies to Stable Diffusion and VAE exports, not to a TAESD-format pair")
+    if src.kind != "vae" and (args.scaling_factor is not None or args.shift_factor is not None):
+        raise SdcUsageError("--scaling-factor and --shift-factor apply to a VAE alone")
+    if src.kind != "tae" and args.latent_space:
+        raise SdcUsageError("--latent-space applies to a TAESD-format pair")
+    roles = {"tae": TAE_ROLES, "vae": VAE_ROLES}.get(src.kind, SD_ROLES) + (("tiny_decoder",) if args.tiny_decoder
+                                                                           else ())
     plan = plan_from_args(args, roles, *([int8_recipe] if int8_recipe is not None else []))
-    if not is_tae:
-        check_source(args.model)
+    if args.latent_space:
+        load_manifest(args.latent_space)  # a model set, or one line now
     prepare_output(args.out, args.force)  # fail before the slow load
     # Only now the imports of torch and the exporters (seconds): every check above answers at once.
-    from .modelset import export_stable_diffusion, export_tae
-    from .sources import load_stable_diffusion
+    from .modelset import export_stable_diffusion, export_tae, export_vae
+    from .sources import load_stable_diffusion, load_vae
 
     started = time.perf_counter()
     progress = StageBars(not args.quiet)
     try:
-        if is_tae:
-            report = export_tae(args.model, args.out, plan, progress)
+        if src.kind == "tae":
+            report = export_tae(args.model, args.out, plan, progress, latent_space=args.latent_space)
+        elif src.kind == "vae":
+            parts = load_vae(src, revision=args.revision, scaling_factor=args.scaling_factor,
+                             shift_factor=args.shift_factor)
+            report = export_vae(parts, args.out, plan, progress)
         else:
-            parts = load_stable_diffusion(args.model, revision=args.revision)
+            parts = load_stable_diffusion(src, revision=args.revision)
             report = export_stable_diffusion(parts, args.out, plan, progress)
     finally:
         progress.close()

@@ -24,38 +24,55 @@ TOLERANCE = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 3e-2)}
 
 
 class VaeEncoder(torch.nn.Module):
-    """image in [-1, 1] -> latent distribution mean, raw (unscaled)."""
+    """image in [-1, 1] -> latent distribution mean: raw for SD pipelines, whose UNet loop
+    scales it; in the diffusion model's units, ``(raw - shift) * scaling``, for VAE-only sets."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, scaling: float = 1.0, shift: float = 0.0):
         super().__init__()
-        self.vae = vae
+        self.vae, self.scaling, self.shift = vae, scaling, shift
 
     def forward(self, image):
-        return self.vae.encode(image).latent_dist.mean
+        mean = self.vae.encode(image).latent_dist.mean
+        return mean if (self.scaling, self.shift) == (1.0, 0.0) else (mean - self.shift) * self.scaling
 
 
 class VaeDecoder(torch.nn.Module):
-    """raw latent -> image in [-1, 1]."""
+    """latent (in the encoder's units) -> image in [-1, 1]."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, scaling: float = 1.0, shift: float = 0.0):
         super().__init__()
-        self.vae = vae
+        self.vae, self.scaling, self.shift = vae, scaling, shift
 
     def forward(self, latent):
+        if (self.scaling, self.shift) != (1.0, 0.0):
+            latent = latent / self.scaling + self.shift
         return self.vae.decode(latent).sample
 
 
 class UNetEmptyPrompt(torch.nn.Module):
-    """(scaled latent, timestep) -> prediction, with the empty-prompt embedding baked in."""
+    """(scaled latent, timestep) -> prediction, with the empty-prompt conditioning baked in.
 
-    def __init__(self, unet, embedding: torch.Tensor):
+    SDXL's UNet also takes the second text encoder's pooled "" (``pooled``) and the size
+    conditioning the pipeline builds: (height, width, 0, 0, height, width) in pixels, here read
+    off the latent it runs on (``downscale`` pixels a cell), so one graph serves every size."""
+
+    def __init__(self, unet, embedding: torch.Tensor, pooled: torch.Tensor | None = None, downscale: int = 8):
         super().__init__()
         self.unet = unet
         self.register_buffer("embedding", embedding.clone())
+        self.register_buffer("pooled", None if pooled is None else pooled.clone())
+        self.downscale = downscale
 
     def forward(self, sample, timestep):
-        context = self.embedding.expand(sample.shape[0], -1, -1).to(sample.dtype)
-        return self.unet(sample, timestep, encoder_hidden_states=context).sample
+        batch = sample.shape[0]
+        context = self.embedding.expand(batch, -1, -1).to(sample.dtype)
+        if self.pooled is None:
+            return self.unet(sample, timestep, encoder_hidden_states=context).sample
+        # _shape_as_tensor keeps the size symbolic in the traced graph (shape[2] would be a constant).
+        size = torch._shape_as_tensor(sample)[2:].to(sample.dtype) * self.downscale
+        time_ids = torch.cat([size, torch.zeros_like(size), size]).unsqueeze(0).expand(batch, -1)
+        added = {"text_embeds": self.pooled.expand(batch, -1).to(sample.dtype), "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states=context, added_cond_kwargs=added).sample
 
 
 @dataclass

@@ -7,8 +7,9 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from sdc_runtime.errors import SdcExportError
@@ -21,7 +22,7 @@ from sdc_runtime.roles import DECODERS, ROLES
 from .graphs import GraphSpec, UNetEmptyPrompt, VaeDecoder, VaeEncoder, check_parity, convert_fp16, export_graph
 from .inputs import prepare_output
 from .plan import ExportPlan
-from .sources import StableDiffusionParts, weights_digest
+from .sources import StableDiffusionParts, VaeParts, weights_digest
 
 # Each family's encoder defaults, written into its manifests: the runtime has none of its own.
 #
@@ -59,14 +60,21 @@ def tae_defaults(channels: int) -> EncoderDefaults:
                            denoise_stride=0, eta=0.0, quality=60, effort=1, quality_table=tae_quality(channels))
 
 
+def vae_defaults(channels: int) -> EncoderDefaults:
+    """A VAE alone: TAE's scale, whose latents are in the same (diffusion model's) units, with
+    effort 0: a VAE-only set ships no decoder gradient, and the free passes of effort 1 would
+    each cost a full-size VAE decode.  Not measured: no such weights exist here."""
+    return replace(tae_defaults(channels), effort=0)
+
+
 def sd_quality(channels: int, scaling_factor: float) -> tuple[QualityPoint, ...]:
     """SD's quality scale.  No SD weights exist on this project's machines, so it is not
     measured: the 2022 recipe (palette K=256 G=4, dithered) is Q40 and the default, palettes
     below it, and above it TAE's u8 steps scaled to SD's latent range (the 8-bit mapping
-    spans 255 * scaling_factor raw units against TAE's 12)."""
+    spans 255 steps of sd_quant_mapping's raw units against TAE's 12)."""
     group = min(4, channels)
     wide = min(8, channels)
-    ratio = 255 * scaling_factor / 12.0
+    ratio = 255 * sd_quant_mapping(scaling_factor, 1)[0][0] / 12.0
     return (
         QualityPoint(1, "palette", colors=16, group_channels=wide),
         QualityPoint(10, "palette", colors=64, group_channels=wide),
@@ -94,7 +102,7 @@ def sd_defaults(channels: int, scaling_factor: float) -> EncoderDefaults:
 @dataclass
 class ExportReport:
     manifest: Manifest
-    parity: list  # Parity (against torch), then Int8Parity (int8 against fp32)
+    parity: list  # Agreement (tiny decoders), Parity (against torch), then Int8Parity (int8 against fp32)
     sizes: dict[str, int] = field(default_factory=dict)
     sweeps: list = field(default_factory=list)  # quantize.SweepResult per int8 role
 
@@ -157,34 +165,128 @@ class ScaledTinyDecoder(torch.nn.Module):
         return self.decoder(latent * self.scaling_factor)
 
 
+def sd_modules(parts: StableDiffusionParts) -> dict[str, torch.nn.Module]:
+    """An SD or SDXL pipeline's graphs as torch modules, by role."""
+    downscale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    return {"vae_encoder": VaeEncoder(parts.vae).eval(), "vae_decoder": VaeDecoder(parts.vae).eval(),
+            "unet": UNetEmptyPrompt(parts.unet, parts.empty_prompt_embedding, parts.pooled_embedding,
+                                    downscale).eval()}
+
+
+def vae_modules(parts: VaeParts) -> dict[str, torch.nn.Module]:
+    """A VAE-only set's graphs as torch modules: latents in the diffusion model's units."""
+    units = (parts.scaling_factor, parts.shift_factor)
+    return {"vae_encoder": VaeEncoder(parts.vae, *units).eval(), "vae_decoder": VaeDecoder(parts.vae, *units).eval()}
+
+
+def source_modules(path: str) -> dict[str, torch.nn.Module]:
+    """The torch modules a model set's graphs were exported from, by role, for the benches."""
+    from .inputs import classify_source
+    from .sources import load_stable_diffusion, load_vae
+    from .tae import DecoderGradient, load_tae_pair
+
+    src = classify_source(path)
+    if src.kind == "tae":
+        encoder, decoder, _, _ = load_tae_pair(path)
+        return {"vae_encoder": encoder, "vae_decoder": decoder, "decoder_gradient": DecoderGradient(decoder)}
+    if src.kind == "vae":
+        return vae_modules(load_vae(src))
+    return sd_modules(load_stable_diffusion(src))
+
+
 def sd_graph_specs(parts: StableDiffusionParts) -> tuple[list[GraphSpec], int, int]:
     vae, unet = parts.vae, parts.unet
     downscale = 2 ** (len(vae.config.block_out_channels) - 1)
     multiple = 2 ** (len(unet.config.block_out_channels) - 1)
     channels = vae.config.latent_channels
     lh, lw = parity_latent_size(multiple)
+    modules = sd_modules(parts)
     specs = [
-        GraphSpec("vae_encoder", VaeEncoder(vae).eval(), ["image"], "latent",
+        GraphSpec("vae_encoder", modules["vae_encoder"], ["image"], "latent",
                   (torch.zeros(1, 3, lh * downscale, lw * downscale),)),
-        GraphSpec("vae_decoder", VaeDecoder(vae).eval(), ["latent"], "image", (torch.zeros(1, channels, lh, lw),)),
-        GraphSpec("unet", UNetEmptyPrompt(unet, parts.empty_prompt_embedding).eval(), ["sample", "timestep"],
-                  "prediction", (torch.zeros(1, channels, lh, lw), torch.zeros(1))),
+        GraphSpec("vae_decoder", modules["vae_decoder"], ["latent"], "image", (torch.zeros(1, channels, lh, lw),)),
+        GraphSpec("unet", modules["unet"], ["sample", "timestep"], "prediction",
+                  (torch.zeros(1, channels, lh, lw), torch.zeros(1))),
     ]
     return specs, downscale, multiple
 
 
-def write_model_set(out: str, specs: list[GraphSpec], describe, plan: ExportPlan, progress=None) -> ExportReport:
+@dataclass
+class Agreement:
+    """How closely a tiny decoder's image follows the big decoder's on the same latent: PSNR
+    (dB, images in [0, 1]) on the latent the VAE's encoder makes of a test image.  Reported,
+    not enforced: only trained weights can agree (random ones measure noise)."""
+
+    role: str
+    against: str  # the decoder it follows
+    psnr_db: float
+    passed: bool = True
+
+    def line(self) -> str:
+        return f"{self.role:12s} agrees with {self.against} to {self.psnr_db:.2f} dB PSNR on the same latent"
+
+
+def agreement_image(side: int = 64) -> np.ndarray:
+    """A smooth colour test image, (1, 3, side, side) in [0, 1]: gradients and a disc."""
+    y, x = np.mgrid[0:side, 0:side] / (side - 1)
+    disc = ((x - 0.6) ** 2 + (y - 0.4) ** 2 < 0.08).astype(np.float64)
+    return np.stack([x, y, 0.5 * (1 - x) + 0.4 * disc])[None].astype(np.float32)
+
+
+def decoder_agreement(role: str, against: str, encode_unit, decode_unit, tiny_unit) -> Agreement:
+    """``encode_unit``/``decode_unit``: the VAE from and to images in [0, 1]; ``tiny_unit``: the
+    tiny decoder to images in [0, 1]; all on numpy arrays."""
+    latent = encode_unit(agreement_image())
+    big, tiny = np.clip(decode_unit(latent), 0, 1), np.clip(tiny_unit(latent), 0, 1)
+    mse = float(np.mean((big.astype(np.float64) - tiny) ** 2))
+    return Agreement(role, against, 10 * math.log10(1 / max(mse, 1e-12)))
+
+
+def _torch_unit(module, image_range: tuple[float, float], *, encoder: bool = False):
+    """A torch encoder (image in ``image_range`` -> latent) or decoder (latent -> image) as a
+    numpy function with its images in [0, 1]."""
+    lo, hi = image_range
+
+    def run(array):
+        with torch.no_grad():
+            value = torch.from_numpy(np.asarray(array, np.float32))
+            if encoder:
+                return module(value * (hi - lo) + lo).float().numpy()
+            return (module(value).float().numpy() - lo) / (hi - lo)
+    return run
+
+
+def tiny_decoder_spec(folder: str, channels: int, example, scaling: float | None, modules) -> tuple[GraphSpec, Agreement]:
+    """``--tiny-decoder``: its graph (raw latents scaled inside where ``scaling`` is given) and
+    its agreement with the VAE's own decoder; one line where it cannot take this VAE's latents."""
+    from .tae import load_tae_decoder
+
+    decoder, tiny_channels = load_tae_decoder(folder)
+    if tiny_channels != channels:
+        raise SdcExportError(f"the tiny decoder in {folder} takes {tiny_channels} latent channels; this VAE's latent"
+                             f" space has {channels}: it was trained for another family")
+    module = (decoder if scaling is None else ScaledTinyDecoder(decoder, scaling)).eval()
+    agreement = decoder_agreement("tiny_decoder", "vae_decoder", _torch_unit(modules["vae_encoder"], ROLES["vae_encoder"].image_range["sd"],
+                                                          encoder=True),
+                                  _torch_unit(modules["vae_decoder"], ROLES["vae_decoder"].image_range["sd"]),
+                                  _torch_unit(module, ROLES["tiny_decoder"].image_range["sd"]))
+    return GraphSpec("tiny_decoder", module, ["latent"], "image", example), agreement
+
+
+def write_model_set(out: str, specs: list[GraphSpec], describe, plan: ExportPlan, progress=None,
+                    agreements: list | None = None) -> ExportReport:
     """Export ``specs`` into a scratch folder beside ``out``, check parity, write the manifest,
     then move the folder into place, in the precisions ``plan`` gives each role (the int8 ones
     quantized by ``int8``, calibrated by running the finished set on the plan's images).
-    ``describe(graphs, files, opset)`` builds the Manifest."""
+    ``describe(graphs, files, opset)`` builds the Manifest; ``agreements`` (decoder against
+    decoder) are reported with the parity lines."""
     roles = [spec.role for spec in specs]
     if sorted(roles) != sorted(plan.roles):
         raise SdcExportError(f"the plan names the graphs {', '.join(plan.roles)}; the export writes {', '.join(roles)}")
     prepare_output(out, plan.force)
     parent = os.path.dirname(os.path.abspath(out))
     scratch = tempfile.mkdtemp(prefix=".sdc-export-", dir=parent)
-    parity: list = []
+    parity: list = list(agreements or [])
     sweeps: list = []
     try:
         parts: dict[str, dict] = {}
@@ -262,23 +364,23 @@ def export_stable_diffusion(parts: StableDiffusionParts, out: str, plan: ExportP
     vae = parts.vae
     channels = vae.config.latent_channels
     scaling = float(vae.config.scaling_factor)
+    agreements = []
     if plan.tiny_decoder is not None:
-        from .tae import load_tae_decoder
-
-        decoder, tiny_channels = load_tae_decoder(plan.tiny_decoder)
-        if tiny_channels != channels:
-            raise SdcExportError(f"the tiny decoder takes {tiny_channels} latent channels, the VAE makes {channels}")
-        specs.append(GraphSpec("tiny_decoder", ScaledTinyDecoder(decoder, scaling).eval(), ["latent"], "image",
-                               specs[1].example))
+        spec, agreement = tiny_decoder_spec(plan.tiny_decoder, channels, specs[1].example, scaling,
+                                            {s.role: s.module for s in specs})
+        specs.append(spec)
+        agreements.append(agreement)
     scale, zero = sd_quant_mapping(scaling, channels)
     scheduler = scheduler_constants(parts.scheduler_config)
     report(progress, "fingerprint weights", 0, 1)
     weights = decoder_sensitivity(lambda z: vae.decode(z).sample, channels, 1.0 / scaling)
-    fingerprint = fingerprint_of({
+    description = {
         "family": "sd", "vae": weights_digest(vae), "unet": weights_digest(parts.unet),
-        "empty_prompt": hashlib.sha256(parts.empty_prompt_embedding.numpy().astype("<f4").tobytes()).hexdigest(),
-        "latent_channels": channels, "scaling_factor": scaling,
-    })
+        "empty_prompt": _digest(parts.empty_prompt_embedding), "latent_channels": channels, "scaling_factor": scaling,
+    }
+    if parts.pooled_embedding is not None:
+        description["pooled_prompt"] = _digest(parts.pooled_embedding)
+    fingerprint = fingerprint_of(description)
 
     def describe(graphs, files, opset_used):
         return Manifest(
@@ -288,17 +390,63 @@ def export_stable_diffusion(parts: StableDiffusionParts, out: str, plan: ExportP
                                 ROLES[role].memory_per_pixel["sd"], **parts)
                     for role, (file, prec, parts) in graphs.items()}, defaults=sd_defaults(channels, scaling),
             files=files, fingerprint=fingerprint, opset=opset_used, source=parts.source,
-            scheduler=scheduler, unet_latent_multiple=multiple, channel_weights=weights)
+            scheduler=scheduler, unet_latent_multiple=multiple, channel_weights=weights,
+            architecture=parts.architecture)
 
-    return write_model_set(out, specs, describe, plan, progress)
+    return write_model_set(out, specs, describe, plan, progress, agreements)
 
 
-# TAE latents pass through tanh(x/3)*3 in the decoder: beyond +-6 nothing changes.
+def _digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.numpy().astype("<f4").tobytes()).hexdigest()
+
+
+def export_vae(parts: VaeParts, out: str, plan: ExportPlan, progress=None) -> ExportReport:
+    """An autoencoder alone -> a set without a denoiser, its latents in the diffusion model's
+    units (``(raw - shift) * scaling``: what its family's diffusion model and tiny decoders
+    take), quantized as TAE sets are."""
+    vae = parts.vae
+    downscale = 2 ** (len(vae.config.block_out_channels) - 1)
+    channels = vae.config.latent_channels
+    lh, lw = parity_latent_size(1)
+    modules = vae_modules(parts)
+    latent_example = (torch.zeros(1, channels, lh, lw),)
+    specs = [GraphSpec("vae_encoder", modules["vae_encoder"], ["image"], "latent",
+                       (torch.zeros(1, 3, lh * downscale, lw * downscale),)),
+             GraphSpec("vae_decoder", modules["vae_decoder"], ["latent"], "image", latent_example)]
+    agreements = []
+    if plan.tiny_decoder is not None:
+        spec, agreement = tiny_decoder_spec(plan.tiny_decoder, channels, latent_example, None, modules)
+        specs.append(spec)
+        agreements.append(agreement)
+    report(progress, "fingerprint weights", 0, 1)
+    weights = decoder_sensitivity(modules["vae_decoder"], channels, 1.0)
+    fingerprint = fingerprint_of({"family": "vae", "vae": weights_digest(vae), "latent_channels": channels,
+                                  "scaling_factor": parts.scaling_factor, "shift_factor": parts.shift_factor})
+    source = parts.source | {"scaling_factor": parts.scaling_factor, "shift_factor": parts.shift_factor}
+
+    def describe(graphs, files, opset_used):
+        return Manifest(
+            family="sd", latent_channels=channels, downscale=downscale, scaling_factor=1.0,
+            quant_scale=(TAE_STEP,) * channels, quant_zero=(127.5,) * channels, quant_adaptive=True,
+            channel_weights=weights,
+            graphs={role: Graph(file, prec, ROLES[role].image_range["sd"], ROLES[role].memory_per_pixel["sd"], **p)
+                    for role, (file, prec, p) in graphs.items()},
+            defaults=vae_defaults(channels), files=files, fingerprint=fingerprint, opset=opset_used,
+            source=source, architecture="vae")
+
+    return write_model_set(out, specs, describe, plan, progress, agreements)
+
+
+# TAE latents pass through tanh(x/3)*3 in the decoder: beyond +-6 nothing changes.  VAE-only
+# sets, whose latents are in the same (diffusion model's) units, share the mapping.
 TAE_LATENT_RANGE = 6.0
+TAE_STEP = 2 * TAE_LATENT_RANGE / 255
 
 
-def export_tae(folder: str, out: str, plan: ExportPlan, progress=None) -> ExportReport:
-    """A TAESD-format pair -> model set: image in [0, 1], latent scale 1, no UNet."""
+def export_tae(folder: str, out: str, plan: ExportPlan, progress=None, latent_space: str | None = None) -> ExportReport:
+    """A TAESD-format pair -> model set: image in [0, 1], latent scale 1, no UNet.  With
+    ``latent_space`` (a VAE-only set, whose latents are in the same units): the pair joins that
+    set's latent space, its files and the set's decoding with either."""
     from .tae import DecoderGradient, load_tae_pair, tae_splits
 
     encoder, decoder, channels, variant = load_tae_pair(folder)
@@ -314,20 +462,55 @@ def export_tae(folder: str, out: str, plan: ExportPlan, progress=None) -> Export
     ]
     report(progress, "fingerprint weights", 0, 1)
     weights = decoder_sensitivity(decoder, channels, 1.5)
-    fingerprint = fingerprint_of({"family": "tae", "encoder": weights_digest(encoder),
-                                  "decoder": weights_digest(decoder), "latent_channels": channels})
-    step = 2 * TAE_LATENT_RANGE / 255
+    agreements = []
+    if latent_space is None:
+        fingerprint = fingerprint_of({"family": "tae", "encoder": weights_digest(encoder),
+                                      "decoder": weights_digest(decoder), "latent_channels": channels})
+    else:
+        fingerprint, agreement = _join_latent_space(latent_space, encoder, decoder, channels)
+        agreements.append(agreement)
 
     def describe(graphs, files, opset_used):
         return Manifest(
             family="tae", latent_channels=channels, downscale=8, scaling_factor=1.0,
-            quant_scale=(step,) * channels, quant_zero=(127.5,) * channels, quant_adaptive=True,
+            quant_scale=(TAE_STEP,) * channels, quant_zero=(127.5,) * channels, quant_adaptive=True,
             channel_weights=weights,
             graphs={role: Graph(file, prec, ROLES[role].image_range["tae"],
                                 ROLES[role].memory_per_pixel["tae"], **parts)
                     for role, (file, prec, parts) in graphs.items()},
             defaults=tae_defaults(channels),
             files=files, fingerprint=fingerprint, opset=opset_used,
-            source={"model": os.path.abspath(folder), "kind": "tae", "variant": variant})
+            source={"model": os.path.abspath(folder), "kind": "tae", "variant": variant}
+            | ({"latent_space_of": os.path.abspath(latent_space)} if latent_space else {}),
+            architecture="tae")
 
-    return write_model_set(out, specs, describe, plan, progress)
+    return write_model_set(out, specs, describe, plan, progress, agreements)
+
+
+def _join_latent_space(model_dir: str, encoder, decoder, channels: int) -> tuple[str, Agreement]:
+    """The fingerprint of the VAE-only set in ``model_dir``, which a TAE pair may share where
+    the units agree, and how closely the pair's decoder follows the set's on the pair's latent
+    of a test image (the set's decoder run in ONNX Runtime: the set needs no checkpoint)."""
+    import onnxruntime as ort
+
+    from sdc_runtime.manifest import load_manifest
+
+    manifest = load_manifest(model_dir)
+    if manifest.architecture != "vae":
+        raise SdcExportError(f"--latent-space {model_dir} is a {manifest.architecture or manifest.family} set; it takes"
+                             " a VAE-only set (exported from a VAE folder), whose latents are in the units a TAE"
+                             " pair uses")
+    if (manifest.latent_channels, manifest.downscale) != (channels, 8):
+        raise SdcExportError(f"--latent-space {model_dir} has {manifest.latent_channels} latent channels at"
+                             f" 1/{manifest.downscale} scale; the pair has {channels} at 1/8")
+    graph = manifest.graphs["vae_decoder"]
+    session = ort.InferenceSession(os.path.join(model_dir, graph.file), providers=["CPUExecutionProvider"])
+    lo, hi = graph.image_range
+
+    def set_decode(latent):
+        return (session.run(None, {"latent": latent.astype(np.float32)})[0] - lo) / (hi - lo)
+
+    tae_range = ROLES["vae_decoder"].image_range["tae"]
+    agreement = decoder_agreement("vae_decoder", f"{model_dir}'s vae_decoder", _torch_unit(encoder, tae_range, encoder=True),
+                                  set_decode, _torch_unit(decoder, tae_range))
+    return manifest.fingerprint, agreement

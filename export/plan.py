@@ -26,6 +26,7 @@ OPSETS = range(14, 22)
 # The graphs each kind of export writes (modelset's specs; a test holds the two together), so
 # that the graphs --int8 and --keep-fp32 name are checked before the model loads.
 SD_ROLES = ("vae_encoder", "vae_decoder", "unet")
+VAE_ROLES = ("vae_encoder", "vae_decoder")
 TAE_ROLES = ("vae_encoder", "vae_decoder", "decoder_gradient")
 
 
@@ -35,7 +36,7 @@ class ExportPlan:
     ``keep_fp32`` (and the fp32-only roles); with ``fp32_fallback`` every fp16 decoder also ships
     in fp32.  The ``int8`` roles are quantized, calibrated on ``calibration`` images (uint8 RGB),
     swept unless not ``sweep_nodes``, their weights in ``weight_bits``, as ``int8_recipe`` says.
-    ``tiny_decoder``: a TAESD-format decoder folder shipped beside an SD set's own.
+    ``tiny_decoder``: a TAESD-format decoder folder shipped beside an SD or VAE set's own.
     ``fuse_attention``: attention as ONNX Runtime's MultiHeadAttention."""
 
     roles: tuple[str, ...]

@@ -192,6 +192,8 @@ def _batch(args, codec: SdcCodec, work: Work, extension: str = "png") -> int:
 
 
 def _cmd_info(args) -> None:
+    if os.path.isdir(args.input):
+        return _set_info(args)
     details = sdc_info(_read(args.input))
     if args.json:
         print(json.dumps(details, indent=1))
@@ -205,6 +207,22 @@ def _cmd_info(args) -> None:
     for name, s in details["sections"].items():
         print(f"  {name:8s} {s['bytes']:8d} bytes ({s['raw_bytes']} raw, {s['coder']})")
     print(f"total {details['total_bytes']} bytes, {details['bpp']:.4f} bpp; model {details['model_fingerprint']}")
+
+
+def _set_info(args) -> None:
+    from .manifest import load_manifest, model_set_info
+
+    details = model_set_info(load_manifest(args.input))
+    if args.json:
+        print(json.dumps(details, indent=1))
+        return
+    print(f"model set {args.input}: {details['architecture']} ({details['autoencoder']}), {details['latent_channels']}"
+          f" latent channels at 1/{details['downscale']}, scaling {details['scaling_factor']:g}"
+          f" shift {details['shift_factor']:g}, denoiser {details['denoiser']}")
+    print("graphs: " + ", ".join(f"{role} {precision}" for role, precision in details["graphs"].items()))
+    d = details["defaults"]
+    print(f"defaults: quality {d['quality']}, effort {d['effort']}, {d['denoise_steps']} denoising steps;"
+          f" fingerprint {details['fingerprint'][:32]}")
 
 
 def _cmd_verify(args) -> None:
@@ -261,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which decoder graph of the set to use")
     p.set_defaults(run=_cmd_decode)
 
-    p = sub.add_parser("info", help="describe a .sdc file (no model needed)")
-    p.add_argument("input", help=".sdc file, or - for stdin")
+    p = sub.add_parser("info", help="describe a .sdc file (no model needed), or a model set folder")
+    p.add_argument("input", help=".sdc file, - for stdin, or a model set folder")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_cmd_info)
 

@@ -13,12 +13,19 @@ from .errors import SdcFormatError
 KMEANS_ITERATIONS = 12
 
 
-def sd_quant_mapping(scaling_factor: float, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The original experiment's mapping: step = scaling_factor raw units, centred at 127.5.
+# The 2022 mapping's step in the diffusion model's units: 0.18215 raw units of SD 1.x's VAE, whose
+# latents that model scales by 0.18215; 255 steps span about +-4.2 of its unit-variance latents.
+SD_MODEL_STEP = 0.18215 ** 2
 
-    ``q = round(clamp(z / (255 * s) + 0.5, 0, 1) * 255)`` is ``round(clamp(z / s + 127.5, 0, 255))``.
+
+def sd_quant_mapping(scaling_factor: float, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The original experiment's mapping, for raw latents that the diffusion model scales by
+    ``scaling_factor``: the same span of the model's latents for every VAE, centred at 127.5.
+
+    For SD 1.x (0.18215), ``q = round(clamp(z / (255 * s) + 0.5, 0, 1) * 255)``, which is
+    ``round(clamp(z / s + 127.5, 0, 255))``.
     """
-    return (float(scaling_factor),) * channels, (127.5,) * channels
+    return (SD_MODEL_STEP / float(scaling_factor),) * channels, (127.5,) * channels
 
 
 def fit_quant_mapping(latent: np.ndarray, base_scale, base_zero, *, adaptive: bool, channel_weights=None,

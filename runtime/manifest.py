@@ -22,7 +22,11 @@ MANIFEST_NAME = "manifest.json"
 # 2: encoder defaults moved from the runtime into the manifest.
 # 3: the defaults hold the family's quality scale, default quality and effort.
 MANIFEST_VERSION = 3
+# The autoencoder's conventions: "sd" (diffusers' VAEs: images in [-1, 1]) or "tae" (TAESD-format).
 FAMILIES = ("sd", "tae")
+# What the set was exported from: an SD 1.x/2.x or SDXL pipeline (with its UNet), a VAE alone
+# (its latents in the diffusion model's units), or a TAESD-format pair.
+ARCHITECTURES = ("sd", "sdxl", "vae", "tae")
 PRECISIONS = ("fp32", "fp16", "int8")
 # The spans of int8 graphs' weights (Graph.weight_bits).
 WEIGHT_BITS = (7, 8)
@@ -94,12 +98,20 @@ class Manifest:
     # How much each latent channel moves the decoded image (mean 1), measured at export: the
     # encoder weights its palette search by it.  Encoder-side only; files do not depend on it.
     channel_weights: tuple[float, ...] | None = None
+    # One of ARCHITECTURES; None in sets written before it was recorded (SD pipelines and TAE
+    # pairs, as ``family`` says).
+    architecture: str | None = None
     format_version: int = MANIFEST_VERSION
 
     @property
     def limits(self) -> ModelLimits:
         has_unet = "unet" in self.graphs and self.scheduler is not None
         return ModelLimits(self.latent_channels, self.scheduler.num_train_timesteps if has_unet else 0)
+
+    @property
+    def denoiser(self) -> str:
+        """What the decoder's denoising steps run: 'none', or the UNet and what it predicts."""
+        return f"unet ({self.scheduler.prediction_type})" if self.limits.train_timesteps else "none"
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -149,6 +161,8 @@ class Manifest:
 
         if self.family not in FAMILIES:
             bad(f"unknown family {self.family!r}")
+        if self.architecture is not None and self.architecture not in ARCHITECTURES:
+            bad(f"unknown architecture {self.architecture!r}")
         if not 1 <= self.latent_channels <= 256:
             bad("latent_channels out of range")
         if self.downscale not in (1, 2, 4, 8, 16, 32, 64):
@@ -215,6 +229,28 @@ def load_manifest(model_dir: str | os.PathLike) -> Manifest:
     except OSError as exc:
         raise SdcModelError(f"cannot read {path}: {exc.strerror}") from None
     return Manifest.from_json(text)
+
+
+def model_set_info(manifest: Manifest) -> dict:
+    """What a model set is, for ``sdc-runtime info DIR``: where it came from, its latent space
+    and its graphs."""
+    source = manifest.source
+    return {
+        "architecture": manifest.architecture or manifest.family,
+        "autoencoder": source.get("class", "TAESD-format pair" if manifest.family == "tae" else "AutoencoderKL"),
+        "latent_channels": manifest.latent_channels,
+        "downscale": manifest.downscale,
+        # The VAE's own constants: the set's latents are (raw - shift) * scaling (VAE-only sets)
+        # or raw, scaled by scaling_factor for the UNet (SD pipelines).
+        "scaling_factor": source.get("scaling_factor", manifest.scaling_factor),
+        "shift_factor": source.get("shift_factor", 0.0),
+        "denoiser": manifest.denoiser,
+        "fingerprint": manifest.fingerprint,
+        "graphs": {role: graph.precision for role, graph in sorted(manifest.graphs.items())},
+        "defaults": {"quality": manifest.defaults.quality, "effort": manifest.defaults.effort,
+                     "denoise_steps": manifest.defaults.denoise_steps},
+        "source": source.get("model"),
+    }
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

@@ -284,8 +284,9 @@ class NeuralStages:
         graph = self.graph("vae_encoder")
         f, value_range = m.downscale, graph.image_range
         height, width = pixels.shape[:2]
-        if min(height, width) < MIN_CODED_SIDE:
-            (top, bottom), (left, right) = (_centred(side // f, -(-MIN_CODED_SIDE // f)) for side in (height, width))
+        growth = _growth(height // f, width // f, f)
+        if growth:
+            (top, bottom), (left, right) = growth
             grown = np.pad(pixels, ((top * f, bottom * f), (left * f, right * f), (0, 0)), mode="edge")
             return self.encode(grown, progress=progress)[:, :, top:top + height // f, left:left + width // f]
         tiles = list(grid(height, width, self.tile_for("vae_encoder", height, width), align=f,
@@ -317,11 +318,12 @@ class NeuralStages:
         graph = self.graph("decoder_gradient")
         f = self.manifest.downscale
         h, w = latent.shape[2:]
-        if min(h, w) * f >= MIN_CODED_SIDE:
+        growth = _growth(h, w, f)
+        if not growth:
             return self._run(graph.file, latent, to_graph_input(pixels, graph.image_range))
         # As decode grows a small latent (edge cells repeated): the gradient at the grown latent,
         # each repeated cell's gradient added into the cell it repeats.
-        (top, bottom), (left, right) = (_centred(side, -(-MIN_CODED_SIDE // f)) for side in (h, w))
+        (top, bottom), (left, right) = growth
         grown = np.pad(latent, ((0, 0), (0, 0), (top, bottom), (left, right)), mode="edge")
         target = np.pad(pixels, ((top * f, bottom * f), (left * f, right * f), (0, 0)), mode="edge")
         gradient = self._run(graph.file, grown, to_graph_input(target, graph.image_range))
@@ -344,8 +346,9 @@ class NeuralStages:
         graph = self.graph(decoder)
         f, value_range = m.downscale, graph.image_range
         h, w = latent.shape[2:]
-        if min(h, w) * f < MIN_CODED_SIDE:
-            (top, bottom), (left, right) = (_centred(side, -(-MIN_CODED_SIDE // f)) for side in (h, w))
+        growth = _growth(h, w, f)
+        if growth:
+            (top, bottom), (left, right) = growth
             grown = np.pad(latent, ((0, 0), (0, 0), (top, bottom), (left, right)), mode="edge")
             return self.decode(grown, decoder=decoder, progress=progress)[top * f:(top + h) * f, left * f:(left + w) * f]
         tile, overlap = self.tile_for(decoder, h * f, w * f) // f, MAX_OVERLAP_PIXELS // f
@@ -450,8 +453,11 @@ def _blended(tiles, height: int, width: int, run_tile, report) -> np.ndarray:
     return out
 
 
-def _centred(cells: int, least: int) -> tuple[int, int]:
-    """The cells to add before and after a side of ``cells`` so that it spans at least
-    ``least``, centred (the extra one after): away from the zero padding of the graphs' edges."""
-    extra = max(least - cells, 0)
-    return extra // 2, extra - extra // 2
+def _growth(h: int, w: int, f: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The cells to add (above, below), (left, right) of an h x w latent at downscale f so that
+    it spans MIN_CODED_SIDE pixels a side, centred (the extra one after): away from the zero
+    padding of the graphs' edges.  None where it spans them already."""
+    if min(h, w) * f >= MIN_CODED_SIDE:
+        return None
+    least = -(-MIN_CODED_SIDE // f)
+    return tuple((max(least - n, 0) // 2, max(least - n, 0) - max(least - n, 0) // 2) for n in (h, w))

@@ -136,7 +136,7 @@ def test_export_prints_parity(tiny_sd, tmp_path):
 def test_rejects_a_folder_that_is_not_a_diffusers_pipeline(tmp_path):
     (tmp_path / "src").mkdir()
     assert_one_line_error(run_cli("sdc-export", "--model", str(tmp_path / "src"), "--out", str(tmp_path / "o"), "--quiet"),
-           "not a diffusers Stable Diffusion folder")
+           "holds no model_index.json, vae/config.json, config.json")
 
 
 def test_rejects_a_missing_subfolder(tiny_sd, tmp_path):
@@ -319,7 +319,8 @@ def test_sd_export_with_a_tiny_decoder(tiny_sd, taesd_random, tmp_path):
     assert codec.decode(data, decoder="tiny_decoder", denoise_steps=0).size == (40, 24)
     result = run_cli("sdc-export", "--model", taesd_random, "--out", str(tmp_path / "x"), "--tiny-decoder",
                      taesd_random, "--quiet")
-    assert_one_line_error(result, "Stable Diffusion exports only")
+    assert_one_line_error(result, "not to a TAESD-format pair")
+    assert result.returncode == 2
 
 
 def test_tiny_decoder_folder_needs_no_encoder(taesd_random, tmp_path):
