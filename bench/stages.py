@@ -55,13 +55,13 @@ def run(args) -> dict:
     raw = codec.stages.encode(pixels)
     record("vae_encoder", median_seconds(lambda: codec.stages.encode(pixels), args.repeat))
     latent = raw[0]
-    options = dict(colors=256, denoise_steps=0)
-    palette_file = codec.encode_latent(latent, size, mode="palette", **options)
-    u8_file = codec.encode_latent(latent, size, mode="u8", **options)
+    palette_options, u8_options = dict(mode="palette", colors=256, denoise_steps=0), dict(mode="u8", denoise_steps=0)
+    palette_file = codec.encode_latent(latent, size, **palette_options)
+    u8_file = codec.encode_latent(latent, size, **u8_options)
     fast = max(args.repeat, 20)  # the latent stages take milliseconds: more samples are cheap
     record("latent coding (palette)", median_seconds(
-        lambda: codec.encode_latent(latent, size, mode="palette", **options), fast))
-    record("latent coding (u8)", median_seconds(lambda: codec.encode_latent(latent, size, mode="u8", **options), fast))
+        lambda: codec.encode_latent(latent, size, **palette_options), fast))
+    record("latent coding (u8)", median_seconds(lambda: codec.encode_latent(latent, size, **u8_options), fast))
     record("latent decoding (palette)", median_seconds(lambda: sdc_decode(palette_file), fast))
     # The decode-side lookup alone, for one palette group (SD: the whole latent).
     group = np.ascontiguousarray(to_level_space(latent, *codec.quant_mapping(latent))[:, :, :4])

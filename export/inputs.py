@@ -87,7 +87,8 @@ def classify_source(src: str) -> Source:
                 # alone makes a set, where there is one.
                 if os.path.isfile(os.path.join(src, "vae", "config.json")):
                     return _vae_source(src, "vae")
-                raise SdcExportError(f"{src} is a {pipeline or 'diffusers'} folder without vae/; supported: {SUPPORTED}")
+                raise SdcExportError(f"{src} is a {pipeline or 'diffusers'} folder without vae/;"
+                                     f" supported: {SUPPORTED}")
             needed = SD_SUBFOLDERS + (("text_encoder_2", "tokenizer_2") if kind == "sdxl" else ())
             missing = [d for d in needed if not os.path.isdir(os.path.join(src, d))]
             if missing:

@@ -256,7 +256,8 @@ def _torch_unit(module, image_range: tuple[float, float], *, encoder: bool = Fal
     return run
 
 
-def tiny_decoder_spec(folder: str, channels: int, example, scaling: float | None, modules) -> tuple[GraphSpec, Agreement]:
+def tiny_decoder_spec(folder: str, channels: int, example, scaling: float | None,
+                      modules) -> tuple[GraphSpec, Agreement]:
     """``--tiny-decoder``: its graph (raw latents scaled inside where ``scaling`` is given) and
     its agreement with the VAE's own decoder; one line where it cannot take this VAE's latents."""
     from .tae import load_tae_decoder
@@ -266,10 +267,11 @@ def tiny_decoder_spec(folder: str, channels: int, example, scaling: float | None
         raise SdcExportError(f"the tiny decoder in {folder} takes {tiny_channels} latent channels; this VAE's latent"
                              f" space has {channels}: it was trained for another family")
     module = (decoder if scaling is None else ScaledTinyDecoder(decoder, scaling)).eval()
-    agreement = decoder_agreement("tiny_decoder", "vae_decoder", _torch_unit(modules["vae_encoder"], ROLES["vae_encoder"].image_range["sd"],
-                                                          encoder=True),
-                                  _torch_unit(modules["vae_decoder"], ROLES["vae_decoder"].image_range["sd"]),
-                                  _torch_unit(module, ROLES["tiny_decoder"].image_range["sd"]))
+    ranges = {role: ROLES[role].image_range["sd"] for role in ("vae_encoder", "vae_decoder", "tiny_decoder")}
+    agreement = decoder_agreement("tiny_decoder", "vae_decoder",
+                                  _torch_unit(modules["vae_encoder"], ranges["vae_encoder"], encoder=True),
+                                  _torch_unit(modules["vae_decoder"], ranges["vae_decoder"]),
+                                  _torch_unit(module, ranges["tiny_decoder"]))
     return GraphSpec("tiny_decoder", module, ["latent"], "image", example), agreement
 
 
@@ -511,6 +513,7 @@ def _join_latent_space(model_dir: str, encoder, decoder, channels: int) -> tuple
         return (session.run(None, {"latent": latent.astype(np.float32)})[0] - lo) / (hi - lo)
 
     tae_range = ROLES["vae_decoder"].image_range["tae"]
-    agreement = decoder_agreement("vae_decoder", f"{model_dir}'s vae_decoder", _torch_unit(encoder, tae_range, encoder=True),
-                                  set_decode, _torch_unit(decoder, tae_range))
+    agreement = decoder_agreement("vae_decoder", f"{model_dir}'s vae_decoder",
+                                  _torch_unit(encoder, tae_range, encoder=True), set_decode,
+                                  _torch_unit(decoder, tae_range))
     return manifest.fingerprint, agreement

@@ -3,7 +3,8 @@ pipeline, and VAEs alone as the families publish them.
 
 No weights can be downloaded, so tests and the demo build these in-process and load them back
 through the real diffusers loaders.  Their images are noise: quality needs real weights.
-Presets: "tiny" (tests) and the full-size shapes with random weights ("sd15", "sdxl", "sd3-vae").
+Presets: "tiny" (tests) and the full-size shapes with random weights (SD 1.5's and SDXL's
+pipelines, a VAE alone at SD3's).
 """
 from __future__ import annotations
 
@@ -113,6 +114,8 @@ def make_random_sd(path: str, *, preset: str = "tiny", seed: int = 0, prediction
 def _vae(channels: int, preset: str, cls=None, **config):
     from diffusers import AutoencoderKL
 
+    if preset not in ("tiny", "full"):
+        raise ValueError(f"unknown preset {preset!r}")
     widths = (16, 16, 32, 32) if preset == "tiny" else (128, 256, 512, 512)
     return (cls or AutoencoderKL)(block_out_channels=widths, layers_per_block=1 if preset == "tiny" else 2,
                                   latent_channels=channels, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -155,7 +158,8 @@ def make_random_sdxl(path: str, *, preset: str = "tiny", seed: int = 0) -> str:
                                 pad_token_id=1, projection_dim=1280) for hidden, heads in ((768, 12), (1280, 20))]
     else:
         raise ValueError(f"unknown preset {preset!r}")
-    vae = _vae(4, preset, scaling_factor=0.13025, sample_size=64 if preset == "tiny" else 1024)
+    vae = _vae(4, "tiny" if preset == "tiny" else "full", scaling_factor=0.13025,
+               sample_size=64 if preset == "tiny" else 1024)
     tokenizers = []
     for name in ("tokenizer", "tokenizer_2"):
         folder = os.path.join(path, "_" + name)
@@ -207,9 +211,16 @@ def make_random_vae(path: str, *, channels: int = 16, scaling_factor: float | No
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write a random-weight SD pipeline folder (no downloads).")
+    parser = argparse.ArgumentParser(description="Write a random-weight checkpoint folder (no downloads).")
     parser.add_argument("out")
-    parser.add_argument("--preset", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--preset", choices=["tiny", "sd15", "sdxl", "sd3-vae"], default="tiny",
+                        help="tiny: the test SD pipeline; sd15, sdxl: full-size pipelines; sd3-vae: a full-size"
+                             " 16-channel VAE alone (SD3's shapes, scaling and shift)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(make_random_sd(args.out, preset=args.preset, seed=args.seed))
+    if args.preset == "sdxl":
+        print(make_random_sdxl(args.out, preset="sdxl", seed=args.seed))
+    elif args.preset == "sd3-vae":
+        print(make_random_vae(args.out, channels=16, preset="full", seed=args.seed))
+    else:
+        print(make_random_sd(args.out, preset=args.preset, seed=args.seed))

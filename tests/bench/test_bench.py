@@ -168,3 +168,17 @@ def test_graph_flops_counts_a_convolution_by_hand(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=int8)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     assert graph_flops(path, {"x": (2, 3, 20, 32)}) == 2 * (2 * 8 * 10 * 16) * 27
+
+
+def test_sdc_bench_stages_times_each_stage_against_torch(model_set, tiny_sd, tmp_path):
+    """Every stage in ONNX Runtime, and the neural ones in PyTorch from the same checkpoint;
+    u8 coding runs with its own options (before: the palette's colours went to u8 too)."""
+    from sdc_bench.cli import main
+
+    out = tmp_path / "stages.json"
+    assert main(["stages", "--models", model_set, "--torch-src", tiny_sd, "--size", "64", "--repeat", "1",
+                 "--json", str(out)]) == 0
+    stages = json.loads(out.read_text())["stages"]
+    assert {"vae_encoder", "vae_decoder", "latent coding (u8)", "latent coding (palette)"} <= set(stages)
+    assert all(stages[role]["onnx_s"] > 0 and stages[role]["torch_s"] > 0 for role in ("vae_encoder", "vae_decoder"))
+    assert any(name.startswith("unet step") and row["torch_s"] > 0 for name, row in stages.items())

@@ -69,17 +69,19 @@ EXPECTED = {  # architecture, channels, denoiser, autoencoder class, scaling, sh
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_each_family_exports_encodes_and_decodes_from_the_cli(name, sets, tmp_path):
+def test_each_family_exports_encodes_and_decodes_from_the_cli(name, sets, tmp_path, capsys):
+    from sdc_runtime.cli import main
+
     architecture, channels, denoiser, vae_class, scaling, shift = EXPECTED[name]
     model_dir = sets[name]
     manifest = load_manifest(model_dir)
     assert (manifest.architecture, manifest.latent_channels, manifest.denoiser) == (architecture, channels, denoiser)
-    info = run_cli("sdc-runtime", "info", model_dir, "--json")
-    assert info.returncode == 0, info.stderr.decode()
-    details = json.loads(info.stdout)
+    assert main(["info", model_dir, "--json"]) == 0
+    details = json.loads(capsys.readouterr().out)
     assert (details["architecture"], details["autoencoder"], details["denoiser"]) == (architecture, vae_class, denoiser)
     assert details["scaling_factor"] == pytest.approx(scaling) and details["shift_factor"] == pytest.approx(shift)
-    text = run_cli("sdc-runtime", "info", model_dir).stdout.decode()
+    assert main(["info", model_dir]) == 0
+    text = capsys.readouterr().out
     assert f"{channels} latent channels" in text and f"denoiser {denoiser}" in text
     make_image(72, 48).save(tmp_path / "in.png")
     for args in (("encode", str(tmp_path / "in.png"), str(tmp_path / "x.sdc")),
