@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import container, entropy
+from . import container, context, entropy
 from . import latent as latent_coding
 from .container import DEFAULT_MAX_PIXELS, MODE_U8, Header, Section
 from .errors import SdcFormatError, SdcInputError
@@ -68,10 +68,12 @@ def unpack_metadata(raw: bytes) -> dict[str, bytes]:
     return metadata
 
 
-def encode_section(kind: int, symbols, alphabet_size: int = 256) -> Section:
-    """Integer symbols below ``alphabet_size`` -> a container section, by the smaller coder."""
+def encode_section(kind: int, symbols, alphabet_size: int = 256,
+                   planes: tuple[int, int, int] | None = None) -> Section:
+    """Integer symbols below ``alphabet_size`` -> a container section, by the smaller coder
+    (``planes``: the (C, h, w) shape of 8-bit planes, which the context coder may take)."""
     symbols = np.asarray(symbols)
-    coder, payload = entropy.encode(symbols, alphabet_size=alphabet_size)
+    coder, payload = entropy.encode(symbols, alphabet_size=alphabet_size, planes=planes)
     return Section(kind, coder, entropy.raw_length(symbols.size, alphabet_size), payload)
 
 
@@ -133,13 +135,13 @@ def sdc_decode_all(data, /, *, max_pixels: int = DEFAULT_MAX_PIXELS, extras: boo
     header, sections = container.unpack(data, max_pixels=max_pixels)
     by_kind = {s.kind: s for s in sections}
 
-    def symbols(kind: int, count: int, alphabet_size: int = 256) -> np.ndarray:
+    def symbols(kind: int, count: int, alphabet_size: int = 256, planes=None) -> np.ndarray:
         s = by_kind[kind]
-        return entropy.decode(s.payload, coder=s.coder, count=count, alphabet_size=alphabet_size)
+        return entropy.decode(s.payload, coder=s.coder, count=count, alphabet_size=alphabet_size, planes=planes)
 
     lh, lw, c = header.latent_height, header.latent_width, header.latent_channels
     if header.mode == MODE_U8:
-        levels = symbols(container.SECTION_LATENT, c * lh * lw).reshape(c, lh, lw)
+        levels = symbols(container.SECTION_LATENT, c * lh * lw, planes=(c, lh, lw)).reshape(c, lh, lw)
     else:
         k, size = header.colors, header.group_channels
         groups = c // size
@@ -148,8 +150,8 @@ def sdc_decode_all(data, /, *, max_pixels: int = DEFAULT_MAX_PIXELS, extras: boo
         levels = np.concatenate([latent_coding.lookup(i, p) for i, p in zip(indices, palettes)], axis=0)
     contents = SdcContents(header, levels)
     if extras and container.SECTION_ALPHA in by_kind:
-        contents.alpha = symbols(container.SECTION_ALPHA, header.width * header.height).reshape(
-            header.height, header.width)
+        contents.alpha = symbols(container.SECTION_ALPHA, header.width * header.height,
+                                 planes=(1, header.height, header.width)).reshape(header.height, header.width)
     if extras and container.SECTION_METADATA in by_kind:
         raw_length = by_kind[container.SECTION_METADATA].raw_length
         contents.metadata = unpack_metadata(symbols(container.SECTION_METADATA, raw_length).tobytes())
@@ -157,7 +159,7 @@ def sdc_decode_all(data, /, *, max_pixels: int = DEFAULT_MAX_PIXELS, extras: boo
 
 
 def sdc_encode(levels, header: Header, /, *, dither: bool = False, weights=None, alpha=None,
-               metadata: dict[str, bytes] | None = None) -> bytes:
+               metadata: dict[str, bytes] | None = None, deadzone: float = 0.0) -> bytes:
     """Code (C, h, w) latent levels (floats or integers in [0, 255]) into a .sdc bitstream.
 
     ``header`` gives the geometry and every stored parameter; its mode picks the coding.  In
@@ -167,7 +169,8 @@ def sdc_encode(levels, header: Header, /, *, dither: bool = False, weights=None,
     minimizes, and ``dither`` picks Floyd–Steinberg error diffusion over nearest colour.
     Unrounded levels let the palette search see the latent's real values.  ``alpha``
     ((height, width) uint8) is stored losslessly unless fully opaque; ``metadata`` maps
-    icc_profile / exif / xmp to bytes.
+    icc_profile / exif / xmp to bytes.  In u8 mode ``deadzone`` (levels, 0..0.5) rounds each
+    level toward the context coder's prediction (``context.round_levels``): rate-aware rounding.
     """
     container.check_writable(header)
     extras = []
@@ -176,7 +179,7 @@ def sdc_encode(levels, header: Header, /, *, dither: bool = False, weights=None,
         if alpha.shape != (header.height, header.width) or alpha.dtype != np.uint8:
             raise SdcInputError(f"alpha must be ({header.height}, {header.width}) uint8")
         if alpha.size and alpha.min() < 255:  # a fully opaque alpha costs nothing
-            extras.append(encode_section(container.SECTION_ALPHA, alpha))
+            extras.append(encode_section(container.SECTION_ALPHA, alpha, planes=(1,) + alpha.shape))
     if metadata:
         raw = pack_metadata(metadata)
         if len(raw) > container.MAX_METADATA_BYTES:
@@ -195,7 +198,8 @@ def sdc_encode(levels, header: Header, /, *, dither: bool = False, weights=None,
         if weights.shape != (header.latent_channels,) or not np.all(np.isfinite(weights) & (weights > 0)):
             raise SdcInputError("weights must be one positive number per latent channel")
     if header.mode == MODE_U8:
-        latent_section = encode_section(container.SECTION_LATENT, np.rint(levels).astype(np.uint8))
+        rounded = context.round_levels(levels, deadzone) if deadzone else np.rint(levels).astype(np.uint8)
+        latent_section = encode_section(container.SECTION_LATENT, rounded, planes=levels.shape)
         return container.pack(header, [latent_section] + extras)
     cells = np.ascontiguousarray(np.moveaxis(levels.astype(np.float64), 0, -1))  # (h, w, C) latent "pixels"
     size = header.group_channels

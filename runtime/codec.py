@@ -230,7 +230,7 @@ class SdcCodec:
         if m.channel_weights is not None:
             weights = weights * np.asarray(m.channel_weights, np.float64)
         return sdc_encode(levels, header, dither=options.dither, weights=weights / weights.mean(), alpha=alpha,
-                          metadata=metadata)
+                          metadata=metadata, deadzone=options.deadzone)
 
     # --- decode ---
 

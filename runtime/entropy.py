@@ -2,7 +2,9 @@
 
 A section is a sequence of non-negative integers below an alphabet size.  ``encode``
 returns (coder id, bytes); ``decode`` needs the coder id, the symbol count and the alphabet
-size, all known from the container header, and never produces more than that count.
+size, all known from the container header, and never produces more than that count.  Sections
+of 8-bit planes (the latent levels, the alpha) also give their ``planes`` shape (C, h, w): for
+them the context-modelled coder (``context.py``) competes too.
 """
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ import zlib
 
 import numpy as np
 
+from . import context
 from .errors import SdcFormatError, SdcInputError
 
 CODER_DEFLATE = 1  # raw DEFLATE (RFC 1951), level 9: the container already carries a CRC32
 CODER_LZMA2 = 2  # raw LZMA2 (no .xz container), dictionary 1 MiB
-CODER_NAMES = {CODER_DEFLATE: "deflate", CODER_LZMA2: "lzma2"}
+CODER_CONTEXT = 3  # 8-bit planes: coarse-to-fine prediction, adaptive counts, range coder
+CODER_NAMES = {CODER_DEFLATE: "deflate", CODER_LZMA2: "lzma2", CODER_CONTEXT: "context"}
 _LZMA2_DICT = 1 << 20
 
 
@@ -37,8 +41,10 @@ def _lzma2_filters(preset: int | None = None) -> list[dict]:
     return [spec]
 
 
-def encode(symbols: np.ndarray, *, alphabet_size: int) -> tuple[int, bytes]:
-    """Symbols -> (coder, bytes) with whichever coder gives the smaller stream."""
+def encode(symbols: np.ndarray, *, alphabet_size: int,
+           planes: tuple[int, int, int] | None = None) -> tuple[int, bytes]:
+    """Symbols -> (coder, bytes) with whichever coder gives the smaller stream (the context
+    coder too where ``planes`` gives the 8-bit symbols' (C, h, w) shape)."""
     flat = np.asarray(symbols).ravel()
     if flat.size and (flat.min() < 0 or flat.max() >= alphabet_size):
         raise SdcInputError("symbol outside the alphabet")
@@ -47,11 +53,19 @@ def encode(symbols: np.ndarray, *, alphabet_size: int) -> tuple[int, bytes]:
     candidates = [(CODER_DEFLATE, deflater.compress(raw) + deflater.flush()),
                   (CODER_LZMA2, lzma.compress(raw, format=lzma.FORMAT_RAW,
                                               filters=_lzma2_filters(9 | lzma.PRESET_EXTREME)))]
+    if planes is not None and alphabet_size == 256 and flat.size:
+        candidates.append((CODER_CONTEXT, context.encode(flat.reshape(planes))))
     return min(candidates, key=lambda c: (len(c[1]), c[0]))
 
 
-def decode(data: bytes, *, coder: int, count: int, alphabet_size: int) -> np.ndarray:
+def decode(data: bytes, *, coder: int, count: int, alphabet_size: int,
+           planes: tuple[int, int, int] | None = None) -> np.ndarray:
     expected = raw_length(count, alphabet_size)
+    if coder == CODER_CONTEXT:
+        # Only sections of 8-bit planes may use it: the shape their header gives bounds the output.
+        if planes is None or alphabet_size != 256 or int(np.prod(planes)) != count:
+            raise SdcFormatError("the context coder codes the latent and alpha sections only")
+        return context.decode(data, planes).ravel()
     # max_length bounds every output: a hostile stream cannot make us allocate more.
     if coder == CODER_DEFLATE:
         inflater = zlib.decompressobj(-15)

@@ -94,7 +94,8 @@ class EncodeOptions:
     distinct cells), one palette per group of ``group_channels`` latent channels, assigned by
     Floyd–Steinberg error diffusion if ``dither``, else by nearest colour.  u8 mode:
     ``quant_step`` (raw latent units, for a channel of average decoder sensitivity) trades
-    quality for bytes; None is the finest mapping that fits 8 bits.  ``denoise_steps``,
+    quality for bytes; None is the finest mapping that fits 8 bits; ``deadzone`` moves each
+    level's rounding that far toward the entropy coder's prediction.  ``denoise_steps``,
     ``denoise_stride`` and ``eta`` are stored in the header as the decoder's defaults;
     ``seed`` seeds the palette search and the DDIM noise.  ``alpha`` "keep" stores an alpha
     channel losslessly, "drop" ignores it; ``strip`` drops the ICC profile, EXIF and XMP.
@@ -123,6 +124,10 @@ class EncodeOptions:
     quant_step: float | None = option(
         float, "u8 mode (implied): quantization step in raw latent units for a channel of average decoder "
         "sensitivity; larger is smaller and worse (default: the quality's)")
+    deadzone: float = option(
+        float, "u8 mode: round each latent level up to D levels toward the value the entropy coder predicts"
+        " (rate-aware rounding: smaller files for a little error), 0..0.5 (default 0.05; 0: nearest)",
+        default=0.05, metavar="D")
     denoise_steps: int = option(int, "UNet denoising steps the decoder runs by default (default: the set's)",
                                 default=0)
     denoise_stride: int = option(int, "timesteps between denoising steps (default: the set's)", default=0)
@@ -291,6 +296,8 @@ def resolve_encode_options(defaults: EncoderDefaults, limits: ModelLimits, **ove
         if not _number(quant_step) or not 0 < quant_step < 1e6:
             raise SdcInputError(f"quant_step must be a positive number, not {quant_step!r}")
         quant_step = float(quant_step)
+    if not _number(chosen["deadzone"]) or not 0.0 <= chosen["deadzone"] <= 0.5:
+        raise SdcInputError(f"deadzone must be a number in [0, 0.5], not {chosen['deadzone']!r}")
     if chosen["alpha"] not in ALPHA_CHOICES:
         raise SdcInputError(f"alpha must be one of {', '.join(ALPHA_CHOICES)}, not {chosen['alpha']!r}")
     if not isinstance(chosen["strip"], bool):
@@ -298,6 +305,7 @@ def resolve_encode_options(defaults: EncoderDefaults, limits: ModelLimits, **ove
     denoising = resolve_denoising(defaults, limits, denoise_steps=chosen["denoise_steps"],
                                   denoise_stride=chosen["denoise_stride"], eta=chosen["eta"], seed=chosen["seed"])
     return EncodeOptions(mode=mode, colors=colors, group_channels=group_channels if mode == "palette" else 0,
-                         dither=chosen["dither"], quant_step=quant_step, **asdict(denoising),
+                         dither=chosen["dither"], quant_step=quant_step, deadzone=float(chosen["deadzone"]),
+                         **asdict(denoising),
                          alpha=chosen["alpha"], strip=chosen["strip"], quality=quality, effort=chosen["effort"],
                          target_bytes=target_bytes)

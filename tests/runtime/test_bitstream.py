@@ -122,7 +122,7 @@ def test_hand_written_palette_file_decodes_to_the_stated_latent():
 # --- golden files written by the reference encoder of format version 1 ---
 
 def test_golden_files_exist():
-    assert len(GOLDEN_FILES) == 4
+    assert len(GOLDEN_FILES) == 5
 
 
 GOLDEN_METADATA = {"icc_profile": b"golden icc", "exif": b"Exif\0\0golden", "xmp": b"<x:xmpmeta>golden</x:xmpmeta>"}

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from sdc_runtime import bitstream, container
+from sdc_runtime import bitstream, container, context, entropy
 from sdc_runtime.container import Header
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,6 +49,14 @@ def main():
     h = header(container.MODE_U8, 0, 13, 9, 4)
     write("u8_alpha_metadata_13x9.sdc", bitstream.sdc_encode(levels, h, alpha=alpha, metadata=METADATA), levels)
     np.save(os.path.join(HERE, "u8_alpha_metadata_13x9.alpha.npy"), alpha)
+    # u8 mode through the context coder (coder 3): smooth planes, 6 channels, 150x90 -> 19x12
+    # latent, so the coarse-to-fine steps meet the planes' edges at every spacing.
+    y, x = np.mgrid[0:12, 0:19]
+    levels = np.stack([np.clip(128 + 40 * np.sin(x / (3 + c)) + 30 * np.cos(y / (2 + c)) + rng.integers(-3, 4, x.shape),
+                               0, 255) for c in range(6)]).astype(np.uint8)
+    h = header(container.MODE_U8, 0, 150, 90, 6)
+    section = container.Section(container.SECTION_LATENT, entropy.CODER_CONTEXT, levels.size, context.encode(levels))
+    write("u8_context_150x90.sdc", container.pack(h, [section]), levels)
 
 
 # The metadata of the golden file with optional sections (tests/runtime/test_bitstream.py states it too).
