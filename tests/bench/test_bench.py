@@ -182,3 +182,25 @@ def test_sdc_bench_stages_times_each_stage_against_torch(model_set, tiny_sd, tmp
     assert {"vae_encoder", "vae_decoder", "latent coding (u8)", "latent coding (palette)"} <= set(stages)
     assert all(stages[role]["onnx_s"] > 0 and stages[role]["torch_s"] > 0 for role in ("vae_encoder", "vae_decoder"))
     assert any(name.startswith("unet step") and row["torch_s"] > 0 for name, row in stages.items())
+
+
+def test_sdc_bench_coder_compares_the_context_coder_with_todays_on_the_same_levels(tae_set, tmp_path):
+    """The 'today' file is the context-coded one with its latent re-coded by DEFLATE/LZMA2:
+    the same levels (so the same PSNR), and never smaller, as the encoder keeps the smallest."""
+    from sdc_bench.cli import main
+    from sdc_bench.coder import todays_coders
+    from sdc_runtime import SdcCodec, sdc_decode, sdc_info
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed in (1, 2):
+        make_image(96, 64, seed=seed).save(images / f"im{seed}.png")
+    assert main(["coder", "--models", tae_set, "--images", str(images), "--qualities", "20,50,80", "--out",
+                 str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "coder.json").read_text())
+    assert len(result["rows"]) == 6 and set(result["bd_rate"]) == {"context", "deadzone"}
+    assert all(r["context_bytes"] <= r["today_bytes"] for r in result["rows"])
+    data = SdcCodec(tae_set).encode(make_image(96, 64), quality=80, deadzone=0)
+    today = todays_coders(data)
+    assert sdc_info(today)["sections"]["latent"]["coder"] in ("deflate", "lzma2")
+    np.testing.assert_array_equal(sdc_decode(today)[1], sdc_decode(data)[1])
