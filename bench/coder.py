@@ -53,7 +53,7 @@ def run(args) -> dict:
         curve = {"today": [], "context": [], "deadzone": []}
         for quality in args.qualities:
             nearest = codec.encode(image, quality=quality, effort=args.effort, deadzone=0)
-            default = codec.encode(image, quality=quality, effort=args.effort)
+            default = codec.encode(image, quality=quality, effort=args.effort, deadzone=args.deadzone)
             same = psnr(pixels, np.asarray(codec.decode(nearest)))
             files = {"today": (todays_coders(nearest), same), "context": (nearest, same),
                      "deadzone": (default, psnr(pixels, np.asarray(codec.decode(default))))}
@@ -139,6 +139,7 @@ def add_parser(sub):
     p.add_argument("--qualities", type=lambda s: tuple(int(q) for q in s.split(",")), default=QUALITIES,
                    help="comma-separated qualities (default 20..80 by 10)")
     p.add_argument("--effort", type=int, default=0)
+    p.add_argument("--deadzone", type=float, default=0.05, help="the rate-aware rounding measured (default 0.05)")
     p.add_argument("--photo", default=None, help="also time the entropy stage's decode on this photo's latent")
     p.add_argument("--photo-quality", type=int, default=60)
     add_run_options(p, "bench-out/coder", _main)

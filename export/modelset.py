@@ -27,12 +27,15 @@ from .sources import StableDiffusionParts, VaeParts, weights_digest
 # Each family's encoder defaults, written into its manifests: the runtime has none of its own.
 #
 # The quality scale (1..100) of TAE sets: the Pareto frontier of the operating points measured
-# on Kodak-24 with TAEF2 (BENCHMARKS.md §3 and §7): two palettes at the low end (u8 is not
-# reached that small), then u8 steps, which beat every palette above ~20 KB per Kodak image.
-# Mean bytes / PSNR on Kodak: Q1 12.3 KB 23.3 dB, Q20 20.5 KB 25.6 dB, Q60 52.0 KB 29.0 dB,
-# Q90 102 KB 30.1 dB.  The default, Q60, costs what the earlier default (palette K=256 G=4,
-# 54.9 KB 28.85 dB) did, for more PSNR; above it the curve flattens (Q70: +26% bytes, +0.6 dB).
-TAE_U8_QUALITY = (
+# on Kodak-24 with TAEF2 (BENCHMARKS.md §3, §7 and §13): u8 steps throughout.  Before the
+# context coder (coder 3), two palettes held the low end; coded 12% smaller, u8 steps now beat
+# them there too (coarse steps 2.0 and 1.6: 10.6 KB 21.9 dB and 13.7 KB 22.9 dB on six Kodak
+# images, against the palettes' 12.6 KB 21.4 dB and 15.8 KB 22.5 dB).  Mean bytes / PSNR on
+# Kodak-24 at effort 0: Q20 16.4 KB 25.4 dB, Q60 43.7 KB 28.8 dB (§13).  Above Q60 the curve
+# flattens (Q70: +28% bytes, +0.7 dB).
+TAE_QUALITY = (
+    QualityPoint(1, "u8", quant_step=2.6),
+    QualityPoint(10, "u8", quant_step=1.8),
     QualityPoint(20, "u8", quant_step=1.3),
     QualityPoint(30, "u8", quant_step=1.0),
     QualityPoint(40, "u8", quant_step=0.8),
@@ -45,19 +48,12 @@ TAE_U8_QUALITY = (
 )
 
 
-def tae_quality(channels: int) -> tuple[QualityPoint, ...]:
-    """TAE's quality scale; the palettes' groups no wider than a set with few channels has."""
-    wide = min(8, channels)
-    return (QualityPoint(1, "palette", colors=16, group_channels=wide),
-            QualityPoint(10, "palette", colors=32, group_channels=wide)) + TAE_U8_QUALITY
-
-
 def tae_defaults(channels: int) -> EncoderDefaults:
     """TAE: no UNet; nearest-colour palettes (dithering lost ~0.5 dB on Kodak, BENCHMARKS.md);
     effort 1, the default by measured time against gain: its single free pass and four descent
     steps buy 80% of effort 2's gain in 55% of its time (BENCHMARKS.md §7)."""
     return EncoderDefaults(mode="palette", colors=256, group_channels=4, dither=False, denoise_steps=0,
-                           denoise_stride=0, eta=0.0, quality=60, effort=1, quality_table=tae_quality(channels))
+                           denoise_stride=0, eta=0.0, quality=60, effort=1, quality_table=TAE_QUALITY)
 
 
 def vae_defaults(channels: int) -> EncoderDefaults:
