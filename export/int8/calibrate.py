@@ -61,7 +61,7 @@ def record_graph_inputs(model_dir: str, images: list[np.ndarray], progress=None,
                         recipe: Int8Recipe = DEFAULT_RECIPE) -> dict[str, list[dict]]:
     """Run the set's codec on ``images`` and record, per graph file, every input feed the
     runtime gives it: the encoder's images, the UNet's latents at the timesteps the runtime
-    uses, the decoders' dequantized palette and u8 latents, whole and in tiles, as the set's
+    uses, the decoders' dequantized latents of the scale's qualities, whole and in tiles, as the set's
     default encoder effort writes them."""
     from sdc_runtime import SdcCodec
     from sdc_runtime.manifest import load_manifest

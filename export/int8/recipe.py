@@ -14,10 +14,11 @@ from sdc_runtime.roles import ROLES
 class Int8Recipe:
     """How int8 graphs are calibrated, swept and corrected (``quantize_set``)."""
 
-    # The qualities each image is coded at, so that decoders and the UNet calibrate on dequantized
-    # palette latents (the low qualities) and u8 latents (the high ones), as the runtime feeds them.
+    # The qualities each image is coded at, so that decoders and the UNet calibrate on the
+    # dequantized latents the scale's qualities make (SD: palettes at the low end, u8 above; TAE:
+    # u8 throughout), as the runtime feeds them.
     calibration_qualities: tuple = (1, 10, 30, 60, 90)
-    # A second run in tiles of this side, at one palette and one u8 quality, records the inputs of
+    # A second run in tiles of this side, at a low and a middle quality, records the inputs of
     # split graphs' whole and tiled parts (9 tiles an image: all qualities would triple the time).
     calibration_tile: int = 128
     calibration_tiled_qualities: tuple = (10, 60)

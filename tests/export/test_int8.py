@@ -320,7 +320,9 @@ def test_calibration_records_the_latents_of_the_default_effort(tae_set, calibrat
         moved += not np.array_equal(descended, plain)  # the encoder keeps the plain file where it scores best
         h, w = descended.shape[1:]
         assert any(f.shape[0] == descended.shape[0] and np.array_equal(f[:, :h, :w], descended) for f in fed), quality
-    assert moved >= 2
+    # With random weights the descent beats the plain file at some qualities only (two of five
+    # with palettes at Q1/Q10, one since TAE's scale is u8 throughout): at least one is recorded.
+    assert moved >= 1
 
 
 @pytest.mark.parametrize("extra,code,needle", [
