@@ -38,6 +38,10 @@ CHANNEL_LIMIT = 1 << 17
 # The shared counts enter a channel's model scaled to this total.
 SHARED_WEIGHT = 8192
 ALPHABET = 256
+# With counts held to those limits no symbol is likelier than 1 - 255 / (2**17 + 8192 + 2*256),
+# so each costs at least 1/379 bit: a payload claiming more levels per bit than this is refused
+# before any is decoded (a hostile header's size cannot buy a long decode with a short stream).
+MAX_LEVELS_PER_BIT = 512
 
 
 def prior() -> np.ndarray:
@@ -135,8 +139,8 @@ class Counts:
         self.own += added
         self.shared += added.sum(axis=0)
         for counts, limit in ((self.own, CHANNEL_LIMIT), (self.shared, SHARED_LIMIT)):
-            full = counts.sum(axis=-1) > limit
-            counts[full] = (counts[full] + 1) // 2
+            while (full := counts.sum(axis=-1) > limit).any():
+                counts[full] = (counts[full] + 1) // 2
 
 
 def _step_models(bucket: np.ndarray) -> np.ndarray:
@@ -181,6 +185,9 @@ def decode(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
     if len(data) % 4 or not data:
         raise SdcFormatError("context-coded stream is empty or not a whole number of 32-bit words")
     channels, height, width = shape
+    if channels * height * width > MAX_LEVELS_PER_BIT * 8 * len(data):
+        raise SdcFormatError(f"a context-coded stream of {len(data)} bytes cannot hold"
+                             f" {channels * height * width} levels")
     levels = np.zeros(shape, np.uint8)
     counts = Counts(channels)
     try:

@@ -134,3 +134,15 @@ def test_rate_aware_rounding_moves_toward_the_prediction_by_at_most_the_deadzone
         moved = level != np.rint(value)
         assert (np.abs(level - prediction)[moved] <= np.abs(np.rint(value) - prediction)[moved]).all()
     assert len(context.encode(rounded)) < len(context.encode(nearest))
+
+
+def test_a_flat_plane_costs_at_least_the_bound_and_a_short_stream_for_a_large_claim_is_refused():
+    """Counts are held to their limits, so even a flat plane costs more than 1/512 bit a
+    level, and a decoder refuses a stream too short for the levels its header claims, before
+    decoding any (else 4 bytes could claim a 100-megapixel latent's worth of work)."""
+    flat = np.full((1, 700, 900), 7, np.uint8)
+    data = context.encode(flat)
+    assert flat.size <= context.MAX_LEVELS_PER_BIT * 8 * len(data)
+    np.testing.assert_array_equal(context.decode(data, flat.shape), flat)
+    with pytest.raises(SdcFormatError, match="cannot hold"):
+        context.decode(data[:8], (256, 1250, 1250))
