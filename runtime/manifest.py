@@ -225,6 +225,8 @@ def load_manifest(model_dir: str | os.PathLike) -> Manifest:
         if "model_index.json" in names or any(n.endswith((".pth", ".safetensors", ".ckpt")) for n in names):
             raise SdcModelError(f"{folder} is a checkpoint, not a model set: run sdc-export --model {folder}"
                                 " --out DIR first, then use DIR") from None
+        if not os.path.exists(folder):
+            raise SdcModelError(f"model set {folder} does not exist") from None
         raise SdcModelError(f"{folder} is not a model set: no {MANIFEST_NAME}") from None
     except OSError as exc:
         raise SdcModelError(f"cannot read {path}: {exc.strerror}") from None

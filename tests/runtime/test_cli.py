@@ -185,6 +185,9 @@ def test_bad_inputs_and_outputs_are_one_line_errors(model_set, tmp_path, monkeyp
     assert_one_line_error(run_cli("sdc-runtime", "encode", str(tmp_path / "text.png"), out, "--models", model_set),
                           f"cannot read {tmp_path / 'text.png'}: not an image format Pillow reads")
     assert_one_line_error(run_cli("sdc-runtime", "encode", str(src), out, "--models", str(tmp_path)), "not a model set")
+    # A mistyped path says so, not that the folder lacks a manifest.
+    assert_one_line_error(run_cli("sdc-runtime", "encode", str(src), out, "--models", str(tmp_path / "modles")),
+                          "does not exist")
     monkeypatch.delenv("SDC_MODELS", raising=False)
     assert_one_line_error(run_cli("sdc-runtime", "encode", str(src), out), "no model set")
     good = tmp_path / "g.sdc"
