@@ -148,6 +148,19 @@ def _step_models(bucket: np.ndarray) -> np.ndarray:
     return np.arange(bucket.shape[0], dtype=np.int32)[:, None] * CONTEXTS + bucket
 
 
+def _step_groups(levels: np.ndarray, counts: Counts, ys, xs, offsets):
+    """What encoder and decoder derive alike for a step: the (C, n) predictions, each cell's
+    model (flat, C-major), and the groups the symbols are coded in: (model's table, the flat
+    cell indices of its symbols in step order), in model order."""
+    prediction, bucket = predict(levels, ys, xs, offsets)
+    models = _step_models(bucket).ravel()
+    order = np.argsort(models, kind="stable")
+    tables = counts.tables().reshape(-1, ALPHABET)
+    used, starts, sizes = np.unique(models[order], return_index=True, return_counts=True)
+    groups = [(tables[model], order[start:start + size]) for model, start, size in zip(used, starts, sizes)]
+    return prediction, models, groups
+
+
 def _categorical(frequencies: np.ndarray):
     import constriction
 
@@ -163,14 +176,10 @@ def encode(levels: np.ndarray) -> bytes:
     counts = Counts(channels)
     encoder = constriction.stream.queue.RangeEncoder()
     for ys, xs, offsets in coding_steps(height, width):
-        prediction, bucket = predict(levels, ys, xs, offsets)
+        prediction, models, groups = _step_groups(levels, counts, ys, xs, offsets)
         symbols = to_symbols(levels[:, ys, xs], prediction).ravel()
-        models = _step_models(bucket).ravel()
-        order = np.argsort(models, kind="stable")
-        tables = counts.tables().reshape(channels * CONTEXTS, ALPHABET)
-        used, starts = np.unique(models[order], return_index=True)
-        for model, chunk in zip(used, np.split(symbols[order], starts[1:])):
-            encoder.encode(chunk.astype(np.int32), _categorical(tables[model]))
+        for table, cells in groups:
+            encoder.encode(symbols[cells].astype(np.int32), _categorical(table))
         counts.update(models, symbols)
     return encoder.get_compressed().astype("<u4").tobytes()
 
@@ -193,14 +202,10 @@ def decode(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
     try:
         decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(data, "<u4").astype(np.uint32))
         for ys, xs, offsets in coding_steps(height, width):
-            prediction, bucket = predict(levels, ys, xs, offsets)
-            models = _step_models(bucket).ravel()
-            order = np.argsort(models, kind="stable")
-            tables = counts.tables().reshape(channels * CONTEXTS, ALPHABET)
-            used, starts, sizes = np.unique(models[order], return_index=True, return_counts=True)
+            prediction, models, groups = _step_groups(levels, counts, ys, xs, offsets)
             symbols = np.empty(models.size, np.int32)
-            for model, start, size in zip(used, starts, sizes):
-                symbols[order[start:start + size]] = decoder.decode(_categorical(tables[model]), int(size))
+            for table, cells in groups:
+                symbols[cells] = decoder.decode(_categorical(table), cells.size)
             levels[:, ys, xs] = from_symbols(symbols.reshape(prediction.shape), prediction)
             counts.update(models, symbols)
         exhausted = decoder.maybe_exhausted()
