@@ -1,12 +1,46 @@
-"""Image quality metrics that need no downloaded weights: PSNR, SSIM, MS-SSIM (8-bit RGB)."""
+"""Image quality metrics of 8-bit RGB images, none needing downloaded weights: PSNR, SSIM and
+MS-SSIM here, SSIMULACRA 2 (our numpy port, checked against the C++ tool) and Butteraugli
+(libjxl's ``butteraugli_main``, from Debian's libjxl-devtools).
+"""
 from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from typing import NamedTuple
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from sdc_runtime.image import psnr  # the one the encoder's closed loop scores its files by
 
-__all__ = ["psnr", "ssim", "ms_ssim"]
+from .ssimulacra2 import ssimulacra2
+
+__all__ = ["psnr", "ssim", "ms_ssim", "ssimulacra2", "butteraugli", "QUALITY_METRICS", "scores"]
+
+
+
+class Metric(NamedTuple):
+    label: str
+    higher_is_better: bool
+    digits: int  # decimals shown in tables
+
+
+# The Butteraugli ones are measured where butteraugli_main is installed.
+QUALITY_METRICS = {
+    "psnr": Metric("PSNR dB", True, 2),
+    "ssim": Metric("SSIM", True, 4),
+    "ms_ssim": Metric("MS-SSIM", True, 4),
+    "ssimulacra2": Metric("SSIMULACRA2", True, 2),
+    "butteraugli": Metric("Butteraugli max", False, 3),
+    "butteraugli_3norm": Metric("Butteraugli 3-norm", False, 3),
+}
+BUTTERAUGLI = "butteraugli_main"
+# The display brightness Butteraugli assumes, in nits.  butteraugli_main defaults to 80; 255 is
+# libjxl's default intensity target for SDR images, the one cjxl's --distance refers to.
+BUTTERAUGLI_INTENSITY_TARGET = 255
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang, Simoncelli, Bovik 2003
 _C1, _C2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
@@ -44,3 +78,34 @@ def ms_ssim(reference: np.ndarray, test: np.ndarray) -> float:
                 y = y[:h, :w].reshape(h // 2, 2, w // 2, 2).mean((1, 3))
         values.append(product)
     return float(np.mean(values))
+
+
+def butteraugli(reference: np.ndarray, test: np.ndarray) -> tuple[float, float]:
+    """(max, 3-norm) Butteraugli distances of ``test`` from ``reference``, by libjxl's
+    butteraugli_main on PNG copies: 0 is identical, about 1 the threshold of a visible
+    difference.  RuntimeError where the tool is not installed or fails."""
+    from PIL import Image
+
+    tool = shutil.which(BUTTERAUGLI)
+    if tool is None:
+        raise RuntimeError(f"{BUTTERAUGLI} is not installed (Debian: apt-get install libjxl-devtools)")
+    with tempfile.TemporaryDirectory(prefix="sdc-butteraugli-") as folder:
+        paths = [os.path.join(folder, f"{name}.png") for name in ("reference", "test")]
+        for path, pixels in zip(paths, (reference, test)):
+            Image.fromarray(pixels).save(path)
+        done = subprocess.run([tool, *paths, "--intensity_target", str(BUTTERAUGLI_INTENSITY_TARGET)],
+                              capture_output=True, text=True, timeout=600)
+    found = re.fullmatch(r"\s*([0-9.eE+-]+)\s*\n3-norm:\s*([0-9.eE+-]+)\s*", done.stdout)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(f"{BUTTERAUGLI} failed: {(done.stderr or done.stdout).strip()[-300:]}")
+    return float(found.group(1)), float(found.group(2))
+
+
+def scores(reference: np.ndarray, test: np.ndarray, size: int) -> dict:
+    """Bytes, bits per pixel and every quality metric this machine can measure."""
+    row = {"bytes": size, "bpp": 8 * size / (reference.shape[0] * reference.shape[1]),
+           "psnr": psnr(reference, test), "ssim": ssim(reference, test), "ms_ssim": ms_ssim(reference, test),
+           "ssimulacra2": ssimulacra2(reference, test)}
+    if shutil.which(BUTTERAUGLI):
+        row["butteraugli"], row["butteraugli_3norm"] = butteraugli(reference, test)
+    return row

@@ -16,11 +16,11 @@ from sdc_runtime.errors import SdcUsageError
 
 from . import sweep
 from .figures import image_row
-from .metrics import ms_ssim, psnr, ssim
+from .metrics import QUALITY_METRICS, scores
 from .recipe2022 import original_recipe
 from .timing import add_run_options, machine, save_json
 
-METRICS = ("bytes", "bpp", "psnr", "ssim", "ms_ssim")
+METRICS = ("bytes", "bpp", *QUALITY_METRICS)
 DEFAULT_POINTS = ("u8,u8:0.2,u8:0.3,u8:0.45,u8:0.6,palette:16:4,palette:64:4,palette:128:4,palette:256:4,"
                   "palette:16:2,palette:64:2,palette:256:8")
 
@@ -47,11 +47,6 @@ def parse_points(text: str) -> list[dict]:
             raise argparse.ArgumentTypeError(
                 f"bad operating point {item.strip()!r}: use u8, u8:STEP or palette:K:G") from None
     return points
-
-
-def _scores(reference, test, size):
-    return {"bytes": size, "bpp": 8 * size / (reference.shape[0] * reference.shape[1]),
-            "psnr": psnr(reference, test), "ssim": ssim(reference, test), "ms_ssim": ms_ssim(reference, test)}
 
 
 def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -95,7 +90,7 @@ def run(args) -> dict:
         name = os.path.splitext(os.path.basename(path))[0]
         original = np.asarray(Image.open(path).convert("RGB"))
         if args.qualities:
-            swept += sweep.sweep_image(codec, name, original, args.qualities, args.efforts, _scores,
+            swept += sweep.sweep_image(codec, name, original, args.qualities, args.efforts, peers,
                                        crops if name == args.crop_image else None)
         if not points:
             continue
@@ -105,25 +100,25 @@ def run(args) -> dict:
             return np.asarray(codec.latent_to_image(latent, size))
 
         ceiling = decode_latent(raw)
-        rows.append({"image": name, "codec": "autoencoder ceiling (unquantized)", **_scores(original, ceiling, 0)})
+        rows.append({"image": name, "codec": "autoencoder ceiling (unquantized)", **scores(original, ceiling, 0)})
         scale, zero = codec.quant_mapping(raw)
         header_bytes = 8 * raw.shape[0]  # the recipe needs the same per-channel mapping
         recipe_bytes, recipe_levels = original_recipe(quantize_u8(raw, scale, zero))
         recipe = decode_latent(dequantize_u8(recipe_levels, scale, zero))
         rows.append({"image": name, "codec": "original recipe (libimagequant 256 + zlib)",
-                     **_scores(original, recipe, recipe_bytes + header_bytes)})
+                     **scores(original, recipe, recipe_bytes + header_bytes)})
         for point in points:
             options = {k: point[k] for k in ("colors", "group_channels", "quant_step") if k in point}
             data = codec.encode_latent(raw, size, mode=point["mode"], denoise_steps=0, **options)
             ours = decode_latent(codec.decode_latent(data)[1])
-            rows.append({"image": name, "codec": f"sdc {point['name']}", **_scores(original, ours, len(data))})
+            rows.append({"image": name, "codec": f"sdc {point['name']}", **scores(original, ours, len(data))})
             if name == args.crop_image and point["name"] == args.crop_point:
                 crops["original"], crops[f"sdc {point['name']} ({len(data)} B)"] = original, ours
             for peer in peers:
                 result = matched(peer, original, len(data))
                 if result is None:
                     continue
-                rows.append({"image": name, "codec": f"{peer} @ {point['name']}", **_scores(original, result[1], result[0])})
+                rows.append({"image": name, "codec": f"{peer} @ {point['name']}", **scores(original, result[1], result[0])})
                 if name == args.crop_image and point["name"] == args.crop_point and peer in ("AVIF", "JPEG XL"):
                     crops[f"{peer} ({result[0]} B)"] = result[1]
     result = {"machine": machine(), "models": os.path.abspath(args.models), "images": len(paths),
@@ -132,7 +127,7 @@ def run(args) -> dict:
         result["summary"] = summarize(rows, points, peers)
     if args.qualities:
         result.update(qualities=args.qualities, efforts=args.efforts, sweep_rows=swept,
-                      sweep=sweep.summarize(swept, args.efforts))
+                      sweep=sweep.summarize(swept, args.efforts, peers))
     return result
 
 
@@ -140,7 +135,8 @@ def summarize(rows: list[dict], points: list[dict], peers: list[str]) -> dict:
     by_codec: dict[str, list[dict]] = {}
     for row in rows:
         by_codec.setdefault(row["codec"], []).append(row)
-    means = {codec: {"n": len(r), **{k: float(np.mean([x[k] for x in r])) for k in METRICS}}
+    measured = ("bytes", "bpp", *sweep.measured_metrics(rows))
+    means = {codec: {"n": len(r), **{k: float(np.mean([x[k] for x in r])) for k in measured}}
              for codec, r in by_codec.items()}
     # Per image: our palette curve interpolated at the recipe's bytes (PSNR), and at its PSNR (bytes).
     images = sorted({r["image"] for r in rows})
@@ -174,11 +170,12 @@ def markdown(result: dict) -> str:
 
 
 def points_markdown(s: dict) -> list[str]:
-    lines = ["", "| codec / operating point | images | bytes | bpp | PSNR dB | SSIM | MS-SSIM |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    metrics = [m for m in QUALITY_METRICS if m in next(iter(s["means"].values()))]
+    lines = ["", "| codec / operating point | images | bytes | bpp | "
+             + " | ".join(QUALITY_METRICS[m].label for m in metrics) + " |", "| --- " * (len(metrics) + 4) + "|"]
     for codec, mean in s["means"].items():
-        lines.append(f"| {codec} | {mean['n']} | {mean['bytes']:.0f} | {mean['bpp']:.4f} | {mean['psnr']:.2f} |"
-                     f" {mean['ssim']:.4f} | {mean['ms_ssim']:.4f} |")
+        values = " | ".join(f"{mean[m]:.{QUALITY_METRICS[m].digits}f}" for m in metrics)
+        lines.append(f"| {codec} | {mean['n']} | {mean['bytes']:.0f} | {mean['bpp']:.4f} | {values} |")
     v = s["versus_recipe"]
     lines.append("")
     if v["psnr_gain_at_recipe_bytes_db"] is not None:
@@ -200,11 +197,17 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     means = result["summary"]["means"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, metric, label in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "ms_ssim", "MS-SSIM")):
+    metrics = [m for m in sweep.BD_METRICS if m in next(iter(means.values()))]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 5), squeeze=False)
+    axes = axes[0]
+    for ax, metric in zip(axes, metrics):
+        better = "higher" if QUALITY_METRICS[metric].higher_is_better else "lower"
+        label = f"{QUALITY_METRICS[metric].label} ({better} is better)"
         ours = [(v["bpp"], v[metric]) for k, v in means.items() if k.startswith("sdc palette")]
         if ours:
-            ax.plot(*zip(*pareto(ours)), "-", color="C3", linewidth=2, label="sdc palette mode (best points)")
+            sign = 1 if QUALITY_METRICS[metric].higher_is_better else -1  # pareto() wants higher-is-better
+            best = [(bpp, sign * q) for bpp, q in pareto([(bpp, sign * q) for bpp, q in ours])]
+            ax.plot(*zip(*best), "-", color="C3", linewidth=2, label="sdc palette mode (best points)")
             ax.plot(*zip(*ours), "o", color="C3", label="sdc palette operating points")
         scalar = sorted([(v["bpp"], v[metric]) for k, v in means.items() if k.startswith("sdc u8")])
         if scalar:
@@ -249,7 +252,7 @@ def add_parser(sub):
                         f"(K colours per group of G channels); default {DEFAULT_POINTS}, none with --qualities")
     p.add_argument("--peers", default="JPEG,WebP,AVIF,JPEG XL", help="classical codecs at matched bytes")
     p.add_argument("--qualities", type=sweep.parse_integers(1, 100), default=None, metavar="Q,Q,...",
-                   help="quality sweep through the codec's --quality (with --efforts); AVIF and JPEG XL at "
+                   help="quality sweep through the codec's --quality (with --efforts); the --peers at "
                         "matched bytes and the original recipe at 16..256 colours come with it")
     p.add_argument("--efforts", type=sweep.parse_integers(0, 9), default=[0], metavar="E,E,...",
                    help="effort sweep: each quality at each effort; Bjontegaard deltas against the lowest")

@@ -3,8 +3,9 @@
 2022 recipe (at 16..256 colours) and the classical codecs at matched bytes.
 
 Bjøntegaard deltas (the ``bjontegaard`` package, Akima interpolation over log-rate) are
-computed per image where two curves overlap, then averaged: BD-PSNR is the mean PSNR gain at
-equal bytes, BD-rate the mean byte change at equal PSNR (negative: fewer bytes).
+computed per image where two curves overlap, then averaged, on PSNR, SSIMULACRA 2 and
+Butteraugli's 3-norm: BD-rate is the mean byte change at equal quality (negative: fewer
+bytes), BD-PSNR the mean PSNR gain at equal bytes.
 """
 from __future__ import annotations
 
@@ -15,8 +16,13 @@ import warnings
 
 import numpy as np
 
+from .metrics import QUALITY_METRICS, scores
+
 RECIPE_COLORS = (16, 32, 64, 128, 256)
-SWEEP_PEERS = ("AVIF", "JPEG XL")
+CEILING = "autoencoder ceiling"
+# The metrics Bjøntegaard deltas are taken on: PSNR, and the two perceptual ones the JPEG XL and
+# AVIF people use (Butteraugli where its tool is installed).
+BD_METRICS = ("psnr", "ssimulacra2", "butteraugli_3norm")
 
 
 def parse_integers(low: int, high: int):
@@ -31,10 +37,11 @@ def parse_integers(low: int, high: int):
     return parse
 
 
-def sweep_image(codec, name: str, original: np.ndarray, qualities, efforts, scores, crops=None) -> list[dict]:
-    """Rows for one image: each (effort, quality), the recipe curve and the peers matched at the
-    bytes of the highest effort swept.  ``crops``: a dict to fill with the decoded images at the
-    model set's default quality, to look at side by side."""
+def sweep_image(codec, name: str, original: np.ndarray, qualities, efforts, peers, crops=None) -> list[dict]:
+    """Rows for one image: each (effort, quality), the autoencoder's ceiling (its unquantized
+    round trip), the recipe curve and each peer matched at the bytes of the highest effort
+    swept.  ``crops``: a dict to fill with the decoded images at the model set's default
+    quality, to look at side by side."""
     from sdc_peers import matched
     from sdc_runtime.latent import dequantize_u8, quantize_u8
 
@@ -56,26 +63,34 @@ def sweep_image(codec, name: str, original: np.ndarray, qualities, efforts, scor
                 crops["original"] = original
                 crops[f"sdc Q{quality} effort {effort} ({len(data)} B)"] = decoded
     raw, size = codec.image_to_latent(original)
+    rows.append({"image": name, "codec": CEILING, "quality": 0,
+                 **scores(original, np.asarray(codec.latent_to_image(raw, size)), 0)})
     scale, zero = codec.quant_mapping(raw)
     for colors in RECIPE_COLORS:
         payload, levels = original_recipe(quantize_u8(raw, scale, zero), colors)
         decoded = np.asarray(codec.latent_to_image(dequantize_u8(levels, scale, zero), size))
         rows.append({"image": name, "codec": "original recipe", "quality": colors,
                      **scores(original, decoded, payload + 8 * raw.shape[0])})
-    for peer in SWEEP_PEERS:
+    for peer in peers:
         for quality, (budget, _) in top.items():
             result = matched(peer, original, budget)
             if result is not None:
                 rows.append({"image": name, "codec": peer, "quality": quality,
                              **scores(original, result[1], result[0])})
-                if crops is not None and quality == codec.manifest.defaults.quality:
+                if crops is not None and quality == codec.manifest.defaults.quality and peer in ("AVIF", "JPEG XL"):
                     crops[f"{peer} ({result[0]} B)"] = result[1]
     return rows
 
 
-def _curve(rows, image, codec):
-    points = sorted((r["bytes"], r["psnr"]) for r in rows if r["image"] == image and r["codec"] == codec)
-    # Bjøntegaard needs rates and PSNRs that both rise: keep the points on the image's frontier.
+def _oriented(metric: str, value: float) -> float:
+    """Lower-is-better metrics (Butteraugli) negated, so every curve rises with bytes."""
+    return value if QUALITY_METRICS[metric].higher_is_better else -value
+
+
+def _curve(rows, image, codec, metric):
+    points = sorted((r["bytes"], _oriented(metric, r[metric])) for r in rows
+                    if r["image"] == image and r["codec"] == codec and metric in r)
+    # Bjøntegaard needs rates and qualities that both rise: keep the points on the image's frontier.
     frontier = []
     for size, quality in points:
         if not frontier or (size > frontier[-1][0] and quality > frontier[-1][1]):
@@ -83,14 +98,14 @@ def _curve(rows, image, codec):
     return frontier
 
 
-def bd(rows: list[dict], anchor: str, test: str) -> dict:
-    """Mean BD-rate (%) and BD-PSNR (dB) of ``test`` against ``anchor`` over the images where
-    both curves have four or more points."""
+def bd(rows: list[dict], anchor: str, test: str, metric: str = "psnr") -> dict:
+    """Mean BD-rate (%) and BD-quality (in the metric's units; positive: better) of ``test``
+    against ``anchor`` on ``metric``, over the images where both curves have four or more points."""
     import bjontegaard
 
     rates, gains = [], []
     for image in sorted({r["image"] for r in rows}):
-        a, t = _curve(rows, image, anchor), _curve(rows, image, test)
+        a, t = _curve(rows, image, anchor, metric), _curve(rows, image, test, metric)
         if len(a) < 4 or len(t) < 4:
             continue
         with warnings.catch_warnings():  # a partial overlap is reported, not an error
@@ -100,17 +115,23 @@ def bd(rows: list[dict], anchor: str, test: str) -> dict:
                 gain = bjontegaard.bd_psnr(*zip(*a), *zip(*t), method="akima", require_matching_points=False)
             except ValueError:  # no overlap at all
                 continue
-        # BD-rate compares bytes at equal PSNR: undefined (nan) where the PSNR ranges do not meet.
+        # BD-rate compares bytes at equal quality: undefined (nan) where the quality ranges do not meet.
         if math.isfinite(rate):
             rates.append(rate)
         if math.isfinite(gain):
             gains.append(gain)
-    return {"anchor": anchor, "test": test, "images": len(gains),
+    return {"anchor": anchor, "test": test, "metric": metric, "images": len(gains),
             "bd_rate_percent": float(np.mean(rates)) if rates else None, "bd_rate_images": len(rates),
-            "bd_psnr_db": float(np.mean(gains)) if gains else None}
+            "bd_quality": float(np.mean(gains)) if gains else None}
 
 
-def summarize(rows: list[dict], efforts: list[int]) -> dict:
+def measured_metrics(rows: list[dict]) -> list[str]:
+    """The quality metrics every row has (Butteraugli only where its tool is installed)."""
+    return [m for m in QUALITY_METRICS if rows and all(m in r for r in rows)]
+
+
+def summarize(rows: list[dict], efforts: list[int], peers) -> dict:
+    metrics = measured_metrics(rows)
     codecs = sorted({r["codec"] for r in rows})
     means = {}
     for codec in codecs:
@@ -118,30 +139,47 @@ def summarize(rows: list[dict], efforts: list[int]) -> dict:
             chosen = [r for r in rows if r["codec"] == codec and r["quality"] == quality]
             means[f"{codec} @ {quality}"] = {
                 "codec": codec, "quality": quality, "n": len(chosen),
-                **{k: float(np.mean([r[k] for r in chosen])) for k in ("bytes", "bpp", "psnr", "ssim", "ms_ssim")},
+                **{k: float(np.mean([r[k] for r in chosen])) for k in ("bytes", "bpp", *metrics)},
                 **({"encode_s": float(np.median([r["encode_s"] for r in chosen]))} if "encode_s" in chosen[0] else {})}
     base = f"sdc effort {efforts[0]}"
-    deltas = [bd(rows, base, f"sdc effort {e}") for e in efforts[1:]]
+    pairs = [(base, f"sdc effort {e}") for e in efforts[1:]]
     best = f"sdc effort {efforts[-1]}"
-    deltas += [bd(rows, anchor, best) for anchor in ("original recipe", *SWEEP_PEERS) if anchor in codecs]
-    return {"means": means, "bd": deltas}
+    pairs += [(anchor, best) for anchor in ("original recipe", *peers) if anchor in codecs]
+    deltas = [{"anchor": anchor, "test": test, "by_metric": {m: bd(rows, anchor, test, m) for m in BD_METRICS
+                                                              if m in metrics}}
+              for anchor, test in pairs]
+    return {"metrics": metrics, "means": means, "bd": deltas}
+
+
+def _label(mean: dict) -> str:
+    if mean["codec"] == CEILING:
+        return "unquantized"
+    return f"{'colours' if mean['codec'] == 'original recipe' else 'Q'} {mean['quality']}"
 
 
 def markdown(summary: dict, efforts: list[int]) -> list[str]:
+    metrics = [m for m in summary["metrics"] if m != "ssim"]
+    header = " | ".join(QUALITY_METRICS[m].label for m in metrics)
     lines = ["", "Quality and effort sweep (means over images; encode seconds are medians):", "",
-             "| codec | quality | bytes | bpp | PSNR dB | MS-SSIM | encode s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"| codec | quality | bytes | bpp | {header} | encode s |", "| --- " * (len(metrics) + 5) + "|"]
     for mean in summary["means"].values():
         seconds = f"{mean['encode_s']:.2f}" if "encode_s" in mean else ""
-        label = "colours" if mean["codec"] == "original recipe" else "Q"
-        lines.append(f"| {mean['codec']} | {label} {mean['quality']} | {mean['bytes']:.0f} | {mean['bpp']:.4f} |"
-                     f" {mean['psnr']:.2f} | {mean['ms_ssim']:.4f} | {seconds} |")
-    lines += ["", "Bjøntegaard deltas (per image, then the mean; negative BD-rate: fewer bytes for the same PSNR):",
-              "", "| test | anchor | images | BD-rate | BD-PSNR |", "| --- | --- | --- | --- | --- |"]
-    for d in summary["bd"]:
-        rate = ("n/a (the PSNR ranges do not meet)" if d["bd_rate_percent"] is None
-                else f"{d['bd_rate_percent']:+.1f}% ({d['bd_rate_images']} images)")
-        gain = "n/a" if d["bd_psnr_db"] is None else f"{d['bd_psnr_db']:+.2f} dB"
-        lines.append(f"| {d['test']} | {d['anchor']} | {d['images']} | {rate} | {gain} |")
+        values = " | ".join(f"{mean[m]:.{QUALITY_METRICS[m].digits}f}" for m in metrics)
+        lines.append(f"| {mean['codec']} | {_label(mean)} | {mean['bytes']:.0f} | {mean['bpp']:.4f} | {values} |"
+                     f" {seconds} |")
+    measured = [m for m in BD_METRICS if summary["bd"] and m in summary["bd"][0]["by_metric"]]
+    lines += ["", "Bjøntegaard deltas (per image, then the mean).  BD-rate: the byte change at equal quality on"
+              " each metric (negative: fewer bytes); n/a where the quality ranges do not meet.  BD-PSNR: the"
+              " PSNR change at equal bytes.", "",
+              "| test | anchor | images | " + " | ".join(f"BD-rate {QUALITY_METRICS[m].label}" for m in measured)
+              + " | BD-PSNR |", "| --- " * (len(measured) + 4) + "|"]
+    for pair in summary["bd"]:
+        by = pair["by_metric"]
+        rates = " | ".join("n/a" if by[m]["bd_rate_percent"] is None else
+                           f"{by[m]['bd_rate_percent']:+.1f}% ({by[m]['bd_rate_images']})" for m in measured)
+        gain = by["psnr"]["bd_quality"]
+        lines.append(f"| {pair['test']} | {pair['anchor']} | {by['psnr']['images']} | {rates} |"
+                     f" {'n/a' if gain is None else f'{gain:+.2f} dB'} |")
     return lines
 
 
@@ -151,18 +189,24 @@ def plot(summary: dict, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    codecs = sorted({m["codec"] for m in summary["means"].values()})
-    for i, codec in enumerate(codecs):
-        curve = sorted((m["bpp"], m["psnr"]) for m in summary["means"].values() if m["codec"] == codec)
-        style = "o-" if codec.startswith("sdc") else ("*-" if codec == "original recipe" else "^--")
-        ax.plot(*zip(*curve), style, color=f"C{i}", label=codec)
-    ax.set_xscale("log")
-    ax.set_xlabel("bits per pixel (mean over images)")
-    ax.set_ylabel("PSNR (dB)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=9)
-    ax.set_title(title)
+    metrics = [m for m in BD_METRICS if m in summary["metrics"]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(7 * len(metrics), 5.5), squeeze=False)
+    codecs = sorted({m["codec"] for m in summary["means"].values()} - {CEILING})
+    ceiling = next((m for m in summary["means"].values() if m["codec"] == CEILING), None)
+    for ax, metric in zip(axes[0], metrics):
+        for i, codec in enumerate(codecs):
+            curve = sorted((m["bpp"], m[metric]) for m in summary["means"].values() if m["codec"] == codec)
+            style = "o-" if codec.startswith("sdc") else ("*-" if codec == "original recipe" else "^--")
+            ax.plot(*zip(*curve), style, color=f"C{i}", label=codec)
+        if ceiling is not None:
+            ax.axhline(ceiling[metric], color="gray", linestyle=":", label="autoencoder ceiling (unquantized)")
+        ax.set_xscale("log")
+        ax.set_xlabel("bits per pixel (mean over images)")
+        better = "higher" if QUALITY_METRICS[metric].higher_is_better else "lower"
+        ax.set_ylabel(f"{QUALITY_METRICS[metric].label} ({better} is better)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,6 +1,7 @@
 """The benchmark tools: metrics against scikit-image, and sdc-bench rd end to end."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -50,6 +51,10 @@ def test_sdc_bench_rd_end_to_end(tmp_path, request):
             ours = next(r for r in result["rows"] if r["codec"] == "sdc " + row["codec"].split(" @ ")[1])
             assert row["bytes"] <= ours["bytes"]
     assert means["sdc u8"]["bytes"] > means["sdc palette K=256 G=4"]["bytes"] > means["sdc palette K=64 G=4"]["bytes"]
+    # Coarser points score worse on the perceptual metrics too.
+    assert means["sdc u8"]["ssimulacra2"] > means["sdc palette K=64 G=4"]["ssimulacra2"]
+    if shutil.which("butteraugli_main"):
+        assert means["sdc u8"]["butteraugli_3norm"] < means["sdc palette K=64 G=4"]["butteraugli_3norm"]
     for name in ("rd.png", "crops.png", "rd.csv", "summary.md"):
         assert (out / name).stat().st_size > 0
 
@@ -70,17 +75,27 @@ def test_sdc_bench_rd_quality_and_effort_sweep(tmp_path, request):
                  "--efforts", "0,1", "--crop-image", "kodim23", "--out", str(out)]) == 0
     result = json.loads((out / "rd.json").read_text())
     rows = result["sweep_rows"]
-    assert {r["codec"] for r in rows} == {"sdc effort 0", "sdc effort 1", "original recipe", "AVIF", "JPEG XL"}
+    assert {r["codec"] for r in rows} == {"sdc effort 0", "sdc effort 1", "autoencoder ceiling", "original recipe",
+                                          "JPEG", "WebP", "AVIF", "JPEG XL"}
+    perceptual = ["ssimulacra2"] + (["butteraugli", "butteraugli_3norm"] if shutil.which("butteraugli_main") else [])
+    assert result["sweep"]["metrics"] == ["psnr", "ssim", "ms_ssim", *perceptual]
+    for r in rows:  # every codec at every point is scored on every metric
+        assert all(np.isfinite(r[m]) for m in ("psnr", *perceptual))
     for image in ("kodim23", "kodim05"):  # sizes rise with quality, and peers never exceed ours
         ours = {r["quality"]: r["bytes"] for r in rows if r["image"] == image and r["codec"] == "sdc effort 1"}
         assert [ours[q] for q in (10, 30, 60, 90)] == sorted(ours.values())
         for r in rows:
-            if r["image"] == image and r["codec"] in ("AVIF", "JPEG XL"):
+            if r["image"] == image and r["codec"] in ("JPEG", "WebP", "AVIF", "JPEG XL"):
                 assert r["bytes"] <= ours[r["quality"]]
-    deltas = {(d["test"], d["anchor"]): d for d in result["sweep"]["bd"]}
+    deltas = {(d["test"], d["anchor"]): d["by_metric"] for d in result["sweep"]["bd"]}
+    assert set(deltas) == {("sdc effort 1", anchor) for anchor in
+                           ("sdc effort 0", "original recipe", "JPEG", "WebP", "AVIF", "JPEG XL")}
     effort = deltas[("sdc effort 1", "sdc effort 0")]
-    assert effort["images"] == 2 and effort["bd_psnr_db"] > 0 and effort["bd_rate_percent"] < 0
-    assert deltas[("sdc effort 1", "AVIF")]["bd_psnr_db"] < 0  # said plainly: AVIF is ahead in PSNR
+    assert set(effort) == {"psnr", "ssimulacra2", *perceptual[-1:]}
+    assert effort["psnr"]["images"] == 2 and effort["psnr"]["bd_quality"] > 0 and effort["psnr"]["bd_rate_percent"] < 0
+    assert deltas[("sdc effort 1", "AVIF")]["psnr"]["bd_quality"] < 0  # said plainly: AVIF is ahead in PSNR
+    summary = (out / "summary.md").read_text()
+    assert "BD-rate SSIMULACRA2" in summary and "autoencoder ceiling | unquantized" in summary
     for name in ("rd-quality.png", "crops.png", "sweep.csv", "summary.md"):
         assert (out / name).stat().st_size > 0
 
