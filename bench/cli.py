@@ -15,11 +15,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv) -> int:
     require_extra("bench", PROG)  # before the parser: the subcommands' modules import the extra
-    from . import coder, gpu, int8, photo, rd, serve, session, stages, tiles
+    from . import coder, gpu, int8, metrics_check, photo, rd, serve, session, stages, tiles
 
     parser = ToolParser(prog=PROG, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ToolParser)
-    for command in (stages, rd, tiles, serve, int8, session, photo, gpu, coder):
+    for command in (stages, rd, metrics_check, tiles, serve, int8, session, photo, gpu, coder):
         command.add_parser(sub)
     args = parser.parse_args(argv)
     return args.run(args)
