@@ -86,10 +86,16 @@ class GraphSpec:
     # statistics): the layer index that splits it into the part at latent resolution, run
     # whole, and the spatially local part the runtime may run in tiles.
     split: int | None = None
+    # Outputs after ``output_name`` (per batch item: no spatial axes).
+    extra_outputs: tuple[str, ...] = ()
+    # The parts, where they are not the module's two halves at ``split`` (the decoder gradient's).
+    split_parts: list[GraphSpec] | None = None
 
     def parts(self) -> list[GraphSpec]:
         """The split graph's two parts, in data-flow order, named '<role>.whole' and
         '<role>.tiled': an encoder is local up to the latent resolution, a decoder from it."""
+        if self.split_parts is not None:
+            return self.split_parts
         first, second = self.module[:self.split].eval(), self.module[self.split:].eval()
         with torch.no_grad():
             middle = first(*self.example)
@@ -114,12 +120,13 @@ def export_graph(spec: GraphSpec, path: str, opset: int, *, fuse: bool = True) -
         if example.ndim == 4:  # a second image-like input (the decoder gradient's target image)
             dynamic[name].update({2: f"{name}_height", 3: f"{name}_width"})
     dynamic[spec.output_name] = {0: "batch", 2: "out_height", 3: "out_width"}
+    dynamic.update({name: {0: "batch"} for name in spec.extra_outputs})
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as scratch:
         scratch_path = os.path.join(scratch, "graph.onnx")
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(spec.module, spec.example, scratch_path, dynamo=False, opset_version=opset,
-                              input_names=spec.input_names, output_names=[spec.output_name],
+                              input_names=spec.input_names, output_names=[spec.output_name, *spec.extra_outputs],
                               dynamic_axes=dynamic, do_constant_folding=True)
         scattered = len(os.listdir(scratch)) > 1
         model = onnx.load(scratch_path)
@@ -200,21 +207,28 @@ def check_parity(spec: GraphSpec, path: str, precision: str, *, batch: int = 2) 
             inputs.append(torch.full(shape, 15.0))
         elif name == "image":
             inputs.append(torch.rand(shape, generator=generator) * 2 - 1)
+        elif name == "weight":  # the decoder gradient's per-pixel weights
+            inputs.append(torch.rand(shape, generator=generator))
         else:
             inputs.append(torch.randn(shape, generator=generator))
     with torch.no_grad():
-        expected = spec.module(*inputs).float().numpy()
+        expected = spec.module(*inputs)
+    expected = [t.float().numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
     try:
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise SdcExportError(f"onnxruntime cannot load the exported {spec.role}: {str(exc).splitlines()[0]}") from None
     feeds = {name: t.numpy().astype(np.float32) for name, t in zip(spec.input_names, inputs)}
-    actual = session.run(None, feeds)[0]
-    if actual.shape != expected.shape:
-        raise SdcExportError(f"{spec.role}: onnx output shape {actual.shape} != torch {expected.shape}")
-    scale = float(np.abs(expected).max())
-    max_abs = float(np.abs(actual.astype(np.float64) - expected).max())
     atol, rtol = TOLERANCE[precision]
-    tolerance = atol + rtol * scale
-    passed = bool(np.isfinite(actual).all()) and max_abs <= tolerance
+    worst = None  # (max_abs / tolerance, max_abs, scale, tolerance, finite) of the output furthest off
+    for name, actual, reference in zip([spec.output_name, *spec.extra_outputs], session.run(None, feeds), expected):
+        if actual.shape != reference.shape:
+            raise SdcExportError(f"{spec.role}: onnx {name} shape {actual.shape} != torch {reference.shape}")
+        scale = float(np.abs(reference).max())
+        max_abs = float(np.abs(actual.astype(np.float64) - reference).max())
+        tolerance = atol + rtol * scale
+        entry = (max_abs / tolerance, max_abs, scale, tolerance, bool(np.isfinite(actual).all()))
+        worst = entry if worst is None or not entry[4] or entry[0] > worst[0] else worst
+    _, max_abs, scale, tolerance, finite = worst
+    passed = finite and max_abs <= tolerance
     return Parity(spec.role, precision, max_abs, max_abs / max(scale, 1e-12), tolerance, passed)

@@ -441,11 +441,30 @@ TAE_LATENT_RANGE = 6.0
 TAE_STEP = 2 * TAE_LATENT_RANGE / 255
 
 
+def decoder_gradient_spec(decoder, split: int | None, channels: int, lh: int, lw: int) -> GraphSpec:
+    """The decoder's gradient graph; for a split decoder also its parts: the whole part's
+    backward (which also gives the tiles their input) and the local part's gradient, which
+    the runtime runs in tiles on images too large for the whole graph."""
+    from .tae import DecoderBackward, DecoderGradient
+
+    latent, image, weight = torch.zeros(1, channels, lh, lw), torch.zeros(1, 3, lh * 8, lw * 8), torch.ones(1, 1, lh * 8, lw * 8)
+    parts = None
+    if split is not None:
+        with torch.no_grad():
+            features = decoder[:split](latent)
+        parts = [GraphSpec("decoder_gradient.whole", DecoderBackward(decoder[:split]), ["latent", "output_gradient"],
+                           "gradient", (latent, torch.zeros_like(features)), extra_outputs=("features",)),
+                 GraphSpec("decoder_gradient.tiled", DecoderGradient(decoder[split:]), ["features", "image", "weight"],
+                           "gradient", (features, image, weight), extra_outputs=("error",))]
+    return GraphSpec("decoder_gradient", DecoderGradient(decoder), ["latent", "image", "weight"], "gradient",
+                     (latent, image, weight), split=split, extra_outputs=("error",), split_parts=parts)
+
+
 def export_tae(folder: str, out: str, plan: ExportPlan, progress=None, latent_space: str | None = None) -> ExportReport:
     """A TAESD-format pair -> model set: image in [0, 1], latent scale 1, no UNet.  With
     ``latent_space`` (a VAE-only set, whose latents are in the same units): the pair joins that
     set's latent space, its files and the set's decoding with either."""
-    from .tae import DecoderGradient, load_tae_pair, tae_splits
+    from .tae import load_tae_pair, tae_splits
 
     encoder, decoder, channels, variant = load_tae_pair(folder)
     lh, lw = parity_latent_size(1)
@@ -455,8 +474,7 @@ def export_tae(folder: str, out: str, plan: ExportPlan, progress=None, latent_sp
     specs = [
         GraphSpec("vae_encoder", encoder, ["image"], "latent", (torch.zeros(1, 3, lh * 8, lw * 8),), encoder_split),
         GraphSpec("vae_decoder", decoder, ["latent"], "image", (torch.zeros(1, channels, lh, lw),), decoder_split),
-        GraphSpec("decoder_gradient", DecoderGradient(decoder), ["latent", "image"], "gradient",
-                  (torch.zeros(1, channels, lh, lw), torch.zeros(1, 3, lh * 8, lw * 8))),
+        decoder_gradient_spec(decoder, decoder_split, channels, lh, lw),
     ]
     report(progress, "fingerprint weights", 0, 1)
     weights = decoder_sensitivity(decoder, channels, 1.5)

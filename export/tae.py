@@ -128,23 +128,44 @@ def load_tae_decoder(folder: str) -> tuple[nn.Sequential, int]:
 
 
 class DecoderGradient(nn.Module):
-    """(latent, image) -> d/d latent of sum((clip(decoder(latent), 0, 1) - image)^2).
+    """(latent, image, weight) -> (the gradient at the latent of E, E), where E, per batch item,
+    is sum(weight * (clip(decoder(latent), 0, 1) - image)^2) and ``weight`` (N, 1, H, W) says
+    which pixels count: all of them for a whole image, a tile's own for a tile (the runtime
+    adds the tiles up), none outside an image grown to the coded minimum.  E scores the latent
+    the gradient is taken at, so the closed loop needs no separate decode for it.
 
     The closed-loop encoder (``effort``) descends this gradient without torch, so the backward
     pass is written out as forward layers ONNX can hold: a convolution's is the transposed
     convolution with the same weights, nearest 2x upsampling's is a 2x2 sum, ReLU's and
     tanh's are masks and derivatives of the forward values, GroupNorm's is written from its
-    formula.  It covers exactly the layers ``make_decoder`` builds; ``tests/test_export.py``
-    checks it against torch's autograd."""
+    formula.  It covers exactly the layers ``make_decoder`` builds (and any run of them);
+    ``tests/test_export.py`` checks it against torch's autograd."""
 
     def __init__(self, decoder: nn.Sequential):
         super().__init__()
         self.decoder = decoder
 
-    def forward(self, latent, image):
+    def forward(self, latent, image, weight):
         decoded, tape = _forward(self.decoder, latent)
         inside = (decoded > 0) & (decoded < 1)
-        return _backward(self.decoder, tape, 2 * (decoded - image) * inside)
+        difference = decoded.clamp(0, 1) - image
+        error = (weight * difference * difference).sum(dim=(1, 2, 3))
+        return _backward(self.decoder, tape, 2 * weight * difference * inside), error
+
+
+class DecoderBackward(nn.Module):
+    """(latent, gradient at the output) -> (gradient at the latent, output) of a run of decoder
+    layers: the whole part of a split decoder, whose GroupNorms need the whole latent.  The
+    runtime runs it twice: with a zero gradient for the output (the tiles' input), then with
+    the gradient the tiles sum up.  At latent resolution both runs cost little."""
+
+    def __init__(self, part: nn.Sequential):
+        super().__init__()
+        self.part = part
+
+    def forward(self, latent, output_gradient):
+        output, tape = _forward(self.part, latent)
+        return _backward(self.part, tape, output_gradient), output
 
 
 def _forward(module: nn.Module, x):

@@ -117,13 +117,13 @@ class SdcCodec:
         metadata = {} if resolved.strip else picture.metadata
         flags = container.grey_flags(picture.grey_bits)
 
-        def file_at(options: EncodeOptions, descend: bool = True) -> bytes:
+        def file_at(options: EncodeOptions, descend: bool = True, budget: int | None = None) -> bytes:
             def code(candidate):
                 return self._code_latent(candidate, size, options, alpha=alpha, metadata=metadata, flags=flags)
             if loop is None:
                 return code(latent)
-            return refine.best_file(picture.rgb, latent, candidates, options.effort, code, loop, progress,
-                                    descend=descend)
+            return refine.best_file(latent, candidates, options.effort, code, loop, progress, descend=descend,
+                                    budget=budget)
 
         if resolved.target_bytes is None:
             return SizedEncode(file_at(resolved), resolved.quality, 1)
@@ -132,7 +132,8 @@ class SdcCodec:
     def _search_size(self, file_at, options: EncodeOptions, descends: bool, progress) -> SizedEncode:
         """Bisects the quality scale on files written without the descent (it costs several
         decodes per step, and would cost them at every quality tried), then descends once at
-        the quality found, keeping that file where it still fits."""
+        the quality found, within the target: of the files the descent writes (each step's),
+        the best that fits wins, the plain one at worst."""
         target = options.target_bytes
         kept = {name: getattr(options, name) for name in ENCODE_KEPT_IN_SEARCH}
         files: dict[int, bytes] = {}
@@ -157,8 +158,10 @@ class SdcCodec:
                 too_large = middle
         if not descends:
             return SizedEncode(files[fitting], fitting, len(files))
-        descended = file_at(self.options(quality=fitting, **kept))
-        return SizedEncode(descended if len(descended) <= target else files[fitting], fitting, len(files) + 1)
+        descended = file_at(self.options(quality=fitting, **kept), budget=target)
+        # b"": none of the descent's files fit (not even its start, where the plain search
+        # kept a free pass's file): the search's own file stands.
+        return SizedEncode(descended or files[fitting], fitting, len(files) + 1)
 
     def _loop(self, rgb: np.ndarray, options: EncodeOptions) -> refine.Loop:
         """The closed loop's stages for the image ``rgb``; the file's UNet steps in the loop
@@ -167,7 +170,7 @@ class SdcCodec:
         with_steps = options.effort >= refine.DENOISE_IN_LOOP_EFFORT and options.denoise_steps > 0
         padded = pad_to(rgb, self.manifest.downscale)
         # The gradient graph decodes without the UNet steps: it serves sets without a UNet.
-        descent = self.stages.gradient_fits(*padded.shape[:2]) and not options.denoise_steps
+        descent = self.stages.has_gradient() and not options.denoise_steps
 
         def encode(rgb):
             return self.stages.encode(pad_to(rgb, self.manifest.downscale))[0]
@@ -179,11 +182,13 @@ class SdcCodec:
             return np.asarray(self._decoded(data, None if with_steps else 0, "vae_decoder", None)[0])[..., :3]
 
         def gradient(latent):
-            return self.stages.decoder_gradient(latent[None], padded)[0]
+            gradient, error = self.stages.decoder_gradient(latent[None], padded, (height, width))
+            low, high = self.stages.graph("decoder_gradient").image_range
+            return gradient[0], error * (255 / (high - low)) ** 2 / rgb.size
 
         def held(data):
             return self.decode_latent(data)[1]
-        return refine.Loop(encode, decode, decode_file, gradient if descent else None, held)
+        return refine.Loop(rgb, encode, decode, decode_file, gradient if descent else None, held)
 
     def image_to_latent(self, image, /, *, progress=None) -> tuple[np.ndarray, tuple[int, int]]:
         """PIL image or (H, W, 3) uint8 array -> ((C, h, w) float32 raw latent, (width, height))."""

@@ -21,7 +21,9 @@ from .roles import GRAPH_ROLES, REQUIRED_ROLES
 MANIFEST_NAME = "manifest.json"
 # 2: encoder defaults moved from the runtime into the manifest.
 # 3: the defaults hold the family's quality scale, default quality and effort.
-MANIFEST_VERSION = 3
+# 4: the decoder gradient weighs the pixels it counts and returns their squared error too; a
+#    split decoder's has whole and tiled parts, so it runs on images of any size.
+MANIFEST_VERSION = 4
 # The autoencoder's conventions: "sd" (diffusers' VAEs: images in [-1, 1]) or "tae" (TAESD-format).
 FAMILIES = ("sd", "tae")
 # What the set was exported from: an SD 1.x/2.x or SDXL pipeline (with its UNet), a VAE alone
@@ -126,8 +128,8 @@ class Manifest:
             version = data.get("format_version")
             if isinstance(version, int) and version < MANIFEST_VERSION:
                 raise SdcModelError(
-                    f"the model set was written by an older sdc-export (manifest format_version {version},"
-                    " without the encoder defaults this runtime needs): re-export it with sdc-export")
+                    f"the model set was written by an older sdc-export (manifest format_version {version}; this"
+                    f" runtime reads {MANIFEST_VERSION}): re-export it with sdc-export (the files it wrote still decode)")
             if version != MANIFEST_VERSION:
                 raise ValueError(f"unsupported manifest format_version {version!r}")
             defaults = dict(data["defaults"])

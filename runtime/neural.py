@@ -18,7 +18,7 @@ from .image import graph_output_to_levels, to_graph_input, to_uint8
 from .manifest import Graph, Manifest, Scheduler, load_manifest
 from .options import Denoising
 from .progress import report
-from .tiles import MAX_OVERLAP_PIXELS, grid, overlaps, ramp, spans
+from .tiles import MAX_OVERLAP_PIXELS, grid, overlaps, owned_spans, ramp, spans
 
 # The working-memory budget of the neural stages when the caller names none (--memory-limit).
 DEFAULT_MEMORY_LIMIT = 2 << 30
@@ -220,6 +220,11 @@ class NeuralStages:
         self._feed_observers.append(observer)
 
     def _run(self, file: str, *arrays: np.ndarray) -> np.ndarray:
+        """The graph's first output."""
+        return self._run_all(file, *arrays)[0]
+
+    def _run_all(self, file: str, *arrays: np.ndarray) -> list[np.ndarray]:
+        """Every output of the graph, as float32."""
         session = self.session(file)
         feeds = {}
         for spec, array in zip(session.get_inputs(), arrays, strict=True):
@@ -228,14 +233,14 @@ class NeuralStages:
         for observer in self._feed_observers:
             observer(file, feeds)
         try:
-            output = session.run(None, feeds)[0].astype(np.float32)
+            outputs = [output.astype(np.float32) for output in session.run(None, feeds)]
         except Exception as exc:  # onnxruntime's errors are untyped (allocation failures among them)
             raise SdcModelError(f"{file} failed: {str(exc).splitlines()[0][:300]}") from None
-        if np.isfinite(output).all():
-            return output
+        if all(np.isfinite(output).all() for output in outputs):
+            return outputs
         # Never an image of NaNs: fp16 graphs of some checkpoints overflow (the SD VAE decoder).
         if file in self._fallbacks:
-            return self._run(self._fallbacks[file], *arrays)
+            return self._run_all(self._fallbacks[file], *arrays)
         role = self._roles.get(file, file)
         raise SdcModelError(f"{file} produced non-finite values (an fp16 overflow?): re-export the set with"
                             f" --keep-fp32 {role} or --fp32-fallback")
@@ -307,35 +312,74 @@ class NeuralStages:
                             lambda: report(progress, "encode", next(counter), len(tiles)))
         return self._run(graph.whole, features) if graph.whole else features
 
-    def gradient_fits(self, height: int, width: int) -> bool:
-        """Whether the set has the decoder's gradient graph and it runs on a ``height`` x
-        ``width`` image whole within the memory budget (it has no tiled form)."""
-        return "decoder_gradient" in self.manifest.graphs and self.tile_for("decoder_gradient", height, width) == 0
+    def has_gradient(self) -> bool:
+        return "decoder_gradient" in self.manifest.graphs
 
-    def decoder_gradient(self, latent: np.ndarray, pixels: np.ndarray) -> np.ndarray:
-        """(1, C, h, w) latent and the (h*f, w*f, 3) uint8 image it should decode to -> the
-        gradient at the latent of the decoded image's squared error (in the graph's units)."""
+    def decoder_gradient(self, latent: np.ndarray, pixels: np.ndarray, counted: tuple[int, int]) -> tuple[np.ndarray, float]:
+        """(1, C, h, w) latent and the (h*f, w*f, 3) uint8 image it should decode to -> (the
+        gradient at the latent of the decoded image's squared error, that error), in the
+        graph's units (image range squared, summed over channels and the pixels that count:
+        the top-left ``counted`` = (height, width), the image without the padding that made
+        its sides multiples of the downscale).
+
+        Where the whole graph does not fit the memory budget it runs in parts: the decoder's
+        whole part once, its local part in tiles, each counting only the pixels it owns and
+        running on a margin of the local part's reach around them, so that every pixel's
+        error and its gradient are exactly the untiled ones; the tiles' gradients are added up
+        and taken back through the whole part."""
         graph = self.graph("decoder_gradient")
         f = self.manifest.downscale
         h, w = latent.shape[2:]
+        target = to_graph_input(pixels, graph.image_range)
+
+        def weight(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+            """1 on the counted pixels of rows y0..y1 and columns x0..x1, else 0."""
+            box = np.zeros((1, 1, y1 - y0, x1 - x0), np.float32)
+            box[:, :, :max(counted[0] - y0, 0), :max(counted[1] - x0, 0)] = 1
+            return box
+
         growth = _growth(h, w, f)
-        if not growth:
-            return self._run(graph.file, latent, to_graph_input(pixels, graph.image_range))
-        # As decode grows a small latent (edge cells repeated): the gradient at the grown latent,
-        # each repeated cell's gradient added into the cell it repeats.
-        (top, bottom), (left, right) = growth
-        grown = np.pad(latent, ((0, 0), (0, 0), (top, bottom), (left, right)), mode="edge")
-        target = np.pad(pixels, ((top * f, bottom * f), (left * f, right * f), (0, 0)), mode="edge")
-        gradient = self._run(graph.file, grown, to_graph_input(target, graph.image_range))
-        for axis, before, after in ((2, top, bottom), (3, left, right)):
-            inner = np.take(gradient, range(before, gradient.shape[axis] - after), axis=axis).copy()
-            first, last = [slice(None)] * 4, [slice(None)] * 4
-            first[axis], last[axis] = slice(0, 1), slice(-1, None)
-            inner[tuple(first)] += np.take(gradient, range(before), axis=axis).sum(axis, keepdims=True)
-            inner[tuple(last)] += np.take(gradient, range(gradient.shape[axis] - after, gradient.shape[axis]),
-                                          axis=axis).sum(axis, keepdims=True)
-            gradient = inner
-        return gradient
+        if growth:
+            # As decode grows a small latent (edge cells repeated): the image's own pixels
+            # count, and each repeated cell's gradient is added into the cell it repeats.
+            (top, bottom), (left, right) = growth
+            grown = np.pad(latent, ((0, 0), (0, 0), (top, bottom), (left, right)), mode="edge")
+            padding = ((0, 0), (0, 0), (top * f, bottom * f), (left * f, right * f))
+            gradient, error = self._run_all(graph.file, grown, np.pad(target, padding),
+                                            np.pad(weight(0, h * f, 0, w * f), padding))
+            for axis, before, after in ((2, top, bottom), (3, left, right)):
+                inner = np.take(gradient, range(before, gradient.shape[axis] - after), axis=axis).copy()
+                first, last = [slice(None)] * 4, [slice(None)] * 4
+                first[axis], last[axis] = slice(0, 1), slice(-1, None)
+                inner[tuple(first)] += np.take(gradient, range(before), axis=axis).sum(axis, keepdims=True)
+                inner[tuple(last)] += np.take(gradient, range(gradient.shape[axis] - after, gradient.shape[axis]),
+                                              axis=axis).sum(axis, keepdims=True)
+                gradient = inner
+            return gradient, float(error[0])
+        tile = self.tile_for("decoder_gradient", h * f, w * f) // f
+        if not tile:
+            gradient, error = self._run_all(graph.file, latent, target, weight(0, h * f, 0, w * f))
+            return gradient, float(error[0])
+        features = latent
+        if graph.whole:  # its forward half: a zero gradient at its output gives the tiles' input
+            channels = self.session(graph.whole).get_inputs()[1].shape[1]
+            features = self._run_all(graph.whole, latent, np.zeros((1, channels, h, w), np.float32))[1]
+        decoder = self.graph("vae_decoder")  # the same local layers: the same reach
+        margin = (self.context_cells(decoder.tiled or decoder.file) or 0) + 1
+        features_gradient = np.zeros_like(features)
+        total = 0.0
+        for (r0, r1), (y0, y1) in owned_spans(h, tile, margin):
+            for (c0, c1), (x0, x1) in owned_spans(w, tile, margin):
+                owned = np.zeros((1, 1, (y1 - y0) * f, (x1 - x0) * f), np.float32)
+                owned[:, :, (r0 - y0) * f:(r1 - y0) * f, (c0 - x0) * f:(c1 - x0) * f] = 1
+                part, error = self._run_all(graph.tiled or graph.file, features[:, :, y0:y1, x0:x1],
+                                            target[:, :, y0 * f:y1 * f, x0 * f:x1 * f],
+                                            owned * weight(y0 * f, y1 * f, x0 * f, x1 * f))
+                features_gradient[:, :, y0:y1, x0:x1] += part
+                total += float(error[0])
+        if graph.whole:
+            return self._run(graph.whole, latent, features_gradient), total
+        return features_gradient, total
 
     def decode(self, latent: np.ndarray, *, decoder: str = "vae_decoder", progress=None) -> np.ndarray:
         """(1, C, h, w) raw latent -> (h*f, w*f, 3) uint8 image.

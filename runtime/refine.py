@@ -42,7 +42,7 @@ from .progress import report
 # one encode, and scoring each candidate one more decode; a quantized pass costs two decodes
 # and an encode; a descent step one run of the gradient graph (about three decodes) and a coding
 # of the latent.  A set runs either the quantized passes or the descent steps (see above).
-PASSES = {0: (0, 0, 0), 1: (1, 0, 4), 2: (2, 0, 8), 3: (3, 0, 12), 4: (3, 1, 16), 5: (4, 1, 20), 6: (4, 2, 24),
+PASSES = {0: (0, 0, 0), 1: (0, 0, 4), 2: (2, 0, 8), 3: (3, 0, 12), 4: (3, 1, 16), 5: (4, 1, 20), 6: (4, 2, 24),
           7: (5, 3, 32), 8: (5, 4, 40), 9: (6, 6, 48)}
 # From this effort the quantized passes decode through the UNet steps the file asks for.
 DENOISE_IN_LOOP_EFFORT = 8
@@ -66,6 +66,10 @@ SMALL_LATENT_CELLS = 64
 # on TAEF2, five solid colours at 8x8: 20-44 dB with the effort's 4 steps, 30.5-48 dB with 32.
 SMALL_IMAGE_PIXELS = 64 * 64
 MAX_SMALL_IMAGE_FACTOR = 8
+# The mean squared error (8-bit levels) that rounding the decoder's output to 8 bits adds,
+# for an error uniform over a level: the gradient graph's error does not include it, the
+# decoded files the loop also scores do.
+ROUNDING_SQUARED_ERROR = 1 / 12
 # How the loop trades bytes for PSNR when choosing the best file: the slope of the
 # Kodak rate-distortion curve, about 2 dB per doubling of bytes (BENCHMARKS.md §3).
 DB_PER_DOUBLING = 2.0
@@ -75,13 +79,15 @@ DB_PER_DOUBLING = 2.0
 class Loop:
     """The neural stages the loop runs, on images of the input's size.
 
-    ``encode``: (H, W, 3) uint8 -> (C, h, w) latent.  ``decode``: latent -> (H, W, 3) uint8,
-    the decoder alone.  ``decode_file``: .sdc bytes -> (H, W, 3) uint8 as a decoder of the file
-    shows it (with the file's UNet steps at high effort).  ``gradient``: latent -> the gradient
-    of the decoded image's squared error against the input, or None where the set has no
-    gradient graph or the image does not fit it.  ``held``: .sdc bytes -> (C, h, w) latent the
-    file holds, as its decoder dequantizes it."""
+    ``target``: the (H, W, 3) uint8 image the files should show.  ``encode``: (H, W, 3) uint8
+    -> (C, h, w) latent.  ``decode``: latent -> (H, W, 3) uint8, the decoder alone.
+    ``decode_file``: .sdc bytes -> (H, W, 3) uint8 as a decoder of the file shows it (with the
+    file's UNet steps at high effort).  ``gradient``: latent -> (the gradient of the decoded
+    image's squared error against the target, the mean squared error in 8-bit levels), or
+    None where the set has no gradient graph (or the file's UNet steps would be skipped by
+    it).  ``held``: .sdc bytes -> (C, h, w) latent the file holds, as its decoder dequantizes it."""
 
+    target: np.ndarray
     encode: object
     decode: object
     decode_file: object
@@ -111,44 +117,69 @@ def settle(latent: np.ndarray, effort: int, loop: Loop, progress=None) -> list[n
     return candidates
 
 
-def best_file(rgb: np.ndarray, latent: np.ndarray, candidates: list[np.ndarray], effort: int, code, loop: Loop,
-              progress=None, *, descend: bool = True) -> bytes:
+def best_file(latent: np.ndarray, candidates: list[np.ndarray], effort: int, code, loop: Loop,
+              progress=None, *, descend: bool = True, budget: int | None = None) -> bytes:
     """``code(z)`` writes a file for latent z.  Scores the file of each candidate and of the
     refinement of ``effort`` (quantized passes or the descent, which start from the best
-    candidate; no descent unless ``descend``) by PSNR at equal bytes and returns the best."""
-    best, best_score, best_latent, best_shown = b"", -math.inf, None, None
-
-    def consider(candidate: np.ndarray) -> np.ndarray:
-        """Writes and scores the candidate's file; returns the image it decodes to."""
-        nonlocal best, best_score, best_latent, best_shown
-        data = code(candidate)
-        shown = loop.decode_file(data)
-        score = psnr(rgb, shown) - DB_PER_DOUBLING * math.log2(len(data))
-        if score > best_score:
-            best, best_score, best_latent, best_shown = data, score, candidate, shown
-        return shown
-
+    candidate; no descent unless ``descend``) by PSNR at equal bytes and returns the best;
+    with a byte ``budget``, the file of highest PSNR among those within it (E(x)'s must be)."""
+    best = _Best(budget)
     _, passes, steps = PASSES[effort]
-    steps *= min(MAX_SMALL_IMAGE_FACTOR, max(1, SMALL_IMAGE_PIXELS // (rgb.shape[0] * rgb.shape[1])))
+    steps *= min(MAX_SMALL_IMAGE_FACTOR, max(1, SMALL_IMAGE_PIXELS // (loop.target.shape[0] * loop.target.shape[1])))
     if not (descend and descends(effort, loop)):
         steps = 0
     if loop.gradient is not None:
         passes = 0
+    lo, hi = _bounds(latent)
+    if steps and len(candidates) == 1:
+        # The descent's first step scores the only candidate, E(x), from its gradient graph.
+        return best.consider_descent(run_descent(latent, steps, code, loop, lo, hi, best, progress), code, loop)
     files = len(candidates) + passes + (steps > 0)
     report(progress, "score", 0, files)
     for done, candidate in enumerate(candidates, 1):
-        consider(candidate)
+        best.consider(candidate, code, loop)
         report(progress, "score", done, files)
-    refined, shown = best_latent, best_shown
-    lo, hi = _bounds(latent)
+    refined, shown = best.latent, best.shown
     for done in range(len(candidates) + 1, len(candidates) + passes + 1):
         refined = np.clip(refined + QUANTIZED_STEP * (latent - loop.encode(shown)), lo, hi).astype(np.float32)
-        shown = consider(refined)
+        shown = best.consider(refined, code, loop)
         report(progress, "score", done, files)
     if steps:
-        consider(run_descent(best_latent, steps, code, loop, lo, hi, progress))
+        best.consider_descent(run_descent(best.latent, steps, code, loop, lo, hi, best, progress), code, loop)
         report(progress, "score", files, files)
-    return best
+    return best.data
+
+
+class _Best:
+    """The best file seen: by PSNR less DB_PER_DOUBLING per doubling of its bytes, or with a
+    byte budget by PSNR among the files within it (a size target: every step of the descent
+    whose file still fits may win, not only its last)."""
+
+    def __init__(self, budget: int | None = None):
+        self.budget = budget
+        self.data, self.score, self.latent, self.shown = b"", -math.inf, None, None
+
+    def offer(self, data: bytes, quality_db: float, latent: np.ndarray | None = None, shown=None) -> None:
+        if self.budget is None:
+            score = quality_db - DB_PER_DOUBLING * math.log2(len(data))
+        elif len(data) <= self.budget:
+            score = quality_db
+        else:
+            return
+        if score > self.score:
+            self.data, self.score, self.latent, self.shown = data, score, latent, shown
+
+    def consider(self, candidate: np.ndarray, code, loop: Loop) -> np.ndarray:
+        """Writes, decodes and scores the candidate's file; returns the image it decodes to."""
+        data = code(candidate)
+        shown = loop.decode_file(data)
+        self.offer(data, psnr(loop.target, shown), candidate, shown)
+        return shown
+
+    def consider_descent(self, last: np.ndarray, code, loop: Loop) -> bytes:
+        """Scores the descent's last latent (its steps scored the ones before); the best file."""
+        self.consider(last, code, loop)
+        return self.data
 
 
 def descends(effort: int, loop: Loop | None) -> bool:
@@ -156,18 +187,23 @@ def descends(effort: int, loop: Loop | None) -> bool:
     return loop is not None and loop.gradient is not None and PASSES[effort][2] > 0
 
 
-def run_descent(start: np.ndarray, steps: int, code, loop: Loop, lo: np.ndarray, hi: np.ndarray,
-            progress=None) -> np.ndarray:
+def run_descent(start: np.ndarray, steps: int, code, loop: Loop, lo: np.ndarray, hi: np.ndarray, best: _Best,
+                progress=None) -> np.ndarray:
     """``steps`` Adam steps from ``start`` on the decoded image's squared error, each gradient
     taken at the latent the file of the current latent holds (straight through the
-    quantizer, whatever the mode); the latent stays within [lo, hi] per channel."""
+    quantizer, whatever the mode); the latent stays within [lo, hi] per channel.  Each step's
+    file is offered to ``best``, scored by the error the gradient graph returns with it (plus
+    the rounding to 8 bits, which the graph does not do); returns the last latent, unscored."""
     refined = start.astype(np.float64)
     first = np.zeros_like(refined)
     second = np.zeros_like(refined)
     beta1, beta2 = ADAM_BETAS
     report(progress, "descend", 0, steps)
     for step in range(1, steps + 1):
-        gradient = loop.gradient(loop.held(code(refined.astype(np.float32)))).astype(np.float64)
+        data = code(refined.astype(np.float32))
+        gradient, squared_error = loop.gradient(loop.held(data))
+        best.offer(data, 10 * math.log10(255 ** 2 / (squared_error + ROUNDING_SQUARED_ERROR)))
+        gradient = gradient.astype(np.float64)
         first = beta1 * first + (1 - beta1) * gradient
         second = beta2 * second + (1 - beta2) * gradient * gradient
         unbiased = first / (1 - beta1 ** step)

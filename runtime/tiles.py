@@ -77,3 +77,17 @@ def grid(height: int, width: int, tile: int, align: int = 1, max_overlap: int | 
     for row, row_overlap in zip(rows, row_overlaps):
         for col, col_overlap in zip(cols, col_overlaps):
             yield row, col, row_overlap, col_overlap
+
+
+def owned_spans(length: int, tile: int, margin: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Tiles that own disjoint runs of samples covering ``length``, for graphs whose tiles must
+    add up rather than blend (the decoder gradient): (owned (start, stop), run (start, stop)),
+    each run its owned samples and ``margin`` more on either side (within the array), at most
+    ``tile`` long unless that leaves a tile owning less than two margins (then it owns those:
+    the margins would be most of the work); one tile owning everything if it fits."""
+    if length <= tile:
+        return [((0, length), (0, length))]
+    owned = max(tile - 2 * margin, 2 * margin, 1)
+    count = -(-length // owned)
+    bounds = [i * length // count for i in range(count + 1)]
+    return [((a, b), (max(a - margin, 0), min(b + margin, length))) for a, b in zip(bounds, bounds[1:])]

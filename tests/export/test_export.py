@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import TAEF2, assert_one_line_error, make_image, needs_shared, run_cli
 
-from sdc_export.tae import DecoderGradient, load_tae_pair, make_decoder
+from sdc_export.tae import DecoderBackward, DecoderGradient, load_tae_pair, make_decoder, make_encoder, tae_splits
 from sdc_runtime import SdcCodec, SdcModelError, sdc_info
 from sdc_runtime.manifest import Manifest, load_manifest, sha256_file, verify_files
 
@@ -221,7 +221,7 @@ def _manifest_json(model_set):
     (lambda d: d["defaults"].update(group_channels=3), "defaults: group_channels"),
     (lambda d: d["defaults"].update(denoise_stride=999), "defaults: 3 denoising steps at stride 999"),
     (lambda d: d["defaults"].pop("eta"), "eta"),
-    (lambda d: d.update(format_version=4), "unsupported manifest format_version 4"),
+    (lambda d: d.update(format_version=5), "unsupported manifest format_version 5"),
     (lambda d: d.pop("files"), "files"),
 ])
 def test_manifest_validation_rejects(model_set, change, needle):
@@ -332,18 +332,21 @@ def test_tiny_decoder_folder_needs_no_encoder(taesd_random, tmp_path):
     assert load_tae_decoder(str(only))[1] == 4
 
 
-def _autograd(decoder, latent: np.ndarray, image: np.ndarray) -> np.ndarray:
-    """The reference: torch's own gradient of what DecoderGradient computes."""
+def _autograd(decoder, latent: np.ndarray, image: np.ndarray, weight: np.ndarray | None = None):
+    """The reference: torch's own gradient of what DecoderGradient computes, and the error."""
     z = torch.from_numpy(latent).requires_grad_(True)
-    ((decoder(z).clamp(0, 1) - torch.from_numpy(image)) ** 2).sum().backward()
-    return z.grad.numpy()
+    weight = torch.ones(()) if weight is None else torch.from_numpy(weight)
+    error = (weight * (decoder(z).clamp(0, 1) - torch.from_numpy(image)) ** 2).sum()
+    error.backward()
+    return z.grad.numpy(), float(error)
 
 
 @pytest.mark.parametrize("pooled", [False, True])
 def test_the_decoder_gradient_is_torchs_autograd(pooled):
     """The backward pass written out layer by layer (TAESD, and TAEF2's pooled blocks with
     their GroupNorm, its weight and bias drawn at random) against torch's autograd, in float64
-    so that only a wrong formula, not rounding, can part them."""
+    so that only a wrong formula, not rounding, can part them; with per-pixel weights, and
+    split as the runtime runs it in tiles: the whole part backwards, the local part's gradient."""
     torch.manual_seed(int(pooled))
     decoder = make_decoder(8, pooled).eval().double()
     for module in decoder.modules():
@@ -353,10 +356,19 @@ def test_the_decoder_gradient_is_torchs_autograd(pooled):
     rng = np.random.default_rng(0)
     latent = rng.normal(0, 2, (1, 8, 5, 7))
     image = rng.uniform(0, 1, (1, 3, 40, 56))
-    expected = _autograd(decoder, latent, image)
+    weight = (rng.uniform(0, 1, (1, 1, 40, 56)) > 0.3).astype(np.float64)
+    expected, expected_error = _autograd(decoder, latent, image, weight)
     with torch.no_grad():
-        ours = DecoderGradient(decoder)(torch.from_numpy(latent), torch.from_numpy(image)).numpy()
-    assert np.abs(ours - expected).max() <= 1e-9 * np.abs(expected).max()
+        ours, error = DecoderGradient(decoder)(*map(torch.from_numpy, (latent, image, weight)))
+    assert np.abs(ours.numpy() - expected).max() <= 1e-9 * np.abs(expected).max()
+    assert float(error[0]) == pytest.approx(expected_error, rel=1e-12)
+    split = tae_splits(make_encoder(8, pooled), decoder)[1] or 3
+    with torch.no_grad():
+        features = decoder[:split](torch.from_numpy(latent))
+        local, local_error = DecoderGradient(decoder[split:])(features, *map(torch.from_numpy, (image, weight)))
+        back, forward = DecoderBackward(decoder[:split])(torch.from_numpy(latent), local)
+    assert torch.allclose(forward, features, rtol=0, atol=1e-12) and float(local_error[0]) == pytest.approx(expected_error, rel=1e-12)
+    assert np.abs(back.numpy() - expected).max() <= 1e-9 * np.abs(expected).max()
 
 
 def test_a_tae_set_ships_its_decoder_gradient_in_fp32(tae_set, taesd_random, tmp_path):
@@ -366,9 +378,12 @@ def test_a_tae_set_ships_its_decoder_gradient_in_fp32(tae_set, taesd_random, tmp
     rng = np.random.default_rng(1)
     latent = rng.normal(0, 2, (1, 4, 6, 9)).astype(np.float32)
     image = rng.uniform(0, 1, (1, 3, 48, 72)).astype(np.float32)
-    gradient = _session(tae_set, "decoder_gradient").run(None, {"latent": latent, "image": image})[0]
-    expected = _autograd(decoder, latent, image)
+    weight = np.ones((1, 1, 48, 72), np.float32)
+    gradient, error = _session(tae_set, "decoder_gradient").run(None, {"latent": latent, "image": image,
+                                                                       "weight": weight})
+    expected, expected_error = _autograd(decoder, latent, image)
     assert np.abs(gradient - expected).max() <= 1e-3 * np.abs(expected).max()
+    assert float(error[0]) == pytest.approx(expected_error, rel=1e-4)
     fp16 = load_manifest(_export_set(taesd_random, tmp_path / "fp16", "--fp16"))
     assert fp16.graphs["decoder_gradient"].precision == "fp32" and fp16.graphs["vae_decoder"].precision == "fp16"
     calibration = tmp_path / "calibration"
@@ -392,8 +407,9 @@ def test_taef2_graphs_agree_with_the_torch_modules(taef2_set):
             expected = module(torch.from_numpy(x)).numpy()
         assert np.abs(session.run(None, {name: x})[0] - expected).max() < 1e-3, role
     image = rng.uniform(0, 1, (1, 3, 48, 80)).astype(np.float32)
-    gradient = _session(taef2_set, "decoder_gradient").run(None, {"latent": latent, "image": image})[0]
-    expected = _autograd(decoder, latent, image)
+    gradient = _session(taef2_set, "decoder_gradient").run(
+        None, {"latent": latent, "image": image, "weight": np.ones((1, 1, 48, 80), np.float32)})[0]
+    expected, _ = _autograd(decoder, latent, image)
     assert np.abs(gradient - expected).max() <= 1e-3 * np.abs(expected).max()
 
 

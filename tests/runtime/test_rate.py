@@ -121,11 +121,11 @@ def test_effort_is_never_worse_than_effort_0_at_equal_bytes(codec, quality):
 
 
 @pytest.mark.parametrize("quality", [10, 60])
-def test_a_set_with_a_decoder_gradient_descends_it_unless_the_image_does_not_fit(tae_set, quality):
+def test_a_set_with_a_decoder_gradient_descends_it_at_any_memory_budget(tae_set, quality):
     """A TAE set ships its decoder's gradient: the loop descends it (palette and u8 alike)
     instead of running quantized passes, and scores the descended file like the candidates,
     so it is never worse at equal bytes.  Where the gradient graph cannot take the image whole
-    within the memory budget, the quantized passes run instead."""
+    within the memory budget, it runs in tiles, and the descent with it."""
     image = make_image(64, 48, seed=5)
     rgb = np.asarray(image)
     codec = SdcCodec(tae_set)
@@ -141,6 +141,12 @@ def test_a_set_with_a_decoder_gradient_descends_it_unless_the_image_does_not_fit
     assert [r for r in reports if r[0] == "score"][-1] == ("score", free + 2, free + 2)
     assert score(refined) >= score(plain) - 1e-9
 
+    # One candidate (E(x)): the descent's first gradient scores it, and no file is decoded to.
+    reports.clear()
+    first = codec.encode(image, quality=quality, effort=1, progress=lambda *report: reports.append(report))
+    assert [r for r in reports if r[0] == "descend"][-1] == ("descend", PASSES[1][2], PASSES[1][2])
+    assert score(first) >= score(plain) - 1e-9
+
     # A size search bisects without the descent, then descends once, at the quality it found.
     reports.clear()
     target = len(codec.encode(image, quality=1, effort=0)) + 300
@@ -149,12 +155,11 @@ def test_a_set_with_a_decoder_gradient_descends_it_unless_the_image_does_not_fit
     assert len(result.data) <= target and result.encodes <= 9
     assert len([r for r in reports if r[0] == "descend"]) == steps + 1  # one descent: its start and each step
 
-    tight = SdcCodec(tae_set, memory_limit=161 << 20)  # 1 MiB over the base: the gradient does not fit
+    tight = SdcCodec(tae_set, memory_limit=161 << 20)  # 1 MiB over the base: the gradient runs in tiles
     reports.clear()
-    tight.encode(image, quality=quality, effort=4, progress=lambda *report: reports.append(report))
-    free, quantized, _ = PASSES[4]
-    assert not [r for r in reports if r[0] == "descend"]
-    assert [r for r in reports if r[0] == "score"][-1] == ("score", free + 1 + quantized, free + 1 + quantized)
+    squeezed = tight.encode(image, quality=quality, effort=2, progress=lambda *report: reports.append(report))
+    assert [r for r in reports if r[0] == "descend"][-1] == ("descend", steps, steps)
+    assert score(squeezed) >= score(plain) - 1e-9
 
 
 def test_the_latent_stage_alone_refuses_effort_and_targets(codec):

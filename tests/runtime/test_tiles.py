@@ -6,7 +6,8 @@ import pytest
 from helpers import kodak, make_image, needs_shared, psnr
 
 from sdc_runtime import SdcCodec, SdcInputError
-from sdc_runtime.tiles import grid, overlaps, ramp, spans
+from sdc_runtime.neural import NeuralStages
+from sdc_runtime.tiles import grid, overlaps, owned_spans, ramp, spans
 
 
 @pytest.mark.parametrize("length,tile,align", [(100, 30, 1), (1000, 256, 8), (97, 32, 4), (64, 64, 1), (65, 64, 2)])
@@ -25,6 +26,17 @@ def test_spans_cover_everything_aligned_with_enough_overlap(length, tile, align)
 
 def test_a_length_that_fits_is_one_span():
     assert spans(64, 64) == [(0, 64)] and spans(10, 0) == [(0, 10)]
+
+
+@pytest.mark.parametrize("length,tile,margin", [(100, 30, 5), (39, 16, 10), (64, 64, 3), (1000, 88, 10)])
+def test_owned_spans_split_the_samples_and_run_with_their_margins(length, tile, margin):
+    result = owned_spans(length, tile, margin)
+    owned = np.zeros(length, int)
+    for (a, b), (start, stop) in result:
+        owned[a:b] += 1
+        assert (start, stop) == (max(a - margin, 0), min(b + margin, length))
+        assert stop - start <= max(tile, 4 * margin + 1) or len(result) == 1
+    assert (owned == 1).all()  # each sample owned by exactly one tile
 
 
 def test_ramps_sum_to_positive_weights_and_fall_towards_inner_edges():
@@ -93,6 +105,26 @@ def test_taef2_tiled_matches_untiled(taef2_set):
         edges = sorted({e * 8 for span in spans(length // 8, 256 // 8) for e in span} - {0, length})
         across = lambda img: np.abs(np.diff(img.astype(float), axis=axis)).take([e - 1 for e in edges], axis=axis).mean()
         assert across(b) <= 1.05 * across(a), axis
+
+
+@needs_shared
+@pytest.mark.parametrize("which", ["tae_set", "taef2_set"])
+def test_the_decoder_gradient_in_tiles_is_the_untiled_one(which, request):
+    """Tiles that own disjoint pixels and run with the local part's reach around them add up
+    to the untiled gradient and error: TAESD (local throughout) and TAEF2 (its GroupNorm part
+    whole, run backwards once), on an image whose sides are not multiples of the downscale."""
+    model_dir = request.getfixturevalue(which)
+    pixels = np.pad(np.asarray(kodak("kodim05", (0, 0, 300, 202))), ((0, 6), (0, 4), (0, 0)), mode="edge")
+    whole, tiled = NeuralStages(model_dir, tile_size=0), NeuralStages(model_dir, tile_size=128)
+    latent = whole.encode(pixels) + np.random.default_rng(0).normal(0, 0.5, (1, 1, 26, 38)).astype(np.float32)
+    expected, expected_error = whole.decoder_gradient(latent, pixels, (202, 300))
+    gradient, error = tiled.decoder_gradient(latent, pixels, (202, 300))
+    assert np.abs(gradient - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert error == pytest.approx(expected_error, rel=1e-5)
+    # Only the image's own pixels count: a target that differs in the padding changes nothing.
+    other = pixels.copy()
+    other[202:] = 0
+    assert whole.decoder_gradient(latent, other, (202, 300))[1] == pytest.approx(expected_error, rel=1e-6)
 
 
 def test_the_sd_family_runs_every_stage_in_tiles(model_set):
