@@ -1,12 +1,17 @@
 """Image quality metrics of 8-bit RGB images, none needing downloaded weights: PSNR, SSIM and
-MS-SSIM here, SSIMULACRA 2 (our numpy port, checked against the C++ tool) and Butteraugli
-(libjxl's ``butteraugli_main``, from Debian's libjxl-devtools).
+MS-SSIM here, SSIMULACRA 2 (our numpy port, checked against the C++ tool), Butteraugli
+(libjxl's ``butteraugli_main``, from Debian's libjxl-devtools) and ST-LPIPS (the
+``stlpips-pytorch`` package, which ships its weights; the ``perceptual`` extra, with torch).
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import re
 import shutil
+import sys
+import types
 import subprocess
 import tempfile
 from typing import NamedTuple
@@ -18,7 +23,7 @@ from sdc_runtime.image import psnr  # the one the encoder's closed loop scores i
 
 from .ssimulacra2 import ssimulacra2
 
-__all__ = ["psnr", "ssim", "ms_ssim", "ssimulacra2", "butteraugli", "QUALITY_METRICS", "scores"]
+__all__ = ["psnr", "ssim", "ms_ssim", "ssimulacra2", "butteraugli", "st_lpips", "QUALITY_METRICS", "scores"]
 
 
 
@@ -36,6 +41,7 @@ QUALITY_METRICS = {
     "ssimulacra2": Metric("SSIMULACRA2", True, 2),
     "butteraugli": Metric("Butteraugli max", False, 3),
     "butteraugli_3norm": Metric("Butteraugli 3-norm", False, 3),
+    "st_lpips": Metric("ST-LPIPS", False, 4),  # where the perceptual extra is installed
 }
 BUTTERAUGLI = "butteraugli_main"
 # The display brightness Butteraugli assumes, in nits.  butteraugli_main defaults to 80; 255 is
@@ -101,6 +107,45 @@ def butteraugli(reference: np.ndarray, test: np.ndarray) -> tuple[float, float]:
     return float(found.group(1)), float(found.group(2))
 
 
+def has_st_lpips() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("torch", "stlpips_pytorch"))
+
+
+@functools.lru_cache(maxsize=1)
+def _st_lpips_model():
+    """The shift-tolerant AlexNet ST-LPIPS (its authors' recommended variant), weights from the
+    package.  The package imports torchvision and IPython at module level for networks the
+    shift-tolerant AlexNet does not use (it is built from the package's own layers); where
+    they cannot be imported (PyPI's torchvision needs CUDA torch, this project pins the CPU
+    build), empty stand-ins serve that import and are removed after it."""
+    stand_ins = []
+    for name in ("torchvision", "IPython"):
+        try:
+            importlib.import_module(name)
+        except Exception:
+            module = types.ModuleType(name)
+            module.models = module.embed = None
+            sys.modules[name] = module
+            stand_ins.append(name)
+    try:
+        from stlpips_pytorch import stlpips
+    finally:
+        for name in stand_ins:
+            del sys.modules[name]
+    return stlpips.LPIPS(net="alex", variant="shift_tolerant", verbose=False).eval()
+
+
+def st_lpips(reference: np.ndarray, test: np.ndarray) -> float:
+    """ST-LPIPS distance (0: identical; larger: more different), shift-tolerant AlexNet."""
+    import torch
+
+    def tensor(pixels):
+        return torch.tensor(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+    with torch.no_grad():
+        return float(_st_lpips_model()(tensor(reference), tensor(test)))
+
+
 def scores(reference: np.ndarray, test: np.ndarray, size: int) -> dict:
     """Bytes, bits per pixel and every quality metric this machine can measure."""
     row = {"bytes": size, "bpp": 8 * size / (reference.shape[0] * reference.shape[1]),
@@ -108,4 +153,6 @@ def scores(reference: np.ndarray, test: np.ndarray, size: int) -> dict:
            "ssimulacra2": ssimulacra2(reference, test)}
     if shutil.which(BUTTERAUGLI):
         row["butteraugli"], row["butteraugli_3norm"] = butteraugli(reference, test)
+    if has_st_lpips():
+        row["st_lpips"] = st_lpips(reference, test)
     return row

@@ -3,8 +3,8 @@
 2022 recipe (at 16..256 colours) and the classical codecs at matched bytes.
 
 Bjøntegaard deltas (the ``bjontegaard`` package, Akima interpolation over log-rate) are
-computed per image where two curves overlap, then averaged, on PSNR, SSIMULACRA 2 and
-Butteraugli's 3-norm: BD-rate is the mean byte change at equal quality (negative: fewer
+computed per image where two curves overlap, then averaged, on PSNR, SSIMULACRA 2,
+Butteraugli's 3-norm and ST-LPIPS: BD-rate is the mean byte change at equal quality (negative: fewer
 bytes), BD-PSNR the mean PSNR gain at equal bytes.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ from .metrics import QUALITY_METRICS, scores
 
 RECIPE_COLORS = (16, 32, 64, 128, 256)
 CEILING = "autoencoder ceiling"
-# The metrics Bjøntegaard deltas are taken on: PSNR, and the two perceptual ones the JPEG XL and
-# AVIF people use (Butteraugli where its tool is installed).
-BD_METRICS = ("psnr", "ssimulacra2", "butteraugli_3norm")
+# The metrics Bjøntegaard deltas are taken on: PSNR, the two perceptual ones the JPEG XL and
+# AVIF people use, and the learned one generative codecs report (each where it is installed).
+BD_METRICS = ("psnr", "ssimulacra2", "butteraugli_3norm", "st_lpips")
 
 
 def parse_integers(low: int, high: int):

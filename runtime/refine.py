@@ -15,12 +15,15 @@ Two phases:
   coded and decoded as a file, and the best at equal bytes wins (BENCHMARKS.md §7).
 - then, from that winner, the latent is refined as the file will hold it (palette or steps),
   so that the refinement also corrects the quantization error, in one of two ways:
-  - *descent* steps, where the set ships the decoder's gradient graph (TAE sets) and the
-    image fits it whole: Adam on the squared error of the decoded image, with the gradient
-    taken at the latent the file holds and applied to the unquantized one (the straight-
-    through estimator).  The true gradient knows which latent values the decoder's output
-    depends on most; the encoder-as-inverse update above cannot, so at coarse steps it
-    cannot choose roundings (BENCHMARKS.md §7: several dB at middle qualities).
+  - *descent* steps, where the set ships the decoder's gradient graph (TAE sets; at any
+    image size, since the graph runs in tiles where the image does not fit the memory budget
+    whole): Adam on the squared error of the decoded image, with the gradient taken at the
+    latent the file holds and applied to the unquantized one (the straight-through
+    estimator).  The true gradient knows which latent values the decoder's output depends on
+    most; the encoder-as-inverse update above cannot, so at coarse steps it cannot choose
+    roundings (BENCHMARKS.md §7: several dB at middle qualities).  The graph returns the
+    squared error with the gradient, which scores each step's file without a decode; where
+    E(x) is the only candidate (no free passes), the first step scores it too.
   - otherwise *quantized* passes: the update above, run on the file's latent (and through
     the UNet steps where the file asks for them).
   The quantizer moves with the latent, so neither need converge: the last file is scored

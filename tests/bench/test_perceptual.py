@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from helpers import KODAK, make_image
 
-from sdc_bench.metrics import butteraugli
+from sdc_bench.metrics import butteraugli, has_st_lpips, st_lpips
 from sdc_bench.metrics_check import SYNTHETIC, same_pixels
 from sdc_bench.ssimulacra2 import ssimulacra2
 
@@ -77,3 +77,23 @@ def test_sdc_bench_metrics_check_tabulates_every_vector(tmp_path):
     assert [r["pair"] for r in rows] == list(SYNTHETIC)
     assert all(r["difference"] == pytest.approx(r["ours"] - SYNTHETIC[r["pair"]][4]) for r in rows)
     assert "median |difference|" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.skipif(not has_st_lpips(), reason="the perceptual extra (torch, stlpips-pytorch) is not installed")
+@pytest.mark.skipif(not os.path.isdir(KODAK), reason="../shared is not present")
+def test_st_lpips_is_zero_for_identical_images_grows_with_distortion_and_tolerates_a_shift():
+    import sys
+
+    from PIL import Image
+
+    reference = np.asarray(Image.open(os.path.join(KODAK, "kodim23.png")).convert("RGB").crop((0, 0, 256, 192)))
+    assert st_lpips(reference, reference) == 0.0
+    distances = []
+    for quality in (90, 40, 10):
+        buffer = io.BytesIO()
+        Image.fromarray(reference).save(buffer, "JPEG", quality=quality)
+        distances.append(st_lpips(reference, np.asarray(Image.open(buffer).convert("RGB"))))
+    assert 0 < distances[0] < distances[1] < distances[2]
+    # What it is built for: a one-pixel shift is a smaller difference than a JPEG at quality 40.
+    assert st_lpips(reference, np.roll(reference, 1, axis=1)) < distances[1]
+    assert "torchvision" not in sys.modules or sys.modules["torchvision"].__spec__ is not None  # no stand-in left
