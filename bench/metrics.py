@@ -10,10 +10,10 @@ import importlib.util
 import os
 import re
 import shutil
-import sys
-import types
 import subprocess
+import sys
 import tempfile
+import types
 from typing import NamedTuple
 
 import numpy as np

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from helpers import KODAK, TAEF2, assert_one_line_error, make_image, run_cli
 
-from sdc_bench.metrics import ms_ssim, psnr, ssim
+from sdc_bench.metrics import has_st_lpips, ms_ssim, psnr, ssim
+from sdc_bench.sweep import BD_METRICS
 
 
 def test_psnr_and_ssim_against_scikit_image():
@@ -77,7 +78,8 @@ def test_sdc_bench_rd_quality_and_effort_sweep(tmp_path, request):
     rows = result["sweep_rows"]
     assert {r["codec"] for r in rows} == {"sdc effort 0", "sdc effort 1", "autoencoder ceiling", "original recipe",
                                           "JPEG", "WebP", "AVIF", "JPEG XL"}
-    perceptual = ["ssimulacra2"] + (["butteraugli", "butteraugli_3norm"] if shutil.which("butteraugli_main") else [])
+    perceptual = (["ssimulacra2"] + (["butteraugli", "butteraugli_3norm"] if shutil.which("butteraugli_main") else [])
+                  + (["st_lpips"] if has_st_lpips() else []))
     assert result["sweep"]["metrics"] == ["psnr", "ssim", "ms_ssim", *perceptual]
     for r in rows:  # every codec at every point is scored on every metric
         assert all(np.isfinite(r[m]) for m in ("psnr", *perceptual))
@@ -91,7 +93,7 @@ def test_sdc_bench_rd_quality_and_effort_sweep(tmp_path, request):
     assert set(deltas) == {("sdc effort 1", anchor) for anchor in
                            ("sdc effort 0", "original recipe", "JPEG", "WebP", "AVIF", "JPEG XL")}
     effort = deltas[("sdc effort 1", "sdc effort 0")]
-    assert set(effort) == {"psnr", "ssimulacra2", *perceptual[-1:]}
+    assert set(effort) == {m for m in BD_METRICS if m in ("psnr", *perceptual)}
     assert effort["psnr"]["images"] == 2 and effort["psnr"]["bd_quality"] > 0 and effort["psnr"]["bd_rate_percent"] < 0
     assert deltas[("sdc effort 1", "AVIF")]["psnr"]["bd_quality"] < 0  # said plainly: AVIF is ahead in PSNR
     summary = (out / "summary.md").read_text()
