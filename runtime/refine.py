@@ -41,21 +41,28 @@ import numpy as np
 from .image import psnr
 from .progress import report
 
-# effort -> (free passes, quantized passes, descent steps).  A free pass costs one decode and
-# one encode, and scoring each candidate one more decode; a quantized pass costs two decodes
-# and an encode; a descent step one run of the gradient graph (about three decodes) and a coding
-# of the latent.  A set runs either the quantized passes or the descent steps (see above).
-PASSES = {0: (0, 0, 0), 1: (0, 0, 4), 2: (2, 0, 8), 3: (3, 0, 12), 4: (3, 1, 16), 5: (4, 1, 20), 6: (4, 2, 24),
-          7: (5, 3, 32), 8: (5, 4, 40), 9: (6, 6, 48)}
+# Sets without the decoder's gradient: effort -> (free passes, quantized passes).  A free pass
+# costs one decode and one encode, and scoring each candidate one more decode; a quantized
+# pass costs two decodes and an encode.
+PASSES = {0: (0, 0), 1: (1, 0), 2: (2, 0), 3: (3, 0), 4: (3, 1), 5: (4, 1), 6: (4, 2), 7: (5, 3), 8: (5, 4), 9: (6, 6)}
+# Sets that descend: effort -> (free passes, descent steps).  A step costs one run of the
+# gradient graph (about two decodes) and a coding of the latent; the free passes, which the
+# descent makes up for, come in only at high efforts (BENCHMARKS.md §15).
+DESCENT = {0: (0, 0), 1: (0, 2), 2: (0, 4), 3: (0, 8), 4: (1, 12), 5: (1, 16), 6: (1, 20), 7: (2, 24), 8: (2, 32),
+           9: (2, 48)}
 # From this effort the quantized passes decode through the UNet steps the file asks for.
 DENOISE_IN_LOOP_EFFORT = 8
 # Step sizes: 0.5 converges for the free passes (the probe in issue 10); the quantized passes
 # take a smaller one because the quantizer adds its own error to every update.
 FREE_STEP = 0.5
 QUANTIZED_STEP = 0.3
-# Adam's step for the descent, in raw latent units (TAE latents span about +-3), and its
-# usual moment decays.
-DESCENT_RATE = 0.03
+# Adam's step for the descent, in raw latent units (TAE latents span about +-3): its first
+# steps move each value by about the rate (Adam's first step is the gradient's sign), so they
+# start large and shrink by DESCENT_DECAY a step down to DESCENT_RATE_FLOOR, where a long
+# descent settles (BENCHMARKS.md §15); the usual moment decays.
+DESCENT_RATE = 0.05
+DESCENT_DECAY = 0.9
+DESCENT_RATE_FLOOR = 0.015
 ADAM_BETAS = (0.9, 0.999)
 # The narrowest range (raw latent units) a channel may move in, in the latent of an image
 # under 64x64 pixels (SMALL_LATENT_CELLS cells): a tiny image's latent spans almost nothing
@@ -109,7 +116,7 @@ def _bounds(latent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def settle(latent: np.ndarray, effort: int, loop: Loop, progress=None) -> list[np.ndarray]:
     """E(x) = ``latent`` and the latent after each free pass of ``effort``: the candidates."""
-    passes = PASSES[effort][0]
+    passes = plan(effort, loop)[0]
     lo, hi = _bounds(latent)
     candidates = [latent]
     report(progress, "refine", 0, passes)
@@ -127,12 +134,10 @@ def best_file(latent: np.ndarray, candidates: list[np.ndarray], effort: int, cod
     candidate; no descent unless ``descend``) by PSNR at equal bytes and returns the best;
     with a byte ``budget``, the file of highest PSNR among those within it (E(x)'s must be)."""
     best = _Best(budget)
-    _, passes, steps = PASSES[effort]
+    _, passes, steps = plan(effort, loop)
     steps *= min(MAX_SMALL_IMAGE_FACTOR, max(1, SMALL_IMAGE_PIXELS // (loop.target.shape[0] * loop.target.shape[1])))
-    if not (descend and descends(effort, loop)):
+    if not descend:
         steps = 0
-    if loop.gradient is not None:
-        passes = 0
     lo, hi = _bounds(latent)
     if steps and len(candidates) == 1:
         # The descent's first step scores the only candidate, E(x), from its gradient graph.
@@ -185,9 +190,19 @@ class _Best:
         return self.data
 
 
+def plan(effort: int, loop: Loop) -> tuple[int, int, int]:
+    """(free passes, quantized passes, descent steps) of ``effort`` with this loop: the descent
+    where the set has the decoder's gradient, the quantized passes where it has not."""
+    if loop.gradient is not None:
+        free, steps = DESCENT[effort]
+        return free, 0, steps
+    free, quantized = PASSES[effort]
+    return free, quantized, 0
+
+
 def descends(effort: int, loop: Loop | None) -> bool:
     """Whether ``effort`` runs descent steps with this loop (None: no loop at all)."""
-    return loop is not None and loop.gradient is not None and PASSES[effort][2] > 0
+    return loop is not None and plan(effort, loop)[2] > 0
 
 
 def run_descent(start: np.ndarray, steps: int, code, loop: Loop, lo: np.ndarray, hi: np.ndarray, best: _Best,
@@ -211,6 +226,7 @@ def run_descent(start: np.ndarray, steps: int, code, loop: Loop, lo: np.ndarray,
         second = beta2 * second + (1 - beta2) * gradient * gradient
         unbiased = first / (1 - beta1 ** step)
         scale = np.sqrt(second / (1 - beta2 ** step)) + 1e-12
-        refined = np.clip(refined - DESCENT_RATE * unbiased / scale, lo, hi)
+        rate = max(DESCENT_RATE * DESCENT_DECAY ** (step - 1), DESCENT_RATE_FLOOR)
+        refined = np.clip(refined - rate * unbiased / scale, lo, hi)
         report(progress, "descend", step, steps)
     return refined.astype(np.float32)

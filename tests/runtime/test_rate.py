@@ -9,7 +9,7 @@ from helpers import assert_one_line_error, kodak, make_image, needs_shared, psnr
 from sdc_runtime import SdcCodec, SdcInputError, SdcModelError, SdcTargetError, sdc_decode, sdc_info
 from sdc_runtime.manifest import Manifest
 from sdc_runtime.options import QualityPoint, check_quality_table, quality_point
-from sdc_runtime.refine import PASSES
+from sdc_runtime.refine import DESCENT, PASSES
 
 TABLE = (QualityPoint(1, "palette", colors=16, group_channels=8), QualityPoint(20, "u8", quant_step=1.6),
          QualityPoint(60, "u8", quant_step=0.4), QualityPoint(100, "u8", quant_step=0.025))
@@ -75,10 +75,11 @@ def test_a_size_target_is_never_exceeded_and_bisects(codec):
 
 # --- effort: closed-loop encoding ---
 
-def test_efforts_are_increasing_schedules():
-    assert PASSES[0] == (0, 0, 0) and sorted(PASSES) == list(range(10))
-    totals = [sum(PASSES[e]) for e in range(10)]
-    assert totals == sorted(totals)
+@pytest.mark.parametrize("table", [PASSES, DESCENT])
+def test_efforts_are_increasing_schedules(table):
+    assert table[0] == (0, 0) and sorted(table) == list(range(10))
+    for low, high in zip(range(9), range(1, 10)):
+        assert all(a <= b for a, b in zip(table[low], table[high])) and table[low] != table[high]
 
 
 def test_a_high_effort_file_is_an_ordinary_file(codec):
@@ -112,7 +113,7 @@ def test_effort_is_never_worse_than_effort_0_at_equal_bytes(codec, quality):
         reports = []
         refined = codec.encode(image, quality=quality, effort=effort, denoise_steps=0,
                                progress=lambda *report: reports.append(report))
-        free, quantized, _ = PASSES[effort]  # no descent: the SD set has no gradient graph
+        free, quantized = PASSES[effort]  # no descent: the SD set has no gradient graph
         # Long work shows progress: every free pass, then every file the loop scores.
         assert [r for r in reports if r[0] == "refine"][-1] == ("refine", free, free)
         assert [r for r in reports if r[0] == "score"][-1] == ("score", free + 1 + quantized, free + 1 + quantized)
@@ -135,8 +136,8 @@ def test_a_set_with_a_decoder_gradient_descends_it_at_any_memory_budget(tae_set,
 
     plain = codec.encode(image, quality=quality, effort=0)
     reports = []
-    refined = codec.encode(image, quality=quality, effort=2, progress=lambda *report: reports.append(report))
-    free, _, steps = PASSES[2]
+    refined = codec.encode(image, quality=quality, effort=4, progress=lambda *report: reports.append(report))
+    free, steps = DESCENT[4]
     assert [r for r in reports if r[0] == "descend"] == [("descend", n, steps) for n in range(0, steps + 1)]  # from its start
     assert [r for r in reports if r[0] == "score"][-1] == ("score", free + 2, free + 2)
     assert score(refined) >= score(plain) - 1e-9
@@ -144,21 +145,21 @@ def test_a_set_with_a_decoder_gradient_descends_it_at_any_memory_budget(tae_set,
     # One candidate (E(x)): the descent's first gradient scores it, and no file is decoded to.
     reports.clear()
     first = codec.encode(image, quality=quality, effort=1, progress=lambda *report: reports.append(report))
-    assert [r for r in reports if r[0] == "descend"][-1] == ("descend", PASSES[1][2], PASSES[1][2])
+    assert [r for r in reports if r[0] == "descend"][-1] == ("descend", DESCENT[1][1], DESCENT[1][1])
     assert score(first) >= score(plain) - 1e-9
 
     # A size search bisects without the descent, then descends once, at the quality it found.
     reports.clear()
     target = len(codec.encode(image, quality=1, effort=0)) + 300
-    result = codec.encode_to_size(image, target_bytes=target, effort=2,
+    result = codec.encode_to_size(image, target_bytes=target, effort=4,
                                   progress=lambda *report: reports.append(report))
     assert len(result.data) <= target and result.encodes <= 9
     assert len([r for r in reports if r[0] == "descend"]) == steps + 1  # one descent: its start and each step
 
     tight = SdcCodec(tae_set, memory_limit=161 << 20)  # 1 MiB over the base: the gradient runs in tiles
     reports.clear()
-    squeezed = tight.encode(image, quality=quality, effort=2, progress=lambda *report: reports.append(report))
-    assert [r for r in reports if r[0] == "descend"][-1] == ("descend", steps, steps)
+    squeezed = tight.encode(image, quality=quality, effort=1, progress=lambda *report: reports.append(report))
+    assert [r for r in reports if r[0] == "descend"][-1] == ("descend", DESCENT[1][1], DESCENT[1][1])
     assert score(squeezed) >= score(plain) - 1e-9
 
 
