@@ -50,8 +50,7 @@ TAE_QUALITY = (
 
 def tae_defaults(channels: int) -> EncoderDefaults:
     """TAE: no UNet; nearest-colour palettes (dithering lost ~0.5 dB on Kodak, BENCHMARKS.md);
-    effort 1, the default by measured time against gain: its single free pass and four descent
-    steps buy 80% of effort 2's gain in 55% of its time (BENCHMARKS.md §7)."""
+    effort 1, the default by measured time against gain: two descent steps (BENCHMARKS.md §15)."""
     return EncoderDefaults(mode="palette", colors=256, group_channels=4, dither=False, denoise_steps=0,
                            denoise_stride=0, eta=0.0, quality=60, effort=1, quality_table=TAE_QUALITY)
 

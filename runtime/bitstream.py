@@ -146,7 +146,7 @@ def sdc_decode_all(data, /, *, max_pixels: int = DEFAULT_MAX_PIXELS, extras: boo
         k, size = header.colors, header.group_channels
         groups = c // size
         palettes = symbols(container.SECTION_PALETTE, k * c).reshape(groups, k, size)
-        indices = symbols(container.SECTION_INDICES, groups * lh * lw, k).reshape(groups, lh, lw)
+        indices = symbols(container.SECTION_INDICES, groups * lh * lw, k, planes=(groups, lh, lw)).reshape(groups, lh, lw)
         levels = np.concatenate([latent_coding.lookup(i, p) for i, p in zip(indices, palettes)], axis=0)
     contents = SdcContents(header, levels)
     if extras and container.SECTION_ALPHA in by_kind:
@@ -224,5 +224,5 @@ def sdc_encode(levels, header: Header, /, *, dither: bool = False, weights=None,
     indices = np.stack([group_indices for _, group_indices in coded])
     return container.pack(dataclasses.replace(header, colors=k), [
         encode_section(container.SECTION_PALETTE, palettes),
-        encode_section(container.SECTION_INDICES, indices, k),
+        encode_section(container.SECTION_INDICES, indices, k, planes=indices.shape),
     ] + extras)

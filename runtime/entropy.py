@@ -3,8 +3,8 @@
 A section is a sequence of non-negative integers below an alphabet size.  ``encode``
 returns (coder id, bytes); ``decode`` needs the coder id, the symbol count and the alphabet
 size, all known from the container header, and never produces more than that count.  Sections
-of 8-bit planes (the latent levels, the alpha) also give their ``planes`` shape (C, h, w): for
-them the context-modelled coder (``context.py``) competes too.
+of planes of symbols below 256 (the latent levels, the alpha, palette indices) also give their
+``planes`` shape (C, h, w): for them the context-modelled coder (``context.py``) competes too.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _lzma2_filters(preset: int | None = None) -> list[dict]:
 def encode(symbols: np.ndarray, *, alphabet_size: int,
            planes: tuple[int, int, int] | None = None) -> tuple[int, bytes]:
     """Symbols -> (coder, bytes) with whichever coder gives the smaller stream (the context
-    coder too where ``planes`` gives the 8-bit symbols' (C, h, w) shape)."""
+    coder too where ``planes`` gives the (C, h, w) shape of symbols below 256)."""
     flat = np.asarray(symbols).ravel()
     if flat.size and (flat.min() < 0 or flat.max() >= alphabet_size):
         raise SdcInputError("symbol outside the alphabet")
@@ -53,7 +53,7 @@ def encode(symbols: np.ndarray, *, alphabet_size: int,
     candidates = [(CODER_DEFLATE, deflater.compress(raw) + deflater.flush()),
                   (CODER_LZMA2, lzma.compress(raw, format=lzma.FORMAT_RAW,
                                               filters=_lzma2_filters(9 | lzma.PRESET_EXTREME)))]
-    if planes is not None and alphabet_size == 256 and flat.size:
+    if planes is not None and alphabet_size <= 256 and flat.size:
         candidates.append((CODER_CONTEXT, context.encode(flat.reshape(planes))))
     return min(candidates, key=lambda c: (len(c[1]), c[0]))
 
@@ -62,10 +62,13 @@ def decode(data: bytes, *, coder: int, count: int, alphabet_size: int,
            planes: tuple[int, int, int] | None = None) -> np.ndarray:
     expected = raw_length(count, alphabet_size)
     if coder == CODER_CONTEXT:
-        # Only sections of 8-bit planes may use it: the shape their header gives bounds the output.
-        if planes is None or alphabet_size != 256 or int(np.prod(planes)) != count:
-            raise SdcFormatError("the context coder codes the latent and alpha sections only")
-        return context.decode(data, planes).ravel()
+        # Only sections of planes may use it: the shape their header gives bounds the output.
+        if planes is None or alphabet_size > 256 or int(np.prod(planes)) != count:
+            raise SdcFormatError("the context coder codes the latent, alpha and palette index sections only")
+        symbols = context.decode(data, planes).ravel()
+        if int(symbols.max()) >= alphabet_size:  # coder 3 spans 0..255, a palette fewer
+            raise SdcFormatError(f"symbol {int(symbols.max())} is outside the alphabet of {alphabet_size}")
+        return symbols
     # max_length bounds every output: a hostile stream cannot make us allocate more.
     if coder == CODER_DEFLATE:
         inflater = zlib.decompressobj(-15)

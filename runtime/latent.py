@@ -94,10 +94,12 @@ def build_palette(pixels: np.ndarray, colors: int, *, seed: int = 0, weights=Non
     the seeding draws its uniforms from numpy's PCG64, so a seed gives the same palette
     everywhere.  Centroids are rounded to 8 bits at the end, merging any duplicates.
     ``weights`` (one per channel) make the clustering minimize a weighted squared error.
+    The entries are ordered along their principal axis, so that alike entries get near
+    indices: coder 3 predicts an index from its neighbours' (docs/FORMAT.md).
     """
     unique = np.unique(np.rint(pixels).astype(np.uint8), axis=0)
     if len(unique) <= colors:  # few distinct cells: the palette is exactly those cells
-        return unique
+        return _ordered(unique, weights)
     pixels = _weighted(pixels, weights)
     n = pixels.shape[0]
     colors = min(colors, n)
@@ -120,7 +122,20 @@ def build_palette(pixels: np.ndarray, colors: int, *, seed: int = 0, weights=Non
             distances[worst] = 0.0
     if weights is not None:
         centers = centers / np.sqrt(np.asarray(weights, np.float64))
-    return np.unique(np.clip(np.rint(centers), 0, 255).astype(np.uint8), axis=0)
+    return _ordered(np.unique(np.clip(np.rint(centers), 0, 255).astype(np.uint8), axis=0), weights)
+
+
+def _ordered(palette: np.ndarray, weights) -> np.ndarray:
+    """The (K, C) palette's entries sorted by their projection on its first principal axis
+    (weighted as the clustering is); the axis's sign makes the first channel's weight positive
+    (ties in the projection keep the lexicographic order np.unique gave)."""
+    if len(palette) < 3:
+        return palette
+    entries = _weighted(palette.astype(np.float64), weights)
+    centred = entries - entries.mean(axis=0)
+    axis = np.linalg.svd(centred, full_matrices=False)[2][0]
+    axis = axis if axis[np.argmax(np.abs(axis))] > 0 else -axis
+    return palette[np.argsort(centred @ axis, kind="stable")]
 
 
 def dither(levels: np.ndarray, palette: np.ndarray, weights=None) -> np.ndarray:

@@ -37,6 +37,25 @@ def test_rejections():
         entropy.encode(np.array([0, 5]), alphabet_size=5)
 
 
+def test_the_context_coder_takes_planes_of_a_smaller_alphabet_and_checks_it():
+    """Palette index planes (alphabet <= 256) may use coder 3; what it decodes must stay below
+    the section's alphabet, since the coder itself spans 0..255."""
+    rng = np.random.default_rng(0)
+    field = rng.normal(size=(2, 48, 64))
+    for _ in range(6):  # smooth it, as a palette ordered along its principal axis makes indices
+        field = (field + sum(np.roll(field, shift, axis) for shift in (1, -1) for axis in (1, 2))) / 5
+    ramp = ((field - field.min()) / (field.max() - field.min()) * 16).astype(int)
+    planes = np.clip(ramp + rng.integers(-1, 2, field.shape), 0, 15).astype(np.uint16)
+    coder, payload = entropy.encode(planes, alphabet_size=16, planes=planes.shape)
+    assert coder == entropy.CODER_CONTEXT
+    np.testing.assert_array_equal(
+        entropy.decode(payload, coder=coder, count=planes.size, alphabet_size=16, planes=planes.shape), planes.ravel())
+    with pytest.raises(SdcFormatError, match="outside the alphabet of 12"):
+        entropy.decode(payload, coder=coder, count=planes.size, alphabet_size=12, planes=planes.shape)
+    with pytest.raises(SdcFormatError, match="palette index sections only"):
+        entropy.decode(payload, coder=coder, count=planes.size, alphabet_size=16)
+
+
 @pytest.mark.parametrize("coder", [entropy.CODER_DEFLATE, entropy.CODER_LZMA2])
 def test_decompression_bomb_is_bounded(coder):
     """A tiny stream that inflates to 100 MB is stopped at the declared length."""
