@@ -20,7 +20,7 @@ from . import latent as latent_coding
 from .bitstream import SdcContents, sdc_decode_all, sdc_encode
 from .container import DEFAULT_MAX_PIXELS, Header
 from .errors import SdcInputError, SdcModelError, SdcTargetError
-from .image import check_pixel_limit, pad_to, shown_as_coded, to_picture
+from .image import check_pixel_limit, pad_to, psnr, shown_as_coded, to_picture
 from .neural import DEFAULT_MEMORY_LIMIT, NeuralStages
 from .options import (
     ENCODE_OPTION_NAMES,
@@ -33,9 +33,13 @@ from .options import (
 from .progress import report
 from .roles import DECODERS
 
-# Quality 1 itself, then a bisection of qualities 1..100, then the descent at the quality found:
-# the most files a size search writes.
-SIZE_SEARCH_ENCODES = 2 + math.ceil(math.log2(100))
+# Qualities at which a size search descends, from the one it found down: a descent grows the
+# file a little (about 1%, BENCHMARKS.md §15), so where the plain file fills the budget no step
+# of it fits, and a quality lower leaves it room.
+SIZE_SEARCH_DESCENTS = 2
+# Quality 1 itself, then a bisection of qualities 1..100, then the descents: the most files a
+# size search writes.
+SIZE_SEARCH_ENCODES = 1 + math.ceil(math.log2(100)) + SIZE_SEARCH_DESCENTS
 # A size search tries qualities with the caller's other options as they are: all but those
 # the quality chooses.
 ENCODE_KEPT_IN_SEARCH = tuple(name for name in ENCODE_OPTION_NAMES
@@ -127,13 +131,16 @@ class SdcCodec:
 
         if resolved.target_bytes is None:
             return SizedEncode(file_at(resolved), resolved.quality, 1)
-        return self._search_size(file_at, resolved, refine.descends(resolved.effort, loop), progress)
+        def score(data: bytes) -> float:  # the PSNR the closed loop scores files by
+            return psnr(picture.rgb, loop.decode_file(data))
 
-    def _search_size(self, file_at, options: EncodeOptions, descends: bool, progress) -> SizedEncode:
+        return self._search_size(file_at, resolved, refine.descends(resolved.effort, loop), score, progress)
+
+    def _search_size(self, file_at, options: EncodeOptions, descends: bool, score, progress) -> SizedEncode:
         """Bisects the quality scale on files written without the descent (it costs several
-        decodes per step, and would cost them at every quality tried), then descends once at
-        the quality found, within the target: of the files the descent writes (each step's),
-        the best that fits wins, the plain one at worst."""
+        decodes per step, and would cost them at every quality tried), then descends within
+        the target at the quality found and at the one below it: of the files the descents
+        write (each step's), the one of highest PSNR that fits wins, the plain one at worst."""
         target = options.target_bytes
         kept = {name: getattr(options, name) for name in ENCODE_KEPT_IN_SEARCH}
         files: dict[int, bytes] = {}
@@ -158,10 +165,17 @@ class SdcCodec:
                 too_large = middle
         if not descends:
             return SizedEncode(files[fitting], fitting, len(files))
-        descended = file_at(self.options(quality=fitting, **kept), budget=target)
-        # b"": none of the descent's files fit (not even its start, where the plain search
-        # kept a free pass's file): the search's own file stands.
-        return SizedEncode(descended or files[fitting], fitting, len(files) + 1)
+        best, best_quality, best_score = files[fitting], fitting, score(files[fitting])
+        qualities = range(fitting, max(fitting - SIZE_SEARCH_DESCENTS, 0), -1)
+        for quality in qualities:
+            # b"": none of the descent's files fit (not even its start, where the plain search
+            # kept a free pass's file).
+            descended = file_at(self.options(quality=quality, **kept), budget=target)
+            if descended and descended != best:
+                descended_score = score(descended)
+                if descended_score > best_score:
+                    best, best_quality, best_score = descended, quality, descended_score
+        return SizedEncode(best, best_quality, len(files) + len(qualities))
 
     def _loop(self, rgb: np.ndarray, options: EncodeOptions) -> refine.Loop:
         """The closed loop's stages for the image ``rgb``; the file's UNet steps in the loop
