@@ -7,9 +7,9 @@ import pytest
 from helpers import assert_one_line_error, kodak, make_image, needs_shared, psnr, run_cli
 
 from sdc_runtime import SdcCodec, SdcInputError, SdcModelError, SdcTargetError, sdc_decode, sdc_info
+from sdc_runtime.codec import SIZE_SEARCH_ENCODES
 from sdc_runtime.manifest import Manifest
 from sdc_runtime.options import QualityPoint, check_quality_table, quality_point
-from sdc_runtime.codec import SIZE_SEARCH_ENCODES
 from sdc_runtime.refine import DESCENT, PASSES
 
 TABLE = (QualityPoint(1, "palette", colors=16, group_channels=8), QualityPoint(20, "u8", quant_step=1.6),
