@@ -113,9 +113,9 @@ def test_bad_payloads_are_format_errors(damage, needle):
 
 def test_only_plane_sections_may_use_the_context_coder():
     data = context.encode(PLANE)
-    with pytest.raises(SdcFormatError, match="latent and alpha sections only"):
+    with pytest.raises(SdcFormatError, match="latent, alpha and palette index sections only"):
         entropy.decode(data, coder=entropy.CODER_CONTEXT, count=9, alphabet_size=256)
-    with pytest.raises(SdcFormatError, match="latent and alpha sections only"):
+    with pytest.raises(SdcFormatError, match="latent, alpha and palette index sections only"):
         entropy.decode(data, coder=entropy.CODER_CONTEXT, count=9, alphabet_size=300, planes=(1, 3, 3))
 
 
