@@ -325,8 +325,8 @@ class NeuralStages:
         Where the whole graph does not fit the memory budget it runs in parts: the decoder's
         whole part once, its local part in tiles, each counting only the pixels it owns and
         running on a margin of the local part's reach around them, so that every pixel's
-        error and its gradient are exactly the untiled ones; the tiles' gradients are added up
-        and taken back through the whole part."""
+        error and its gradient are exactly the untiled ones (where the budget allows tiles of
+        four margins); the tiles' gradients are added up and taken back through the whole part."""
         graph = self.graph("decoder_gradient")
         f = self.manifest.downscale
         h, w = latent.shape[2:]
@@ -365,7 +365,10 @@ class NeuralStages:
             channels = self.session(graph.whole).get_inputs()[1].shape[1]
             features = self._run_all(graph.whole, latent, np.zeros((1, channels, h, w), np.float32))[1]
         decoder = self.graph("vae_decoder")  # the same local layers: the same reach
-        margin = (self.context_cells(decoder.tiled or decoder.file) or 0) + 1
+        # Exact where the budget allows tiles of four margins; below that the margins shrink
+        # to a quarter of the tile, so that memory stays bounded, and pixels near the tiles'
+        # edges see some of the local part's zero padding (the gradient is then approximate).
+        margin = min((self.context_cells(decoder.tiled or decoder.file) or 0) + 1, max(tile // 4, 1))
         features_gradient = np.zeros_like(features)
         total = 0.0
         for (r0, r1), (y0, y1) in owned_spans(h, tile, margin):
