@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from .timing import add_run_options, machine, median_seconds, save_json
+from .timing import add_run_options, machine, median_seconds, save_summary
 
 QUALITIES = (20, 30, 40, 50, 60, 70, 80)
 
@@ -123,12 +123,7 @@ def markdown(result: dict) -> str:
 
 def _main(args) -> int:
     result = run(args)
-    save_json(result, args.out, "coder.json")
-    table = markdown(result)
-    with open(os.path.join(args.out, "coder.md"), "w") as fh:
-        fh.write(table + "\n")
-    print(table)
-    return 0
+    return save_summary(result, markdown(result), args.out, "coder.json", "coder.md")
 
 
 def add_parser(sub):

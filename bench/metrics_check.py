@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from .ssimulacra2 import ssimulacra2
-from .timing import add_run_options, machine, save_json
+from .timing import add_run_options, machine, save_summary
 
 
 def _gray(values: np.ndarray) -> np.ndarray:
@@ -168,9 +168,4 @@ def add_parser(sub):
 
 def _main(args) -> int:
     result = run(args)
-    save_json(result, args.out, "metrics-check.json")
-    text = markdown(result)
-    with open(os.path.join(args.out, "summary.md"), "w") as fh:
-        fh.write(text + "\n")
-    print(text)
-    return 0
+    return save_summary(result, markdown(result), args.out, "metrics-check.json")

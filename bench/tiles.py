@@ -15,7 +15,7 @@ import numpy as np
 
 from .figures import image_row
 from .metrics import psnr
-from .timing import add_run_options, machine, save_json
+from .timing import add_run_options, machine, save_summary
 
 
 def _mosaics(folder: str, count: int):
@@ -111,11 +111,7 @@ def add_parser(sub):
 def _main(args) -> int:
     result = run(args)
     crop = result.pop("crop")
-    text = markdown(result)
-    save_json(result, args.out, "tiles.json")
+    status = save_summary(result, markdown(result), args.out, "tiles.json")  # makes the folder too
     if crop is not None:
         picture(crop, os.path.join(args.out, "corner.png"))
-    with open(os.path.join(args.out, "summary.md"), "w") as fh:
-        fh.write(text + "\n")
-    print(text)
-    return 0
+    return status

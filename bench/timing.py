@@ -68,3 +68,13 @@ def save_json(result: dict, folder: str, name: str) -> None:
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, name), "w") as fh:
         json.dump(result, fh, indent=1)
+
+
+def save_summary(result: dict, text: str, folder: str, json_name: str, markdown_name: str = "summary.md") -> int:
+    """The end of a folder-writing bench: ``result`` as JSON and its markdown ``text`` in
+    ``folder``, and the text printed."""
+    save_json(result, folder, json_name)
+    with open(os.path.join(folder, markdown_name), "w") as fh:
+        fh.write(text + "\n")
+    print(text)
+    return 0

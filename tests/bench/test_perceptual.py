@@ -19,6 +19,15 @@ from sdc_bench.metrics_check import SYNTHETIC, same_pixels
 from sdc_bench.ssimulacra2 import ssimulacra2
 
 
+def _jpeg(pixels: np.ndarray, quality: int) -> np.ndarray:
+    """``pixels`` through Pillow's JPEG at ``quality`` and back."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
 @pytest.mark.parametrize("name", sorted(SYNTHETIC))
 def test_ssimulacra2_matches_the_cpp_tool_on_its_published_vectors(name):
     make_source, make_distorted, source_hash, distorted_hash, expected = SYNTHETIC[name]
@@ -31,15 +40,9 @@ def test_ssimulacra2_matches_the_cpp_tool_on_its_published_vectors(name):
 
 
 def test_ssimulacra2_is_100_for_identical_images_and_falls_with_jpeg_quality():
-    from PIL import Image
-
     reference = np.asarray(make_image(160, 120))
     assert ssimulacra2(reference, reference) == 100.0
-    scores = []
-    for quality in (90, 50, 10):
-        buffer = io.BytesIO()
-        Image.fromarray(reference).save(buffer, "JPEG", quality=quality)
-        scores.append(ssimulacra2(reference, np.asarray(Image.open(buffer).convert("RGB"))))
+    scores = [ssimulacra2(reference, _jpeg(reference, quality)) for quality in (90, 50, 10)]
     assert 100 > scores[0] > scores[1] > scores[2]
 
 
@@ -58,11 +61,7 @@ def test_butteraugli_is_zero_for_identical_images_and_grows_with_distortion():
 
     reference = np.asarray(Image.open(os.path.join(KODAK, "kodim23.png")).convert("RGB").crop((0, 0, 192, 128)))
     assert butteraugli(reference, reference) == (0.0, 0.0)
-    distances = []
-    for quality in (95, 60, 15):
-        buffer = io.BytesIO()
-        Image.fromarray(reference).save(buffer, "JPEG", quality=quality)
-        distances.append(butteraugli(reference, np.asarray(Image.open(buffer).convert("RGB"))))
+    distances = [butteraugli(reference, _jpeg(reference, quality)) for quality in (95, 60, 15)]
     assert 0 < distances[0][1] < distances[1][1] < distances[2][1]
     assert all(peak >= norm for peak, norm in distances)  # the max is never below the 3-norm
 
@@ -88,11 +87,7 @@ def test_st_lpips_is_zero_for_identical_images_grows_with_distortion_and_tolerat
 
     reference = np.asarray(Image.open(os.path.join(KODAK, "kodim23.png")).convert("RGB").crop((0, 0, 256, 192)))
     assert st_lpips(reference, reference) == 0.0
-    distances = []
-    for quality in (90, 40, 10):
-        buffer = io.BytesIO()
-        Image.fromarray(reference).save(buffer, "JPEG", quality=quality)
-        distances.append(st_lpips(reference, np.asarray(Image.open(buffer).convert("RGB"))))
+    distances = [st_lpips(reference, _jpeg(reference, quality)) for quality in (90, 40, 10)]
     assert 0 < distances[0] < distances[1] < distances[2]
     # What it is built for: a one-pixel shift is a smaller difference than a JPEG at quality 40.
     assert st_lpips(reference, np.roll(reference, 1, axis=1)) < distances[1]
