@@ -59,6 +59,10 @@ def build_parser() -> ToolParser:
     p.add_argument("--tiny-decoder", metavar="DIR", default=None,
                    help="SD, SDXL and VAE sets: also ship this TAESD-format decoder (of the same latent space)"
                         " as a fast alternative decoder")
+    p.add_argument("--decoder-gradient", action="store_true",
+                   help="also ship the VAE decoder's gradient graph (fp32, about twice the decoder's weights),"
+                        " so that efforts from 1 descend on files without UNet steps (TAESD-format pairs always"
+                        " ship it)")
     p.add_argument("--scaling-factor", type=float, default=None, metavar="S",
                    help="a VAE alone: its latents' scaling factor, for VAEs whose config has none"
                         " (SD 1.x/2.x 0.18215, SDXL 0.13025, SD3 1.5305, FLUX.1 0.3611)")
@@ -86,8 +90,12 @@ def run(args, int8_recipe=None) -> int:
         raise SdcUsageError("--scaling-factor and --shift-factor apply to a VAE alone")
     if src.kind != "tae" and args.latent_space:
         raise SdcUsageError("--latent-space applies to a TAESD-format pair")
-    roles = {"tae": TAE_ROLES, "vae": VAE_ROLES}.get(src.kind, SD_ROLES) + (("tiny_decoder",) if args.tiny_decoder
-                                                                           else ())
+    if src.kind == "tae" and args.decoder_gradient:
+        raise SdcUsageError("--decoder-gradient applies to Stable Diffusion and VAE exports: TAESD-format pairs"
+                            " always ship it")
+    roles = ({"tae": TAE_ROLES, "vae": VAE_ROLES}.get(src.kind, SD_ROLES) + (("tiny_decoder",) if args.tiny_decoder
+                                                                             else ())
+             + (("decoder_gradient",) if args.decoder_gradient else ()))
     plan = plan_from_args(args, roles, *([int8_recipe] if int8_recipe is not None else []))
     if args.latent_space:
         load_manifest(args.latent_space)  # a model set, or one line now

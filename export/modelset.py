@@ -361,6 +361,8 @@ def export_stable_diffusion(parts: StableDiffusionParts, out: str, plan: ExportP
     vae = parts.vae
     channels = vae.config.latent_channels
     scaling = float(vae.config.scaling_factor)
+    if "decoder_gradient" in plan.roles:
+        specs.append(vae_gradient_spec(vae, 1.0, 0.0, channels, downscale, specs[1].example[0].shape[2:]))
     agreements = []
     if plan.tiny_decoder is not None:
         spec, agreement = tiny_decoder_spec(plan.tiny_decoder, channels, specs[1].example, scaling,
@@ -410,6 +412,8 @@ def export_vae(parts: VaeParts, out: str, plan: ExportPlan, progress=None) -> Ex
     specs = [GraphSpec("vae_encoder", modules["vae_encoder"], ["image"], "latent",
                        (torch.zeros(1, 3, lh * downscale, lw * downscale),)),
              GraphSpec("vae_decoder", modules["vae_decoder"], ["latent"], "image", latent_example)]
+    if "decoder_gradient" in plan.roles:
+        specs.append(vae_gradient_spec(vae, parts.scaling_factor, parts.shift_factor, channels, downscale, (lh, lw)))
     agreements = []
     if plan.tiny_decoder is not None:
         spec, agreement = tiny_decoder_spec(plan.tiny_decoder, channels, latent_example, None, modules)
@@ -457,6 +461,18 @@ def decoder_gradient_spec(decoder, split: int | None, channels: int, lh: int, lw
                            "gradient", (features, image, weight), extra_outputs=("error",))]
     return GraphSpec("decoder_gradient", DecoderGradient(decoder), ["latent", "image", "weight"], "gradient",
                      (latent, image, weight), split=split, extra_outputs=("error",), split_parts=parts)
+
+
+def vae_gradient_spec(vae, scaling: float, shift: float, channels: int, downscale: int, latent_size) -> GraphSpec:
+    """An SD or VAE-only set's decoder gradient graph (``vae_gradient``), whole: its GroupNorms
+    span the whole image, so tiles of it are approximate (as the decoder's own)."""
+    from .vae_gradient import VaeDecoderGradient
+
+    lh, lw = latent_size
+    example = (torch.zeros(1, channels, lh, lw), torch.zeros(1, 3, lh * downscale, lw * downscale),
+               torch.ones(1, 1, lh * downscale, lw * downscale))
+    return GraphSpec("decoder_gradient", VaeDecoderGradient(vae, scaling, shift), ["latent", "image", "weight"],
+                     "gradient", example, extra_outputs=("error",))
 
 
 def export_tae(folder: str, out: str, plan: ExportPlan, progress=None, latent_space: str | None = None) -> ExportReport:

@@ -138,8 +138,8 @@ class DecoderGradient(nn.Module):
     pass is written out as forward layers ONNX can hold: a convolution's is the transposed
     convolution with the same weights, nearest 2x upsampling's is a 2x2 sum, ReLU's and
     tanh's are masks and derivatives of the forward values, GroupNorm's is written from its
-    formula.  It covers exactly the layers ``make_decoder`` builds (and any run of them);
-    ``tests/test_export.py`` checks it against torch's autograd."""
+    formula, one group at a time (``_pool``).  It covers exactly the layers ``make_decoder``
+    builds (and any run of them); ``tests/test_export.py`` checks it against torch's autograd."""
 
     def __init__(self, decoder: nn.Sequential):
         super().__init__()
@@ -179,19 +179,12 @@ def _forward(module: nn.Module, x):
     if isinstance(module, Block):
         saved = {}
         if hasattr(module, "pool"):
-            pooled, saved["pool"] = _forward(module.pool, x)
-            x = x + pooled
+            saved["pool"] = x
+            x = x + _summed(_pool(module.pool, x, None))
         inner, saved["conv"] = _forward(module.conv, x)
         out = module.fuse(inner + module.skip(x))
         saved["fused"] = out > 0
         return out, saved
-    if isinstance(module, nn.GroupNorm):
-        grouped = x.reshape(x.shape[0], module.num_groups, -1)
-        mean = grouped.mean(dim=2, keepdim=True)
-        inv_std = torch.rsqrt(((grouped - mean) ** 2).mean(dim=2, keepdim=True) + module.eps)
-        normed = ((grouped - mean) * inv_std).reshape(x.shape)
-        out = normed * module.weight[None, :, None, None] + module.bias[None, :, None, None]
-        return out, (normed, inv_std)
     out = module(x)
     if isinstance(module, nn.ReLU):
         return out, out > 0
@@ -200,6 +193,43 @@ def _forward(module: nn.Module, x):
     if isinstance(module, (nn.Conv2d, nn.Upsample, nn.Identity)):
         return out, None
     raise SdcExportError(f"no gradient for the decoder layer {type(module).__name__}")
+
+
+def _pool(pool: nn.Sequential, x, grad):
+    """A pooled block's branch (1x1 conv to four times the width, GroupNorm, ReLU, 1x1 conv
+    back) as one term per GroupNorm group: without ``grad`` the terms of its output, with it
+    those of the gradient at ``x`` (each group recomputed from ``x``, nothing kept from the
+    forward pass).  A group's channels see only their own rows of the first convolution and
+    columns of the second, so each term computes at the block's width: no tensor of four times
+    the width is ever held, which at a 12 MP photo's latent cut the whole part's backward from
+    2.1 GB to a fraction of it (BENCHMARKS.md section 16)."""
+    widen, norm, _, narrow = pool
+    width = widen.out_channels // norm.num_groups
+    for group in range(norm.num_groups):
+        rows = slice(group * width, (group + 1) * width)
+        # The backward's recomputation adds a zero bias: otherwise the ONNX export would merge
+        # it with the forward's identical nodes, which then stay alive until the backward.
+        wide = nn.functional.conv2d(x, widen.weight[rows], None if grad is None else x.new_zeros(width))
+        mean = wide.mean(dim=(1, 2, 3), keepdim=True)
+        inv_std = torch.rsqrt(((wide - mean) ** 2).mean(dim=(1, 2, 3), keepdim=True) + norm.eps)
+        normed = (wide - mean) * inv_std
+        scaled = normed * norm.weight[None, rows, None, None] + norm.bias[None, rows, None, None]
+        if grad is None:
+            yield nn.functional.conv2d(scaled.clamp(min=0), narrow.weight[:, rows])
+            continue
+        g = nn.functional.conv2d(grad, narrow.weight[:, rows].transpose(0, 1)) * (scaled > 0)
+        g = g * norm.weight[None, rows, None, None]
+        g = inv_std * (g - g.mean(dim=(1, 2, 3), keepdim=True)
+                       - normed * (g * normed).mean(dim=(1, 2, 3), keepdim=True))
+        yield nn.functional.conv2d(g, widen.weight[rows].transpose(0, 1))
+
+
+def _summed(terms):
+    """The terms' sum, each added as it comes, so that each group's tensors die before the next's."""
+    total = next(terms)
+    for term in terms:
+        total = total + term
+    return total
 
 
 def _backward(module: nn.Module, saved, grad):
@@ -212,16 +242,8 @@ def _backward(module: nn.Module, saved, grad):
         grad = grad * saved["fused"]
         grad = _backward(module.conv, saved["conv"], grad) + _backward(module.skip, None, grad)
         if hasattr(module, "pool"):
-            grad = grad + _backward(module.pool, saved["pool"], grad)
+            grad = grad + _summed(_pool(module.pool, saved["pool"], grad))
         return grad
-    if isinstance(module, nn.GroupNorm):
-        normed, inv_std = saved
-        n = grad.shape[0]
-        scaled = (grad * module.weight[None, :, None, None]).reshape(n, module.num_groups, -1)
-        normed = normed.reshape(n, module.num_groups, -1)
-        out = inv_std * (scaled - scaled.mean(dim=2, keepdim=True)
-                         - normed * (scaled * normed).mean(dim=2, keepdim=True))
-        return out.reshape(grad.shape)
     if isinstance(module, nn.ReLU):
         return grad * saved
     if isinstance(module, Clamp):

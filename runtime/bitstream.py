@@ -5,6 +5,7 @@
     sdc_decode(data)                         -> (Header, (C, h, w) uint8 levels)
     sdc_decode_all(data)                     -> SdcContents: the levels, alpha and metadata
     sdc_encode(levels, header, dither=..., alpha=..., metadata=...) -> bytes
+    sdc_quantize(levels, header, dither=...)  -> (C, h, w) uint8 levels that file would hold
 
 It ties the container (header, sections, CRC), the entropy coders and the latent coding
 (palettes, indices, lookup); no model set is involved, and decoding is bit-exact everywhere
@@ -172,7 +173,6 @@ def sdc_encode(levels, header: Header, /, *, dither: bool = False, weights=None,
     icc_profile / exif / xmp to bytes.  In u8 mode ``deadzone`` (levels, 0..0.5) rounds each
     level toward the context coder's prediction (``context.round_levels``): rate-aware rounding.
     """
-    container.check_writable(header)
     extras = []
     if alpha is not None:
         alpha = np.asarray(alpha)
@@ -186,6 +186,32 @@ def sdc_encode(levels, header: Header, /, *, dither: bool = False, weights=None,
             raise SdcInputError(f"metadata of {len(raw)} bytes is over the limit of {container.MAX_METADATA_BYTES}")
         if raw:
             extras.append(encode_section(container.SECTION_METADATA, np.frombuffer(raw, np.uint8)))
+    header, quantized = _quantized(levels, header, dither, weights, deadzone)
+    if header.mode == MODE_U8:
+        return container.pack(header, [encode_section(container.SECTION_LATENT, quantized, planes=quantized.shape)]
+                              + extras)
+    palettes, indices = quantized
+    return container.pack(header, [
+        encode_section(container.SECTION_PALETTE, palettes),
+        encode_section(container.SECTION_INDICES, indices, header.colors, planes=indices.shape),
+    ] + extras)
+
+
+def sdc_quantize(levels, header: Header, /, *, dither: bool = False, weights=None, deadzone: float = 0.0) -> np.ndarray:
+    """The (C, h, w) uint8 levels the file ``sdc_encode`` writes with these arguments holds
+    (what ``sdc_decode`` returns of it), without the entropy coding: the closed-loop encoder
+    takes each descent step's gradient there."""
+    header, quantized = _quantized(levels, header, dither, weights, deadzone)
+    if header.mode == MODE_U8:
+        return quantized
+    palettes, indices = quantized
+    return np.concatenate([latent_coding.lookup(i, p) for i, p in zip(indices, palettes)], axis=0)
+
+
+def _quantized(levels, header: Header, dither: bool, weights, deadzone: float):
+    """(header as written, what the latent sections hold): in u8 mode the (C, h, w) uint8
+    levels, in palette mode (palettes (groups, K, group_channels), indices (groups, h, w))."""
+    container.check_writable(header)
     levels = np.asarray(levels)
     expected = (header.latent_channels, header.latent_height, header.latent_width)
     if levels.shape != expected:
@@ -198,9 +224,7 @@ def sdc_encode(levels, header: Header, /, *, dither: bool = False, weights=None,
         if weights.shape != (header.latent_channels,) or not np.all(np.isfinite(weights) & (weights > 0)):
             raise SdcInputError("weights must be one positive number per latent channel")
     if header.mode == MODE_U8:
-        rounded = context.round_levels(levels, deadzone) if deadzone else np.rint(levels).astype(np.uint8)
-        latent_section = encode_section(container.SECTION_LATENT, rounded, planes=levels.shape)
-        return container.pack(header, [latent_section] + extras)
+        return header, context.round_levels(levels, deadzone) if deadzone else np.rint(levels).astype(np.uint8)
     cells = np.ascontiguousarray(np.moveaxis(levels.astype(np.float64), 0, -1))  # (h, w, C) latent "pixels"
     size = header.group_channels
     assign = latent_coding.dither if dither else latent_coding.nearest
@@ -222,7 +246,4 @@ def sdc_encode(levels, header: Header, /, *, dither: bool = False, weights=None,
     k = max(2, max(len(palette) for palette, _ in coded))
     palettes = np.stack([np.vstack([p, np.repeat(p[-1:], k - len(p), axis=0)]) for p, _ in coded])
     indices = np.stack([group_indices for _, group_indices in coded])
-    return container.pack(dataclasses.replace(header, colors=k), [
-        encode_section(container.SECTION_PALETTE, palettes),
-        encode_section(container.SECTION_INDICES, indices, k, planes=indices.shape),
-    ] + extras)
+    return dataclasses.replace(header, colors=k), (palettes, indices)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from . import container, refine
 from . import latent as latent_coding
-from .bitstream import SdcContents, sdc_decode_all, sdc_encode
+from .bitstream import SdcContents, sdc_decode_all, sdc_encode, sdc_quantize
 from .container import DEFAULT_MAX_PIXELS, Header
 from .errors import SdcInputError, SdcModelError, SdcTargetError
 from .image import check_pixel_limit, pad_to, psnr, shown_as_coded, to_picture
@@ -124,9 +124,12 @@ class SdcCodec:
         def file_at(options: EncodeOptions, descend: bool = True, budget: int | None = None) -> bytes:
             def code(candidate):
                 return self._code_latent(candidate, size, options, alpha=alpha, metadata=metadata, flags=flags)
+
+            def held(candidate):
+                return self._held_latent(candidate, size, options)
             if loop is None:
                 return code(latent)
-            return refine.best_file(latent, candidates, options.effort, code, loop, progress, descend=descend,
+            return refine.best_file(latent, candidates, options.effort, code, held, loop, progress, descend=descend,
                                     budget=budget)
 
         if resolved.target_bytes is None:
@@ -184,7 +187,7 @@ class SdcCodec:
         with_steps = options.effort >= refine.DENOISE_IN_LOOP_EFFORT and options.denoise_steps > 0
         padded = pad_to(rgb, self.manifest.downscale)
         # The gradient graph decodes without the UNet steps: it serves sets without a UNet.
-        descent = self.stages.has_gradient() and not options.denoise_steps
+        descent = self.stages.has_gradient(*padded.shape[:2]) and not options.denoise_steps
 
         def encode(rgb):
             return self.stages.encode(pad_to(rgb, self.manifest.downscale))[0]
@@ -199,10 +202,7 @@ class SdcCodec:
             gradient, error = self.stages.decoder_gradient(latent[None], padded, (height, width))
             low, high = self.stages.graph("decoder_gradient").image_range
             return gradient[0], error * (255 / (high - low)) ** 2 / rgb.size
-
-        def held(data):
-            return self.decode_latent(data)[1]
-        return refine.Loop(rgb, encode, decode, decode_file, gradient if descent else None, held)
+        return refine.Loop(rgb, encode, decode, decode_file, gradient if descent else None)
 
     def image_to_latent(self, image, /, *, progress=None) -> tuple[np.ndarray, tuple[int, int]]:
         """PIL image or (H, W, 3) uint8 array -> ((C, h, w) float32 raw latent, (width, height))."""
@@ -234,6 +234,19 @@ class SdcCodec:
 
     def _code_latent(self, latent: np.ndarray, size: tuple[int, int], options: EncodeOptions, *,
                      alpha=None, metadata=None, flags: int = 0) -> bytes:
+        header, levels, weights = self._coding(latent, size, options, flags)
+        return sdc_encode(levels, header, dither=options.dither, weights=weights, alpha=alpha, metadata=metadata,
+                          deadzone=options.deadzone)
+
+    def _held_latent(self, latent: np.ndarray, size: tuple[int, int], options: EncodeOptions) -> np.ndarray:
+        """The (C, h, w) latent the file ``_code_latent`` writes holds, as its decoder
+        dequantizes it, without the entropy coding."""
+        header, levels, weights = self._coding(latent, size, options, 0)
+        quantized = sdc_quantize(levels, header, dither=options.dither, weights=weights, deadzone=options.deadzone)
+        return latent_coding.dequantize_u8(quantized, header.quant_scale, header.quant_zero)
+
+    def _coding(self, latent: np.ndarray, size: tuple[int, int], options: EncodeOptions, flags: int):
+        """(header, levels, per-channel weights) of the file of ``latent``."""
         m = self.manifest
         scale, zero = self.quant_mapping(latent, options.quant_step)
         header = Header(
@@ -248,8 +261,7 @@ class SdcCodec:
         weights = np.square(np.asarray(scale, np.float64))
         if m.channel_weights is not None:
             weights = weights * np.asarray(m.channel_weights, np.float64)
-        return sdc_encode(levels, header, dither=options.dither, weights=weights / weights.mean(), alpha=alpha,
-                          metadata=metadata, deadzone=options.deadzone)
+        return header, levels, weights / weights.mean()
 
     # --- decode ---
 

@@ -18,6 +18,7 @@ from .image import graph_output_to_levels, to_graph_input, to_uint8
 from .manifest import Graph, Manifest, Scheduler, load_manifest
 from .options import Denoising
 from .progress import report
+from .roles import role_of
 from .tiles import MAX_OVERLAP_PIXELS, grid, overlaps, owned_spans, ramp, spans
 
 # The working-memory budget of the neural stages when the caller names none (--memory-limit).
@@ -152,6 +153,11 @@ BASE_BYTES = 160 << 20
 IMAGE_BYTES_PER_PIXEL = 12
 # Tiles are never smaller than this (pixels per side): below it the overlap is most of the work.
 MIN_TILE = 128
+# The most latent cells of margin a tile of the decoder gradient runs on: the descent needs the
+# gradient's direction, not its last digits.  On a 1536x1024 photo in 640-pixel tiles TAEF2's
+# full reach (10 cells) cost 1.29x the untiled run and 6 cells 0.89x, at a cosine of 0.99999 to
+# the exact gradient (4 cells: 0.9998); BENCHMARKS.md §16.
+GRADIENT_MARGIN_CELLS = 6
 # The side (latent cells) of the input that measures a local graph's reach (context_cells).
 CONTEXT_PROBE = 48
 # The autoencoders run on no image side smaller than this (pixels): a latent of a cell or two
@@ -159,6 +165,36 @@ CONTEXT_PROBE = 48
 # at 35 dB; BENCHMARKS.md).  Smaller images are edge-replicated up to it for the encoder, and
 # their latents for the decoder (docs/FORMAT.md), and the results cropped.
 MIN_CODED_SIDE = 64
+
+
+# The codec's sessions share one arena whose regions are each the size of the request that
+# made them, and which gives every free region back after each run (_run_all's run options):
+# onnxruntime's default arena grows in powers of two and never shrinks, while without an
+# arena every tensor is a malloc of its own, which glibc serves from a heap that freed tensors
+# fragment (a 3 MP decoder-gradient whole part peaked at 2.2 GB, against 0.7 GB here) and
+# which slows each session's first run (the gradient graph's at 768x512: 4.1 s, against 2.8 s
+# here).  Registered once per process; BENCHMARKS.md §16.
+_ARENA_LOCK = threading.Lock()
+_arena: list = []  # [True] once registered, [False] where this onnxruntime cannot
+
+
+def _use_shared_arena(options) -> bool:
+    """Has ``options`` take the shared arena, registering it first; False where it cannot."""
+    import onnxruntime as ort
+
+    with _ARENA_LOCK:
+        if not _arena:
+            try:
+                ort.create_and_register_allocator(
+                    ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT),
+                    ort.OrtArenaCfg(0, 1, -1, -1))  # no cap, kSameAsRequested, default chunk sizes
+                _arena.append(True)
+            except Exception:  # an onnxruntime without env allocators: the plain mallocs of session_options
+                _arena.append(False)
+    if _arena[0]:
+        options.enable_cpu_mem_arena = True
+        options.add_session_config_entry("session.use_env_allocators", "1")
+    return _arena[0]
 
 
 class NeuralStages:
@@ -178,6 +214,7 @@ class NeuralStages:
         self.memory_limit = memory_limit
         self.tile_size = tile_size
         self._sessions: dict = {}
+        self._run_options = None  # the shared arena's shrinkage after each run
         self._context: dict = {}  # graph file -> context_cells
         # False: a split decoder's tiles without the margins that make them exact, at the tile
         # size asked for (the export's calibration, which must reach the parts on small images).
@@ -202,8 +239,11 @@ class NeuralStages:
                 try:
                     graph = self.manifest.graphs.get(self._roles.get(file))
                     exact = needs_exact_kernels(graph.weight_bits if graph is not None else None)
-                    self._sessions[file] = ort.InferenceSession(path, session_options(self._threads, exact_int8=exact),
-                                                                providers=self._providers)
+                    options = session_options(self._threads, exact_int8=exact)
+                    if _use_shared_arena(options) and self._run_options is None:
+                        self._run_options = ort.RunOptions()
+                        self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+                    self._sessions[file] = ort.InferenceSession(path, options, providers=self._providers)
                 except Exception as exc:  # onnxruntime raises its own untyped errors
                     raise SdcModelError(f"cannot load {file}: {str(exc).splitlines()[0]}") from None
             return self._sessions[file]
@@ -233,7 +273,7 @@ class NeuralStages:
         for observer in self._feed_observers:
             observer(file, feeds)
         try:
-            outputs = [output.astype(np.float32) for output in session.run(None, feeds)]
+            outputs = [output.astype(np.float32) for output in session.run(None, feeds, self._run_options)]
         except Exception as exc:  # onnxruntime's errors are untyped (allocation failures among them)
             raise SdcModelError(f"{file} failed: {str(exc).splitlines()[0][:300]}") from None
         if all(np.isfinite(output).all() for output in outputs):
@@ -277,7 +317,7 @@ class NeuralStages:
             return self.tile_size
         graph = self.graph(role)
         pixels = height * width
-        available = self.memory_limit - BASE_BYTES - IMAGE_BYTES_PER_PIXEL * pixels
+        available = self._available(role, pixels)
         if pixels * graph.memory_per_pixel <= available:
             return 0
         side = math.isqrt(max(available, 0) // max(int(graph.memory_per_pixel), 1))
@@ -312,8 +352,20 @@ class NeuralStages:
                             lambda: report(progress, "encode", next(counter), len(tiles)))
         return self._run(graph.whole, features) if graph.whole else features
 
-    def has_gradient(self) -> bool:
-        return "decoder_gradient" in self.manifest.graphs
+    def _available(self, role: str, pixels: int) -> int:
+        """What the memory budget leaves ``role``'s tiles on an image of ``pixels`` (bytes)."""
+        graph = self.graph(role)
+        whole = role_of(role).whole_memory_per_pixel.get(self.manifest.family, 0) if graph.whole else 0
+        return self.memory_limit - BASE_BYTES - (IMAGE_BYTES_PER_PIXEL + whole) * pixels
+
+    def has_gradient(self, height: int, width: int) -> bool:
+        """Whether the set has the decoder's gradient and it runs on a ``height`` x ``width``
+        image within the memory budget, in tiles of MIN_TILE at the least (its whole part runs
+        whole: a photo far over the budget gets the closed loop without the descent)."""
+        if "decoder_gradient" not in self.manifest.graphs:
+            return False
+        smallest = min(height * width, MIN_TILE * MIN_TILE) * self.graph("decoder_gradient").memory_per_pixel
+        return self.tile_size is not None or self._available("decoder_gradient", height * width) >= smallest
 
     def decoder_gradient(self, latent: np.ndarray, pixels: np.ndarray, counted: tuple[int, int]) -> tuple[np.ndarray, float]:
         """(1, C, h, w) latent and the (h*f, w*f, 3) uint8 image it should decode to -> (the
@@ -324,13 +376,12 @@ class NeuralStages:
 
         Where the whole graph does not fit the memory budget it runs in parts: the decoder's
         whole part once, its local part in tiles, each counting only the pixels it owns and
-        running on a margin of the local part's reach around them, so that every pixel's
-        error and its gradient are exactly the untiled ones (where the budget allows tiles of
-        four margins); the tiles' gradients are added up and taken back through the whole part."""
+        running on a margin around them (of the local part's reach, the pixels' errors and
+        their gradient are then exactly the untiled ones; GRADIENT_MARGIN_CELLS caps it); the
+        tiles' gradients are added up and taken back through the whole part."""
         graph = self.graph("decoder_gradient")
         f = self.manifest.downscale
         h, w = latent.shape[2:]
-        target = to_graph_input(pixels, graph.image_range)
 
         def weight(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
             """1 on the counted pixels of rows y0..y1 and columns x0..x1, else 0."""
@@ -345,7 +396,7 @@ class NeuralStages:
             (top, bottom), (left, right) = growth
             grown = np.pad(latent, ((0, 0), (0, 0), (top, bottom), (left, right)), mode="edge")
             padding = ((0, 0), (0, 0), (top * f, bottom * f), (left * f, right * f))
-            gradient, error = self._run_all(graph.file, grown, np.pad(target, padding),
+            gradient, error = self._run_all(graph.file, grown, np.pad(to_graph_input(pixels, graph.image_range), padding),
                                             np.pad(weight(0, h * f, 0, w * f), padding))
             for axis, before, after in ((2, top, bottom), (3, left, right)):
                 inner = np.take(gradient, range(before, gradient.shape[axis] - after), axis=axis).copy()
@@ -358,17 +409,19 @@ class NeuralStages:
             return gradient, float(error[0])
         tile = self.tile_for("decoder_gradient", h * f, w * f) // f
         if not tile:
-            gradient, error = self._run_all(graph.file, latent, target, weight(0, h * f, 0, w * f))
+            gradient, error = self._run_all(graph.file, latent, to_graph_input(pixels, graph.image_range),
+                                            weight(0, h * f, 0, w * f))
             return gradient, float(error[0])
         features = latent
         if graph.whole:  # its forward half: a zero gradient at its output gives the tiles' input
             channels = self.session(graph.whole).get_inputs()[1].shape[1]
             features = self._run_all(graph.whole, latent, np.zeros((1, channels, h, w), np.float32))[1]
         decoder = self.graph("vae_decoder")  # the same local layers: the same reach
-        # Exact where the budget allows tiles of four margins; below that the margins shrink
-        # to a quarter of the tile, so that memory stays bounded, and pixels near the tiles'
-        # edges see some of the local part's zero padding (the gradient is then approximate).
-        margin = min((self.context_cells(decoder.tiled or decoder.file) or 0) + 1, max(tile // 4, 1))
+        # Margins of the local part's reach make the tiles' sum exact; GRADIENT_MARGIN_CELLS
+        # and, where the budget cannot hold tiles of four margins, a quarter of the tile cap
+        # them, and pixels near the tiles' edges then see some of the local part's zero padding.
+        margin = min((self.context_cells(decoder.tiled or decoder.file) or 0) + 1, max(tile // 4, 1),
+                     GRADIENT_MARGIN_CELLS)
         features_gradient = np.zeros_like(features)
         total = 0.0
         for (r0, r1), (y0, y1) in owned_spans(h, tile, margin):
@@ -376,7 +429,7 @@ class NeuralStages:
                 owned = np.zeros((1, 1, (y1 - y0) * f, (x1 - x0) * f), np.float32)
                 owned[:, :, (r0 - y0) * f:(r1 - y0) * f, (c0 - x0) * f:(c1 - x0) * f] = 1
                 part, error = self._run_all(graph.tiled or graph.file, features[:, :, y0:y1, x0:x1],
-                                            target[:, :, y0 * f:y1 * f, x0 * f:x1 * f],
+                                            to_graph_input(pixels[y0 * f:y1 * f, x0 * f:x1 * f], graph.image_range),
                                             owned * weight(y0 * f, y1 * f, x0 * f, x1 * f))
                 features_gradient[:, :, y0:y1, x0:x1] += part
                 total += float(error[0])

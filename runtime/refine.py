@@ -23,7 +23,8 @@ Two phases:
     most; the encoder-as-inverse update above cannot, so at coarse steps it cannot choose
     roundings (BENCHMARKS.md §7: several dB at middle qualities).  The graph returns the
     squared error with the gradient, which scores each step's file without a decode; where
-    E(x) is the only candidate (no free passes), the first step scores it too.
+    E(x) is the only candidate (no free passes), the first step scores it too.  The steps
+    quantize the latent as its file would without entropy-coding it (``held``).
   - otherwise *quantized* passes: the update above, run on the file's latent (and through
     the UNet steps where the file asks for them).
   The quantizer moves with the latent, so neither need converge: the last file is scored
@@ -95,14 +96,13 @@ class Loop:
     file's UNet steps at high effort).  ``gradient``: latent -> (the gradient of the decoded
     image's squared error against the target, the mean squared error in 8-bit levels), or
     None where the set has no gradient graph (or the file's UNet steps would be skipped by
-    it).  ``held``: .sdc bytes -> (C, h, w) latent the file holds, as its decoder dequantizes it."""
+    it)."""
 
     target: np.ndarray
     encode: object
     decode: object
     decode_file: object
     gradient: object
-    held: object
 
 
 def _bounds(latent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,12 +127,13 @@ def settle(latent: np.ndarray, effort: int, loop: Loop, progress=None) -> list[n
     return candidates
 
 
-def best_file(latent: np.ndarray, candidates: list[np.ndarray], effort: int, code, loop: Loop,
+def best_file(latent: np.ndarray, candidates: list[np.ndarray], effort: int, code, held, loop: Loop,
               progress=None, *, descend: bool = True, budget: int | None = None) -> bytes:
-    """``code(z)`` writes a file for latent z.  Scores the file of each candidate and of the
-    refinement of ``effort`` (quantized passes or the descent, which start from the best
-    candidate; no descent unless ``descend``) by PSNR at equal bytes and returns the best;
-    with a byte ``budget``, the file of highest PSNR among those within it (E(x)'s must be)."""
+    """``code(z)`` writes a file for latent z; ``held(z)`` is the latent that file holds, as its
+    decoder dequantizes it (without the entropy coding).  Scores the file of each candidate and
+    of the refinement of ``effort`` (quantized passes or the descent, which start from the best
+    candidate; no descent unless ``descend``) by PSNR at equal bytes and returns the best; with
+    a byte ``budget``, the file of highest PSNR among those within it (E(x)'s must be)."""
     best = _Best(budget)
     _, passes, steps = plan(effort, loop)
     steps *= min(MAX_SMALL_IMAGE_FACTOR, max(1, SMALL_IMAGE_PIXELS // (loop.target.shape[0] * loop.target.shape[1])))
@@ -141,7 +142,8 @@ def best_file(latent: np.ndarray, candidates: list[np.ndarray], effort: int, cod
     lo, hi = _bounds(latent)
     if steps and len(candidates) == 1:
         # The descent's first step scores the only candidate, E(x), from its gradient graph.
-        return best.consider_descent(run_descent(latent, steps, code, loop, lo, hi, best, progress), code, loop)
+        run_descent(latent, steps, code, held, loop, lo, hi, best, progress)
+        return best.data
     files = len(candidates) + passes + (steps > 0)
     report(progress, "score", 0, files)
     for done, candidate in enumerate(candidates, 1):
@@ -153,7 +155,7 @@ def best_file(latent: np.ndarray, candidates: list[np.ndarray], effort: int, cod
         shown = best.consider(refined, code, loop)
         report(progress, "score", done, files)
     if steps:
-        best.consider_descent(run_descent(best.latent, steps, code, loop, lo, hi, best, progress), code, loop)
+        run_descent(best.latent, steps, code, held, loop, lo, hi, best, progress)
         report(progress, "score", files, files)
     return best.data
 
@@ -184,11 +186,6 @@ class _Best:
         self.offer(data, psnr(loop.target, shown), candidate, shown)
         return shown
 
-    def consider_descent(self, last: np.ndarray, code, loop: Loop) -> bytes:
-        """Scores the descent's last latent (its steps scored the ones before); the best file."""
-        self.consider(last, code, loop)
-        return self.data
-
 
 def plan(effort: int, loop: Loop) -> tuple[int, int, int]:
     """(free passes, quantized passes, descent steps) of ``effort`` with this loop: the descent
@@ -205,22 +202,34 @@ def descends(effort: int, loop: Loop | None) -> bool:
     return loop is not None and plan(effort, loop)[2] > 0
 
 
-def run_descent(start: np.ndarray, steps: int, code, loop: Loop, lo: np.ndarray, hi: np.ndarray, best: _Best,
-                progress=None) -> np.ndarray:
+def run_descent(start: np.ndarray, steps: int, code, held, loop: Loop, lo: np.ndarray, hi: np.ndarray, best: _Best,
+                progress=None) -> None:
     """``steps`` Adam steps from ``start`` on the decoded image's squared error, each gradient
-    taken at the latent the file of the current latent holds (straight through the
-    quantizer, whatever the mode); the latent stays within [lo, hi] per channel.  Each step's
-    file is offered to ``best``, scored by the error the gradient graph returns with it (plus
-    the rounding to 8 bits, which the graph does not do); returns the last latent, unscored."""
+    taken at the latent the file of the current latent holds (``held``: straight through the
+    quantizer, whatever the mode); the latent stays within [lo, hi] per channel.  The files
+    are offered to ``best``, scored by the error the gradient graph returns (plus the rounding
+    to 8 bits, which the graph does not do).
+
+    Without a byte budget the steps' files differ in bytes by about 1% (0.03 dB on the
+    trade-off), so only the step of highest PSNR is coded.  The last latent has no gradient
+    to score it: where every step scored above the one before, it is taken on trust, at the
+    PSNR of the step before it (on Kodak its file was 0.5-1.3 dB above that step at effort 1,
+    BENCHMARKS.md §16); otherwise, and with a budget, its file is decoded and scored."""
     refined = start.astype(np.float64)
     first = np.zeros_like(refined)
     second = np.zeros_like(refined)
     beta1, beta2 = ADAM_BETAS
+    top_quality, top_latent, rising = -math.inf, None, True
     report(progress, "descend", 0, steps)
     for step in range(1, steps + 1):
-        data = code(refined.astype(np.float32))
-        gradient, squared_error = loop.gradient(loop.held(data))
-        best.offer(data, 10 * math.log10(255 ** 2 / (squared_error + ROUNDING_SQUARED_ERROR)))
+        current = refined.astype(np.float32)
+        gradient, squared_error = loop.gradient(held(current))
+        quality = 10 * math.log10(255 ** 2 / (squared_error + ROUNDING_SQUARED_ERROR))
+        if best.budget is not None:
+            best.offer(code(current), quality)
+        rising = rising and quality > top_quality
+        if quality > top_quality:
+            top_quality, top_latent = quality, current
         gradient = gradient.astype(np.float64)
         first = beta1 * first + (1 - beta1) * gradient
         second = beta2 * second + (1 - beta2) * gradient * gradient
@@ -229,4 +238,10 @@ def run_descent(start: np.ndarray, steps: int, code, loop: Loop, lo: np.ndarray,
         rate = max(DESCENT_RATE * DESCENT_DECAY ** (step - 1), DESCENT_RATE_FLOOR)
         refined = np.clip(refined - rate * unbiased / scale, lo, hi)
         report(progress, "descend", step, steps)
-    return refined.astype(np.float32)
+    last = refined.astype(np.float32)
+    if rising and best.budget is None:
+        best.offer(code(last), top_quality, last)
+        return
+    if best.budget is None:
+        best.offer(code(top_latent), top_quality, top_latent)
+    best.consider(last, code, loop)

@@ -30,6 +30,10 @@ class Role:
     # between two image sizes (/usr/bin/time -v, BENCHMARKS.md "Tiled neural stages"), rounded
     # up.  The runtime sizes its tiles from it (the manifest carries it per graph).
     memory_per_pixel: Mapping[str, int] = field(default_factory=dict)
+    # The same, per image pixel, of the part of a split graph that runs whole (the GroupNorm
+    # stages at latent resolution), which tiles do not shrink: the runtime leaves it out of
+    # what the tiles may use.  Measured like memory_per_pixel, between 3 and 12 MP.
+    whole_memory_per_pixel: Mapping[str, int] = field(default_factory=dict)
     # The export fails when its int8 graph's output SNR against fp32, on a held-out image, is
     # below this (dB): a broken quantization, not a small loss (TAEF2's int8 decoder measured
     # 25-36 dB, the random-weight tiny SD UNet 14 dB).
@@ -55,8 +59,8 @@ ROLES: Mapping[str, Role] = MappingProxyType({role.name: role for role in (
          memory_per_pixel=_by_family(sd=1100), int8_min_snr_db=15.0),
     # (latent, image) -> the squared error's gradient at the latent, for the encoder's closed
     # loop; it keeps every activation of its forward pass for the backward one.
-    Role("decoder_gradient", fp32_only=True, image_range=_by_family(tae=TAE_RANGE),
-         memory_per_pixel=_by_family(tae=3200)),
+    Role("decoder_gradient", fp32_only=True, image_range=_by_family(sd=SD_RANGE, tae=TAE_RANGE),
+         memory_per_pixel=_by_family(sd=12600, tae=2400), whole_memory_per_pixel=_by_family(tae=100)),
 )})
 
 GRAPH_ROLES = tuple(ROLES)

@@ -210,6 +210,37 @@ def test_a_vae_set_holds_latents_in_the_diffusion_models_units(folders, sets):
     assert manifest.source["shift_factor"] == pytest.approx(0.0609) and manifest.scaling_factor == 1.0
 
 
+def test_a_vae_set_ships_the_decoder_gradient_on_request_and_descends_with_it(folders, tmp_path):
+    """--decoder-gradient: the graph is torch's autograd of the set's decoder (in the set's
+    units, at a size the export never saw), and efforts from 1 descend with it."""
+    from diffusers import AutoencoderKL
+
+    from sdc_export.graphs import VaeDecoder
+    from sdc_runtime.image import psnr
+
+    model_dir = _export(folders["vae16"], str(tmp_path / "set"), "--decoder-gradient")
+    assert "decoder_gradient" in load_manifest(model_dir).graphs
+    vae = AutoencoderKL.from_pretrained(folders["vae16"], subfolder="vae").eval()
+    rng = np.random.default_rng(0)
+    latent = rng.normal(0, 1, (1, 16, 5, 7)).astype(np.float32)
+    image = rng.uniform(-1, 1, (1, 3, 40, 56)).astype(np.float32)
+    weight = np.ones((1, 1, 40, 56), np.float32)
+    z = torch.from_numpy(latent).requires_grad_()
+    error = ((VaeDecoder(vae, 1.5305, 0.0609)(z).clamp(-1, 1) - torch.from_numpy(image)) ** 2).sum()
+    error.backward()
+    session = ort.InferenceSession(os.path.join(model_dir, "decoder_gradient.onnx"), providers=["CPUExecutionProvider"])
+    gradient, graph_error = session.run(None, {"latent": latent, "image": image, "weight": weight})
+    assert float(graph_error[0]) == pytest.approx(float(error), rel=1e-4)
+    assert np.abs(gradient - z.grad.numpy()).max() <= 1e-3 * np.abs(z.grad.numpy()).max()
+    codec = SdcCodec(model_dir)
+    picture = make_image(64, 48, seed=4)
+    assert codec.stages.has_gradient(48, 64)
+    plain, descended = (codec.encode(picture, effort=effort) for effort in (0, 2))
+    assert descended != plain
+    assert psnr(np.asarray(picture), np.asarray(codec.decode(descended))) >= psnr(np.asarray(picture),
+                                                                                np.asarray(codec.decode(plain)))
+
+
 def test_a_vae_set_refuses_denoising_steps(sets, tmp_path):
     codec = SdcCodec(sets["vae16"])
     with pytest.raises(SdcInputError, match="no UNet"):

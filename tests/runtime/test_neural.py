@@ -114,7 +114,8 @@ def test_int8_convolutions_are_exact_on_every_cpu(tae_set, monkeypatch):
     stages = NeuralStages(tae_set)
     options = stages.session(stages.manifest.graphs["vae_decoder"].file).get_session_options()
     assert options.get_session_config_entry("session.x64quantprecision") == "1"
-    assert not options.enable_cpu_mem_arena
+    # and the shared arena that gives its free regions back after each run (neural._use_shared_arena)
+    assert options.get_session_config_entry("session.use_env_allocators") == "1"
 
 
 def test_seven_bit_int8_graphs_run_exact_on_the_fast_kernels(tae_set, tmp_path, monkeypatch):

@@ -109,11 +109,17 @@ def test_taef2_tiled_matches_untiled(taef2_set):
 
 @needs_shared
 @pytest.mark.parametrize("which", ["tae_set", "taef2_set"])
-def test_the_decoder_gradient_in_tiles_is_the_untiled_one(which, request):
+def test_the_decoder_gradient_in_tiles_is_the_untiled_one(which, request, monkeypatch):
     """Tiles that own disjoint pixels and run with the local part's reach around them add up
     to the untiled gradient and error: TAESD (local throughout) and TAEF2 (its GroupNorm part
-    whole, run backwards once), on an image whose sides are not multiples of the downscale."""
+    whole, run backwards once), on an image whose sides are not multiples of the downscale.
+    The runtime's margins (GRADIENT_MARGIN_CELLS, below the reach) give a gradient that is
+    close, and smaller tiles one that is still close."""
+    from sdc_runtime import neural
+
     model_dir = request.getfixturevalue(which)
+    capped = NeuralStages(model_dir, tile_size=256)
+    monkeypatch.setattr(neural, "GRADIENT_MARGIN_CELLS", 1 << 20)
     pixels = np.pad(np.asarray(kodak("kodim05", (0, 100, 700, 298))), ((0, 2), (0, 4), (0, 0)), mode="edge")
     whole = NeuralStages(model_dir, tile_size=0)
     decoder = whole.graph("vae_decoder")
@@ -134,6 +140,12 @@ def test_the_decoder_gradient_in_tiles_is_the_untiled_one(which, request):
     cosine = float((small * expected).sum() / np.linalg.norm(small) / np.linalg.norm(expected))
     print(f"128-pixel tiles: cosine {cosine:.5f}, error {small_error / expected_error - 1:+.2%}")
     assert cosine > 0.98 and small_error == pytest.approx(expected_error, rel=0.02)
+    monkeypatch.undo()
+    near, near_error = capped.decoder_gradient(latent, pixels, (198, 700))
+    cosine = float((near * expected).sum() / np.linalg.norm(near) / np.linalg.norm(expected))
+    print(f"256-pixel tiles, margins of {neural.GRADIENT_MARGIN_CELLS} cells: cosine {cosine:.6f}")
+    assert neural.GRADIENT_MARGIN_CELLS < reach + 1  # the cap is in force: not the exact case again
+    assert cosine > 0.999 and near_error == pytest.approx(expected_error, rel=0.005)
 
 
 def test_the_sd_family_runs_every_stage_in_tiles(model_set):

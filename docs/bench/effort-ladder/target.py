@@ -1,7 +1,11 @@
-import time, numpy as np
+import time
+
+import numpy as np
 from PIL import Image
+
 from sdc_runtime import SdcCodec
 from sdc_runtime.image import psnr
+
 codec = SdcCodec('models/taef2')
 for name in ('kodim03', 'kodim21'):
     img = np.asarray(Image.open(f'/work/shared/data/kodak/{name}.png').convert('RGB'))
