@@ -28,7 +28,8 @@ class VaeDecoderGradient(nn.Module):
         from diffusers.models.autoencoders.vae import Decoder
 
         decoder = getattr(vae, "decoder", None)
-        if not isinstance(decoder, Decoder):
+        # Other classes (AutoencoderKLFlux2) decode through more than the decoder.
+        if type(vae).__name__ != "AutoencoderKL" or not isinstance(decoder, Decoder):
             raise SdcExportError(f"no decoder gradient for {type(vae).__name__}'s decoder")
         self.vae, self.scaling, self.shift = vae, scaling, shift
         self.post_quant_conv = getattr(vae, "post_quant_conv", None)

@@ -359,13 +359,12 @@ class NeuralStages:
         return self.memory_limit - BASE_BYTES - (IMAGE_BYTES_PER_PIXEL + whole) * pixels
 
     def has_gradient(self, height: int, width: int) -> bool:
-        """Whether the set has the decoder's gradient and it runs on a ``height`` x ``width``
-        image within the memory budget, in tiles of MIN_TILE at the least (its whole part runs
-        whole: a photo far over the budget gets the closed loop without the descent)."""
-        if "decoder_gradient" not in self.manifest.graphs:
-            return False
-        smallest = min(height * width, MIN_TILE * MIN_TILE) * self.graph("decoder_gradient").memory_per_pixel
-        return self.tile_size is not None or self._available("decoder_gradient", height * width) >= smallest
+        """Whether the set has the decoder's gradient and the memory budget holds what it keeps
+        whole on a ``height`` x ``width`` image (the whole part and the image's buffers): a
+        photo far over the budget gets the closed loop without the descent.  Its tiles, as
+        every stage's, are never smaller than MIN_TILE."""
+        return "decoder_gradient" in self.manifest.graphs and (
+            self.tile_size is not None or self._available("decoder_gradient", height * width) > 0)
 
     def decoder_gradient(self, latent: np.ndarray, pixels: np.ndarray, counted: tuple[int, int]) -> tuple[np.ndarray, float]:
         """(1, C, h, w) latent and the (h*f, w*f, 3) uint8 image it should decode to -> (the

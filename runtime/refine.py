@@ -28,7 +28,9 @@ Two phases:
   - otherwise *quantized* passes: the update above, run on the file's latent (and through
     the UNet steps where the file asks for them).
   The quantizer moves with the latent, so neither need converge: the last file is scored
-  like the candidates, which makes refining never worse than stopping before it.
+  like the candidates, which makes refining never worse than stopping before it (the
+  descent's last file is taken unscored where every step scored above the one before:
+  ``run_descent``).
 
 The bitstream is the same at every effort: the decoder cannot tell.
 """

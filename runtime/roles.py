@@ -60,7 +60,7 @@ ROLES: Mapping[str, Role] = MappingProxyType({role.name: role for role in (
     # (latent, image) -> the squared error's gradient at the latent, for the encoder's closed
     # loop; it keeps every activation of its forward pass for the backward one.
     Role("decoder_gradient", fp32_only=True, image_range=_by_family(sd=SD_RANGE, tae=TAE_RANGE),
-         memory_per_pixel=_by_family(sd=12600, tae=2400), whole_memory_per_pixel=_by_family(tae=100)),
+         memory_per_pixel=_by_family(sd=25000, tae=2400), whole_memory_per_pixel=_by_family(tae=100)),
 )})
 
 GRAPH_ROLES = tuple(ROLES)

@@ -167,6 +167,34 @@ def test_a_set_with_a_decoder_gradient_descends_it_at_any_memory_budget(tae_set,
     assert score(squeezed) >= score(plain) - 1e-9
 
 
+@pytest.mark.parametrize("errors, decoded", [((100.0, 50.0), False), ((50.0, 100.0), True)])
+def test_the_descents_last_file_is_decoded_only_where_a_step_fell(errors, decoded):
+    """The last latent has no gradient to score it: where each step's error fell it is kept
+    without a decode; otherwise its file is decoded and competes with the best step's."""
+    from sdc_runtime import refine
+
+    squared_errors, coded, shown = iter(errors), [], []
+
+    def gradient(latent):
+        return np.ones_like(latent), next(squared_errors)
+
+    def code(latent):
+        coded.append(latent.copy())
+        return latent.tobytes()
+
+    target = np.zeros((64, 64, 3), np.uint8)  # no small-image boost: effort 1's two steps
+    loop = refine.Loop(target, None, None, lambda data: shown.append(data) or target + 200, gradient)
+    start = np.random.default_rng(0).normal(0, 1, (2, 8, 8)).astype(np.float32)
+    data = refine.best_file(start, [start], 1, code, lambda latent: latent, loop)
+    assert len(shown) == int(decoded)
+    if decoded:  # the last file decodes far off the target: the best step's (E(x)'s) wins
+        assert data == start.tobytes() and len(coded) == 2
+    else:  # the last latent, coded once: two steps of Adam (each its rate, the gradient's sign)
+        low, high = start.min(axis=(1, 2), keepdims=True), start.max(axis=(1, 2), keepdims=True)
+        expected = np.clip(np.clip(start - 0.05, low, high) - 0.045, low, high)
+        assert len(coded) == 1 and np.allclose(np.frombuffer(data, np.float32).reshape(start.shape), expected)
+
+
 def test_the_latent_stage_alone_refuses_effort_and_targets(codec):
     latent, size = codec.image_to_latent(make_image(16, 16))
     with pytest.raises(SdcInputError, match="need the image"):
