@@ -1,0 +1,49 @@
+"""BD figures of ladder.csv (BENCHMARKS.md §16): each effort against effort 0, and against
+§14's AVIF and JPEG XL files of the same images (docs/bench/perceptual/sweep.csv), on PSNR;
+median encode seconds per effort.  Writes summary.md beside this script.
+
+    python docs/bench/effort-ladder-24/summary.py
+"""
+import csv
+import os
+import statistics
+
+from sdc_bench.sweep import bd
+
+here = os.path.dirname(os.path.abspath(__file__))
+
+
+def rows(path, codecs=None):
+    out = []
+    for r in csv.DictReader(open(path)):
+        if codecs is None or r["codec"] in codecs:
+            out.append({"image": r["image"], "codec": r["codec"], "bytes": int(r["bytes"]), "psnr": float(r["psnr"]),
+                        "encode_s": float(r["encode_s"] or "nan"), "quality": int(r["quality"] or 0)})
+    return out
+
+
+ladder = rows(os.path.join(here, "ladder.csv"))
+images = {r["image"] for r in ladder}
+counts = {}
+for r in ladder:
+    counts[r["image"]] = counts.get(r["image"], 0) + 1
+complete = {i for i, n in counts.items() if n == max(counts.values())}
+ladder = [r for r in ladder if r["image"] in complete]
+peers = [r for r in rows(os.path.join(here, "..", "perceptual", "sweep.csv"), {"AVIF", "JPEG XL"})
+         if r["image"] in complete]
+efforts = sorted({r["codec"] for r in ladder})
+lines = [f"{len(complete)} images, qualities {sorted({r['quality'] for r in ladder})}", "",
+         "| codec | encode (median) | x effort 0 | BD-PSNR vs effort 0 | BD-rate vs effort 0 | BD-rate vs AVIF | BD-rate vs JPEG XL |",
+         "| --- | --- | --- | --- | --- | --- | --- |"]
+base = statistics.median(r["encode_s"] for r in ladder if r["codec"] == "sdc effort 0")
+for codec in efforts:
+    seconds = statistics.median(r["encode_s"] for r in ladder if r["codec"] == codec)
+    own = bd(ladder, "sdc effort 0", codec)
+    vs = {peer: bd(peers + ladder, peer, codec) for peer in ("AVIF", "JPEG XL")}
+    fmt = lambda v, unit: "–" if v is None else f"{v:+.2f}{unit}"
+    lines.append(f"| {codec} | {seconds:.2f} s | {seconds / base:.1f} | {fmt(own['bd_quality'], ' dB')} |"
+                 f" {fmt(own['bd_rate_percent'], '%')} | {fmt(vs['AVIF']['bd_rate_percent'], '%')} |"
+                 f" {fmt(vs['JPEG XL']['bd_rate_percent'], '%')} |")
+text = "\n".join(lines) + "\n"
+open(os.path.join(here, "summary.md"), "w").write(text)
+print(text)
