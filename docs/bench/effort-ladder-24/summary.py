@@ -47,3 +47,24 @@ for codec in efforts:
 text = "\n".join(lines) + "\n"
 open(os.path.join(here, "summary.md"), "w").write(text)
 print(text)
+
+# The curves as a picture: mean bits per pixel against mean PSNR, per codec and quality.
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+figure, axes = plt.subplots(figsize=(6, 4.5))
+for codec in efforts + ["AVIF", "JPEG XL"]:
+    points = [r for r in ladder + peers if r["codec"] == codec]
+    qualities = sorted({r["quality"] for r in points})
+    xs = [statistics.mean(r["bytes"] * 8 / (768 * 512) for r in points if r["quality"] == q) for q in qualities]
+    ys = [statistics.mean(r["psnr"] for r in points if r["quality"] == q) for q in qualities]
+    axes.plot(xs, ys, "o-", label=codec)
+axes.set_xlabel("bits per pixel (mean over the images)")
+axes.set_ylabel("PSNR, dB (mean)")
+axes.set_title(f"Kodak ({len(complete)} images): effort 1 against effort 0 and the peers")
+axes.grid(alpha=0.3)
+axes.legend()
+figure.tight_layout()
+figure.savefig(os.path.join(here, "ladder.png"), dpi=110)
