@@ -9,6 +9,15 @@ import pytest
 from helpers import TAEF2
 
 
+def pytest_runtest_logreport(report):
+    """Where SDC_SKIPPED_LOG names a file, appends the id of each skipped test to it: .ci/run's
+    torch phase runs the runtime's tests that skipped without torch, and not the others again."""
+    log = os.environ.get("SDC_SKIPPED_LOG")
+    if log and report.skipped:
+        with open(log, "a") as fh:
+            fh.write(report.nodeid + "\n")
+
+
 def _needs_export():
     for module in ("torch", "diffusers", "onnx"):
         pytest.importorskip(module, reason="builds a model set with sdc-export (the export extra)")
