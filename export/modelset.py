@@ -310,7 +310,13 @@ def write_model_set(out: str, specs: list[GraphSpec], describe, plan: ExportPlan
                     parts.setdefault(spec.role, {})[graph.role.rsplit(".", 1)[1]] = f"{graph.role}.onnx"
         _check(parity)
         if plan.int8:
-            from .int8 import quantize_set
+            from .int8 import keep_reference_decoder, needs_reference_decoder, quantize_set
+
+            if needs_reference_decoder(plan.int8, precisions):
+                decoder_parts = {k: v for k, v in parts.get("vae_decoder", {}).items() if k in ("whole", "tiled")}
+                copies = keep_reference_decoder(scratch, {"file": "vae_decoder.onnx", **decoder_parts})
+                precisions["reference_decoder"] = "fp32"
+                parts["reference_decoder"] = {k: v for k, v in copies.items() if k != "file"}
 
             # The calibration runs the set through the runtime, so it first needs a manifest:
             # the same set with its int8 graphs still in fp32.

@@ -115,7 +115,7 @@ class SdcCodec:
             resolved = options
         picture = to_picture(image, max_pixels=self.max_pixels)
         latent, size = self._latent_of(picture.rgb, progress)
-        loop = self._loop(picture.rgb, resolved) if resolved.effort else None
+        loop = self._loop(picture.rgb, resolved, latent) if resolved.effort else None
         candidates = refine.settle(latent, resolved.effort, loop, progress) if loop else None
         alpha = picture.alpha if resolved.alpha == "keep" else None
         metadata = {} if resolved.strip else picture.metadata
@@ -180,14 +180,22 @@ class SdcCodec:
                     best, best_quality, best_score = descended, quality, descended_score
         return SizedEncode(best, best_quality, len(files) + len(qualities))
 
-    def _loop(self, rgb: np.ndarray, options: EncodeOptions) -> refine.Loop:
-        """The closed loop's stages for the image ``rgb``; the file's UNet steps in the loop
-        from DENOISE_IN_LOOP_EFFORT, because a decoder of the file runs them."""
+    def _loop(self, rgb: np.ndarray, options: EncodeOptions, latent: np.ndarray) -> refine.Loop:
+        """The closed loop's stages for the image ``rgb``, whose latent is ``latent`` (E(x));
+        the file's UNet steps in the loop from DENOISE_IN_LOOP_EFFORT, because a decoder of the
+        file runs them."""
         height, width = rgb.shape[:2]
         with_steps = options.effort >= refine.DENOISE_IN_LOOP_EFFORT and options.denoise_steps > 0
         padded = pad_to(rgb, self.manifest.downscale)
         # The gradient graph decodes without the UNet steps: it serves sets without a UNet.
         descent = self.stages.has_gradient(*padded.shape[:2]) and not options.denoise_steps
+        aim = padded
+        if descent and "reference_decoder" in self.manifest.graphs:
+            # The gradient is the fp32 decoder's, the set's decoder int8: the descent aims at
+            # the image less part of the int8 decoder's offset from fp32 at E(x).
+            offset = (self.stages.decode(latent[None]).astype(np.float32)
+                      - self.stages.decode(latent[None], decoder="reference_decoder"))
+            aim = np.clip(padded - np.float32(refine.INT8_AIM) * offset, 0, 255)
 
         def encode(rgb):
             return self.stages.encode(pad_to(rgb, self.manifest.downscale))[0]
@@ -199,7 +207,7 @@ class SdcCodec:
             return np.asarray(self._decoded(data, None if with_steps else 0, "vae_decoder", None)[0])[..., :3]
 
         def gradient(latent):
-            gradient, error = self.stages.decoder_gradient(latent[None], padded, (height, width))
+            gradient, error = self.stages.decoder_gradient(latent[None], aim, (height, width))
             low, high = self.stages.graph("decoder_gradient").image_range
             return gradient[0], error * (255 / (high - low)) ** 2 / rgb.size
         return refine.Loop(rgb, encode, decode, decode_file, gradient if descent else None)

@@ -367,7 +367,8 @@ class NeuralStages:
             self.tile_size is not None or self._available("decoder_gradient", height * width) > 0)
 
     def decoder_gradient(self, latent: np.ndarray, pixels: np.ndarray, counted: tuple[int, int]) -> tuple[np.ndarray, float]:
-        """(1, C, h, w) latent and the (h*f, w*f, 3) uint8 image it should decode to -> (the
+        """(1, C, h, w) latent and the (h*f, w*f, 3) image it should decode to, in 8-bit levels
+        (uint8, or float where the closed loop aims off the image) -> (the
         gradient at the latent of the decoded image's squared error, that error), in the
         graph's units (image range squared, summed over channels and the pixels that count:
         the top-left ``counted`` = (height, width), the image without the padding that made

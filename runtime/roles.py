@@ -59,6 +59,11 @@ ROLES: Mapping[str, Role] = MappingProxyType({role.name: role for role in (
          memory_per_pixel=_by_family(sd=1100), int8_min_snr_db=15.0),
     # (latent, image) -> the squared error's gradient at the latent, for the encoder's closed
     # loop; it keeps every activation of its forward pass for the backward one.
+    # An int8 set's decoder as it was in fp32, which the export keeps where the set descends: the
+    # closed loop measures the int8 decoder's offset from it and aims the descent between the
+    # two decoders (refine.INT8_AIM), so the files suit both.  It decodes no file itself.
+    Role("reference_decoder", fp32_only=True, outputs_image=True, image_range=_by_family(sd=SD_RANGE, tae=TAE_RANGE),
+         memory_per_pixel=_by_family(sd=4200, tae=1100)),
     Role("decoder_gradient", fp32_only=True, image_range=_by_family(sd=SD_RANGE, tae=TAE_RANGE),
          memory_per_pixel=_by_family(sd=25000, tae=2400), whole_memory_per_pixel=_by_family(tae=100)),
 )})

@@ -20,6 +20,7 @@ feeds: its weights (int8 ones rounded by GPTQ) and its bias (``correct_layers``)
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -37,7 +38,7 @@ from .sweep import SweepResult, sweep, unit_of
 
 __all__ = ["CALIBRATION_SIDE", "DEFAULT_RECIPE", "DEFAULT_WEIGHT_BITS", "Int8Parity",
            "Int8Recipe", "MIN_CALIBRATION_IMAGES", "SweepResult", "calibration_images", "calibration_side",
-           "quantize_model_set", "quantize_set"]
+           "keep_reference_decoder", "needs_reference_decoder", "quantize_model_set", "quantize_set"]
 
 
 def quantize_set(model_dir: str, roles: tuple[str, ...], images: list[np.ndarray], *, sweep_nodes: bool = True,
@@ -107,6 +108,25 @@ def quantize_set(model_dir: str, roles: tuple[str, ...], images: list[np.ndarray
     return graph_fields, parities, sweeps
 
 
+def needs_reference_decoder(quantized: tuple[str, ...], roles) -> bool:
+    """Whether a set of ``roles`` whose ``quantized`` ones become int8 keeps its fp32 decoder
+    as the reference decoder: where its decoder turns int8 and it descends (the descent's
+    gradient graph is the fp32 decoder's, and the loop aims between the two decoders)."""
+    return "vae_decoder" in quantized and "decoder_gradient" in roles
+
+
+def keep_reference_decoder(folder: str, files: dict[str, str | None]) -> dict[str, str | None]:
+    """Copies the fp32 decoder's files in ``folder`` (``files``: its manifest entry's file,
+    whole and tiled, None where it has none) to the reference decoder's, before the
+    quantization rewrites them in place; returns the copies' names, keyed the same way."""
+    copies = {}
+    for kind, name in files.items():
+        copies[kind] = None if name is None else name.replace("vae_decoder", "reference_decoder", 1)
+        if name is not None:
+            shutil.copyfile(os.path.join(folder, name), os.path.join(folder, copies[kind]))
+    return copies
+
+
 def quantize_model_set(model_dir: str, roles: tuple[str, ...], images: list[np.ndarray], *,
                        weight_bits: int = DEFAULT_WEIGHT_BITS, **options) -> tuple[list, list]:
     """``quantize_set`` on a finished fp32 set, in place, and its manifest rewritten through
@@ -116,9 +136,14 @@ def quantize_model_set(model_dir: str, roles: tuple[str, ...], images: list[np.n
 
     from sdc_runtime.manifest import load_manifest, write_manifest
 
-    graph_fields, parities, sweeps = quantize_set(model_dir, roles, images, weight_bits=weight_bits, **options)
     manifest = load_manifest(model_dir)
+    reference = {}
+    if needs_reference_decoder(roles, manifest.graphs):
+        decoder = manifest.graphs["vae_decoder"]
+        copies = keep_reference_decoder(model_dir, {"file": decoder.file, "whole": decoder.whole, "tiled": decoder.tiled})
+        reference["reference_decoder"] = replace(decoder, **copies)
+    graph_fields, parities, sweeps = quantize_set(model_dir, roles, images, weight_bits=weight_bits, **options)
     graphs = {role: replace(graph, precision="int8", weight_bits=weight_bits, **graph_fields[role])
-              if role in graph_fields else graph for role, graph in manifest.graphs.items()}
+              if role in graph_fields else graph for role, graph in manifest.graphs.items()} | reference
     write_manifest(model_dir, replace(manifest, graphs=graphs))
     return parities, sweeps
