@@ -203,8 +203,16 @@ class SdcCodec:
         def decode(latent):
             return self.stages.decode(latent[None])[:height, :width]
 
+        last_decoded: dict[bytes, np.ndarray] = {}
+
         def decode_file(data):  # as a decoder of the file shows it, in RGB (without any alpha)
-            return np.asarray(self._decoded(data, None if with_steps else 0, "vae_decoder", None)[0])[..., :3]
+            # The last file decoded is kept: a size search scores the file a descent has just
+            # decoded to choose it.
+            if data not in last_decoded:
+                last_decoded.clear()
+                last_decoded[data] = np.asarray(self._decoded(data, None if with_steps else 0, "vae_decoder",
+                                                              None)[0])[..., :3]
+            return last_decoded[data]
 
         def gradient(latent):
             gradient, error = self.stages.decoder_gradient(latent[None], aim, (height, width))

@@ -148,6 +148,8 @@ def best_file(latent: np.ndarray, candidates: list[np.ndarray], effort: int, cod
     steps *= min(MAX_SMALL_IMAGE_FACTOR, max(1, SMALL_IMAGE_PIXELS // (loop.target.shape[0] * loop.target.shape[1])))
     if not descend:
         steps = 0
+    if len(candidates) == 1 and not passes and not steps and budget is None:
+        return code(candidates[0])  # nothing to choose between, so no decode to score it
     lo, hi = _bounds(latent)
     if steps and len(candidates) == 1:
         # The descent's first step scores the only candidate, E(x), from its gradient graph.

@@ -195,6 +195,22 @@ def test_the_descents_last_file_is_decoded_only_where_a_step_fell(errors, decode
         assert len(coded) == 1 and np.allclose(np.frombuffer(data, np.float32).reshape(start.shape), expected)
 
 
+def test_a_lone_candidate_without_refinement_is_coded_without_a_decode():
+    """A size search's plain files (effort 1 descends only, so E(x) is the only candidate)
+    have nothing to be chosen from: best_file codes E(x) and decodes nothing.  With a second
+    candidate (a free pass), each file is decoded and scored."""
+    from sdc_runtime import refine
+
+    shown = []
+    target = np.zeros((64, 64, 3), np.uint8)
+    loop = refine.Loop(target, None, None, lambda data: shown.append(data) or target, lambda latent: None)
+    start = np.random.default_rng(0).normal(0, 1, (2, 8, 8)).astype(np.float32)
+    data = refine.best_file(start, [start], 1, lambda latent: latent.tobytes(), None, loop, descend=False)
+    assert data == start.tobytes() and shown == []
+    refine.best_file(start, [start, start + 1], 1, lambda latent: latent.tobytes(), None, loop, descend=False)
+    assert len(shown) == 2
+
+
 def test_the_latent_stage_alone_refuses_effort_and_targets(codec):
     latent, size = codec.image_to_latent(make_image(16, 16))
     with pytest.raises(SdcInputError, match="need the image"):
