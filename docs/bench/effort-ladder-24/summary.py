@@ -1,12 +1,16 @@
-"""BD figures of ladder.csv (BENCHMARKS.md §16): each effort against effort 0, and against
-§14's AVIF and JPEG XL files of the same images (docs/bench/perceptual/sweep.csv), on PSNR;
-median encode seconds per effort.  Writes summary.md beside this script.
+"""BD figures of ladder.csv (BENCHMARKS.md §16), or of another CSV of ladder.py's beside it
+(§17: ladder23.csv), optionally on some of its images only: each effort against effort 0,
+and against §14's AVIF and JPEG XL files of the same images (docs/bench/perceptual/sweep.csv),
+on PSNR; median encode seconds per effort.  Writes summary.md and ladder.png beside this
+script (for another CSV or images, STEM-summary.md and STEM.png, STEM the CSV's name with
+"-some" where images are given).
 
-    python docs/bench/effort-ladder-24/summary.py
+    python docs/bench/effort-ladder-24/summary.py [CSV [IMAGES]]
 """
 import csv
 import os
 import statistics
+import sys
 
 from sdc_bench.sweep import bd
 
@@ -22,8 +26,11 @@ def rows(path, codecs=None):
     return out
 
 
-ladder = rows(os.path.join(here, "ladder.csv"))
-images = {r["image"] for r in ladder}
+name = sys.argv[1] if len(sys.argv) > 1 else "ladder.csv"
+chosen = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None
+stem = os.path.splitext(name)[0] + ("-some" if chosen else "")
+summary_name, picture_name = ("summary.md", "ladder.png") if stem == "ladder" else (f"{stem}-summary.md", f"{stem}.png")
+ladder = [r for r in rows(os.path.join(here, name)) if chosen is None or r["image"] in chosen]
 counts = {}
 for r in ladder:
     counts[r["image"]] = counts.get(r["image"], 0) + 1
@@ -45,7 +52,7 @@ for codec in efforts:
                  f" {fmt(own['bd_rate_percent'], '%')} | {fmt(vs['AVIF']['bd_rate_percent'], '%')} |"
                  f" {fmt(vs['JPEG XL']['bd_rate_percent'], '%')} |")
 text = "\n".join(lines) + "\n"
-open(os.path.join(here, "summary.md"), "w").write(text)
+open(os.path.join(here, summary_name), "w").write(text)
 print(text)
 
 # The curves as a picture: mean bits per pixel against mean PSNR, per codec and quality.
@@ -63,8 +70,8 @@ for codec in efforts + ["AVIF", "JPEG XL"]:
     axes.plot(xs, ys, "o-", label=codec)
 axes.set_xlabel("bits per pixel (mean over the images)")
 axes.set_ylabel("PSNR, dB (mean)")
-axes.set_title(f"Kodak ({len(complete)} images): effort 1 against effort 0 and the peers")
+axes.set_title(f"Kodak ({len(complete)} images): the efforts against effort 0 and the peers")
 axes.grid(alpha=0.3)
 axes.legend()
 figure.tight_layout()
-figure.savefig(os.path.join(here, "ladder.png"), dpi=110)
+figure.savefig(os.path.join(here, picture_name), dpi=110)
