@@ -8,6 +8,7 @@ Options are resolved and checked once, on entry (``options``), and passed down u
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -205,16 +206,11 @@ class SdcCodec:
         def decode(latent):
             return self.stages.decode(latent[None])[:height, :width]
 
-        last_decoded: dict[bytes, np.ndarray] = {}
-
+        # The last file decoded is kept: a size search scores the file a descent has just
+        # decoded to choose it.
+        @functools.lru_cache(maxsize=1)
         def decode_file(data):  # as a decoder of the file shows it, in RGB (without any alpha)
-            # The last file decoded is kept: a size search scores the file a descent has just
-            # decoded to choose it.
-            if data not in last_decoded:
-                last_decoded.clear()
-                last_decoded[data] = np.asarray(self._decoded(data, None if with_steps else 0, "vae_decoder",
-                                                              None)[0])[..., :3]
-            return last_decoded[data]
+            return np.asarray(self._decoded(data, None if with_steps else 0, "vae_decoder", None)[0])[..., :3]
 
         def gradient(latent):
             gradient, error = self.stages.decoder_gradient(latent[None], aim, (height, width))
